@@ -1,0 +1,44 @@
+"""Causal depthwise conv1d with SiLU: varlen prefill and single-step decode over state slots.
+
+A slot holds the last W-1 inputs of its sequence ([C, W-1]), so a sequence can continue in a
+later step (chunked prefill, decode) exactly as if it had been run in one piece.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,  # [T, C]
+    weight: torch.Tensor,  # [C, W]
+    cu_seqlens: torch.Tensor,  # [B+1]
+    conv_state: torch.Tensor,  # [S, C, W-1] slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    has_initial_state: torch.Tensor,  # [B] bool
+) -> torch.Tensor:
+    """Returns silu(conv(x)) [T, C] in x's dtype."""
+    C, W = weight.shape
+    out = torch.empty_like(x)
+    bounds = cu_seqlens.tolist()
+    starts = has_initial_state.tolist()
+    for i, slot in enumerate(state_indices.tolist()):
+        s, e = bounds[i], bounds[i + 1]
+        prev = conv_state[slot] if starts[i] else conv_state.new_zeros(C, W - 1)
+        xx = torch.cat([prev.to(weight.dtype), x[s:e].T.to(weight.dtype)], dim=1)
+        y = F.conv1d(xx[None], weight[:, None, :], groups=C)[0]  # [C, L]
+        out[s:e] = F.silu(y).T.to(x.dtype)
+        conv_state[slot] = xx[:, -(W - 1) :].to(conv_state.dtype)
+    return out
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,  # [B, C] one new token per sequence
+    weight: torch.Tensor,  # [C, W]
+    conv_state: torch.Tensor,  # [S, C, W-1] slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+) -> torch.Tensor:
+    """Returns silu(conv) [B, C] in x's dtype."""
+    xx = torch.cat([conv_state[state_indices], x[:, :, None].to(conv_state.dtype)], dim=2)
+    conv_state[state_indices] = xx[:, :, 1:]
+    y = (xx.to(weight.dtype) * weight).sum(-1)
+    return F.silu(y).to(x.dtype)

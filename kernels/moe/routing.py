@@ -1,0 +1,16 @@
+"""Softmax top-k router: probabilities over all experts, the k largest kept, optionally renormalised."""
+
+import torch
+
+
+def topk_softmax(
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weights [T, k] in the logits' dtype, expert ids [T, k] int64)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids

@@ -1,0 +1,27 @@
+"""RoPE on the first `rotary_dim` channels of each head, halves rotated (GPT-NeoX layout).
+
+Qwen3.5 declares multimodal RoPE (`mrope_section`), but for text the temporal, height and width
+positions are all the token position, so every section rotates by the same angle and M-RoPE
+reduces to this plain partial RoPE.
+"""
+
+import torch
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+
+
+def apply_rope(
+    x: torch.Tensor,  # [T, H, D]
+    positions: torch.Tensor,  # [T]
+    inv_freq: torch.Tensor,  # [R/2]
+) -> torch.Tensor:
+    R = inv_freq.shape[0] * 2
+    freqs = positions.float()[:, None] * inv_freq.to(x.device)[None, :]  # [T, R/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)

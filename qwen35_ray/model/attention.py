@@ -1,0 +1,60 @@
+"""Gated full attention: per-head q/k RMSNorm, partial RoPE, GQA over the paged KV cache, and
+the output multiplied by sigmoid of a gate that q_proj produces beside the query.
+
+Legend: T = tokens, Hq/Hkv = query/KV heads, D = head dim.
+"""
+
+import torch
+from torch import nn
+
+from qwen35_kernels.attention import paged_attention, write_kv
+from qwen35_kernels.rope import apply_rope, rope_inv_freq
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.norm import RMSNorm
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.Hq, self.Hkv = config.num_attention_heads, config.num_key_value_heads
+        self.D = config.head_dim
+        hidden = config.hidden_size
+        # each head's query is followed by its gate: [Hq, 2D] once viewed per head
+        self.q_proj = nn.Linear(hidden, self.Hq * self.D * 2, bias=False)
+        self.k_proj = nn.Linear(hidden, self.Hkv * self.D, bias=False)
+        self.v_proj = nn.Linear(hidden, self.Hkv * self.D, bias=False)
+        self.o_proj = nn.Linear(self.Hq * self.D, hidden, bias=False)
+        self.q_norm = RMSNorm(self.D, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.D, config.rms_norm_eps)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(config.rotary_dim, config.rope_theta), persistent=False
+        )
+        self.scale = self.D**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        batch: ForwardBatch,
+        key_cache: torch.Tensor,  # [N, P, Hkv, D] this layer's blocks
+        value_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, gate = self.q_proj(x).view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
+        q = apply_rope(self.q_norm(q), batch.positions, self.inv_freq)
+        k = self.k_norm(self.k_proj(x).view(T, self.Hkv, self.D))
+        k = apply_rope(k, batch.positions, self.inv_freq)
+        v = self.v_proj(x).view(T, self.Hkv, self.D)
+        write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
+        o = paged_attention(
+            q,
+            key_cache,
+            value_cache,
+            batch.block_tables,
+            batch.cu_seqlens,
+            batch.seq_lens,
+            self.scale,
+            batch.max_q_len,
+        )
+        o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+        return self.o_proj(o)

@@ -1,0 +1,72 @@
+"""ForwardBatch: one step's flat batch of tokens and the cache handles of its sequences.
+
+Legend: T = tokens in the step, B = sequences, M = blocks per block table.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's part of a step: `num_new` tokens after `num_computed` cached ones."""
+
+    num_computed: int
+    num_new: int
+    state_slot: int  # GDN state slot (conv + recurrent state)
+    block_table: list[int]  # KV blocks of the full-attention layers, in position order
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    positions: torch.Tensor  # [T] int64
+    cu_seqlens: torch.Tensor  # [B+1] int32, new tokens per sequence
+    seq_lens: torch.Tensor  # [B] int32, cached + new tokens
+    state_indices: torch.Tensor  # [B] int64
+    has_initial_state: torch.Tensor  # [B] bool, False for a sequence's first chunk
+    block_tables: torch.Tensor  # [B, M] int64, padded with block 0
+    slot_mapping: torch.Tensor  # [T] int64, flat KV slot of each new token
+    last_token_indices: torch.Tensor  # [B] int64, row of each sequence's last new token
+    max_q_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds one token to existing state: the single-step kernels apply."""
+        return self.max_q_len == 1 and bool(self.has_initial_state.all())
+
+    @classmethod
+    def build(cls, chunks: list[SeqChunk], block_size: int, device="cpu") -> "ForwardBatch":
+        positions, slots, cu = [], [], [0]
+        for c in chunks:
+            pos = range(c.num_computed, c.num_computed + c.num_new)
+            needed = (c.num_computed + c.num_new + block_size - 1) // block_size
+            if len(c.block_table) < needed:
+                raise ValueError(
+                    f"block table of {len(c.block_table)} blocks cannot hold "
+                    f"{c.num_computed + c.num_new} tokens at block_size={block_size}"
+                )
+            positions.extend(pos)
+            slots.extend(c.block_table[p // block_size] * block_size + p % block_size for p in pos)
+            cu.append(cu[-1] + c.num_new)
+        width = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        return cls(
+            positions=t(positions, torch.int64),
+            cu_seqlens=t(cu, torch.int32),
+            seq_lens=t([c.num_computed + c.num_new for c in chunks], torch.int32),
+            state_indices=t([c.state_slot for c in chunks], torch.int64),
+            has_initial_state=t([c.num_computed > 0 for c in chunks], torch.bool),
+            block_tables=t(tables, torch.int64),
+            slot_mapping=t(slots, torch.int64),
+            last_token_indices=t([x - 1 for x in cu[1:]], torch.int64),
+            max_q_len=max(c.num_new for c in chunks),
+        )

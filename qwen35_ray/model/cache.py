@@ -1,0 +1,75 @@
+"""HybridCache: the per-request memory of the hybrid model, as plain tensors.
+
+GDN layers keep a fixed-size state per sequence in a slot: a conv state [C, W-1] (the last
+inputs of the depthwise conv) and a recurrent state [HV, K, V] in fp32. Full-attention layers
+keep K and V per token in a paged cache of blocks. Who owns which slot and block is decided
+above the model (the engine); the model only reads and writes what a ForwardBatch names.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen35_ray.model.config import ModelConfig
+
+
+@dataclass
+class HybridCache:
+    conv: torch.Tensor  # [n_gdn, S, C, W-1] model dtype
+    recurrent: torch.Tensor  # [n_gdn, S, HV, K, V] fp32
+    key: torch.Tensor  # [n_attn, N, P, Hkv, D]; the MTP layers' caches come last
+    value: torch.Tensor  # [n_attn, N, P, Hkv, D]
+    block_size: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.conv.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key.shape[1]
+
+    @staticmethod
+    def bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
+        n = len(config.gdn_layers)
+        conv = config.conv_dim * (config.linear_conv_kernel_dim - 1) * dtype.itemsize
+        rec = config.linear_num_value_heads * config.linear_key_head_dim
+        rec *= config.linear_value_head_dim * 4
+        return n * (conv + rec)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, mtp=False):
+        layers = len(config.attention_layers) + (config.mtp_num_hidden_layers if mtp else 0)
+        per_token = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        return layers * block_size * per_token
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        num_slots: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device="cpu",
+        with_mtp: bool = False,
+    ) -> "HybridCache":
+        n_gdn = len(config.gdn_layers)
+        n_attn = len(config.attention_layers) + (config.mtp_num_hidden_layers if with_mtp else 0)
+        W = config.linear_conv_kernel_dim
+        kv_shape = (n_attn, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        return cls(
+            conv=torch.zeros(n_gdn, num_slots, config.conv_dim, W - 1, dtype=dtype, device=device),
+            recurrent=torch.zeros(
+                n_gdn,
+                num_slots,
+                config.linear_num_value_heads,
+                config.linear_key_head_dim,
+                config.linear_value_head_dim,
+                dtype=torch.float32,
+                device=device,
+            ),
+            key=torch.zeros(kv_shape, dtype=dtype, device=device),
+            value=torch.zeros(kv_shape, dtype=dtype, device=device),
+            block_size=block_size,
+        )

@@ -1,0 +1,42 @@
+"""One decoder layer: pre-norm token mixer (GDN or gated attention), pre-norm channel mixer."""
+
+import torch
+from torch import nn
+
+from qwen35_ray.model.attention import GatedAttention
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.gdn import GatedDeltaNet
+from qwen35_ray.model.mlp import MLP, SparseMoE
+from qwen35_ray.model.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, moe: bool):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        if moe:
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        batch: ForwardBatch,
+        cache_a: torch.Tensor,  # conv state slots (GDN) or key blocks (attention)
+        cache_b: torch.Tensor,  # recurrent state slots (GDN) or value blocks (attention)
+    ) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h = self.linear_attn(h, batch, cache_a, cache_b)
+        else:
+            h = self.self_attn(h, batch, cache_a, cache_b)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))

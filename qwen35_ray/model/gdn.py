@@ -1,0 +1,77 @@
+"""Gated DeltaNet token mixer (linear attention) over a flat varlen batch.
+
+Legend: T = tokens, H/HV = key/value heads, K/V = their head dims, C = conv channels.
+"""
+
+import torch
+from torch import nn
+
+from qwen35_kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
+from qwen35_kernels.gdn import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.norm import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.H, self.HV = config.linear_num_key_heads, config.linear_num_value_heads
+        self.K, self.V = config.linear_key_head_dim, config.linear_value_head_dim
+        hidden, C, W = config.hidden_size, config.conv_dim, config.linear_conv_kernel_dim
+        self.in_proj_qkv = nn.Linear(hidden, C, bias=False)
+        self.in_proj_z = nn.Linear(hidden, self.HV * self.V, bias=False)
+        self.in_proj_b = nn.Linear(hidden, self.HV, bias=False)
+        self.in_proj_a = nn.Linear(hidden, self.HV, bias=False)
+        # stored as the checkpoint's nn.Conv1d weight [C, 1, W]
+        self.conv1d = nn.Module()
+        self.conv1d.weight = nn.Parameter(torch.zeros(C, 1, W))
+        self.A_log = nn.Parameter(torch.zeros(self.HV))
+        self.dt_bias = nn.Parameter(torch.ones(self.HV))
+        self.norm = GatedRMSNorm(self.V, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.HV * self.V, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        batch: ForwardBatch,
+        conv_state: torch.Tensor,  # [S, C, W-1] this layer's slots
+        recurrent_state: torch.Tensor,  # [S, HV, K, V]
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        weight = self.conv1d.weight[:, 0, :]
+        qkv = self.in_proj_qkv(x)  # [T, C]
+        if batch.is_decode:
+            qkv = causal_conv1d_update(qkv, weight, conv_state, batch.state_indices)
+        else:
+            qkv = causal_conv1d_varlen(
+                qkv,
+                weight,
+                batch.cu_seqlens,
+                conv_state,
+                batch.state_indices,
+                batch.has_initial_state,
+            )
+        q, k, v = qkv.split([self.H * self.K, self.H * self.K, self.HV * self.V], dim=-1)
+        q, k = q.view(T, self.H, self.K), k.view(T, self.H, self.K)
+        v = v.view(T, self.HV, self.V)
+        g, beta = gdn_gating(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
+        if batch.is_decode:
+            o = fused_recurrent_gated_delta_rule(
+                q, k, v, g, beta, recurrent_state, batch.state_indices
+            )
+        else:
+            o = chunk_gated_delta_rule(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                batch.cu_seqlens,
+                recurrent_state,
+                batch.state_indices,
+                batch.has_initial_state,
+            )
+        z = self.in_proj_z(x).view(T, self.HV, self.V)
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(T, -1))

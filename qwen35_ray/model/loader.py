@@ -1,0 +1,51 @@
+"""load_model: a checkpoint source -> a ready Qwen35ForCausalLM."""
+
+from pathlib import Path
+
+import torch
+
+from qwen35_kernels.rope import rope_inv_freq
+from qwen35_ray.model.attention import GatedAttention
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
+from qwen35_ray.model.source import resolve_model
+from qwen35_ray.model.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # fp8 checkpoints are dequantised; they compute in bf16
+        return DTYPES.get(config.dtype, torch.bfloat16)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    with_mtp: bool = False,
+    progress: bool = True,
+) -> tuple[Qwen35ForCausalLM, ModelConfig, Path]:
+    path = resolve_model(str(model))
+    config = ModelConfig.from_hf(path)
+    torch_dtype = resolve_dtype(dtype, config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device("meta"):
+            net = Qwen35ForCausalLM(config, with_mtp=with_mtp)
+    finally:
+        torch.set_default_dtype(previous)
+    net = net.to_empty(device=device)
+    for m in net.modules():
+        if isinstance(m, GatedAttention):
+            m.inv_freq = rope_inv_freq(config.rotary_dim, config.rope_theta).to(device)
+    with torch.no_grad():
+        load_weights(net, config, path, with_mtp=with_mtp, progress=progress)
+    return net.eval().requires_grad_(False), config, path

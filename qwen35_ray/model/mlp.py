@@ -1,0 +1,55 @@
+"""Channel mixers: the dense SwiGLU MLP and the sparse MoE with a gated shared expert.
+
+Legend: T = tokens, E = experts, I = expert width.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35_kernels.moe import fused_moe, topk_softmax
+from qwen35_ray.model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """Routed experts stored fused, as the BF16 checkpoints do."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, H))  # gate rows first
+        self.down_proj = nn.Parameter(torch.zeros(E, H, I))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
+        weights, ids = topk_softmax(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        routed = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed + shared

@@ -1,0 +1,43 @@
+"""Multi-token prediction head: one extra full-attention decoder layer that drafts token t+2.
+
+It reads the main model's final hidden state at position t and the embedding of token t+1,
+normalises each, projects their concatenation back to the hidden size (`fc`), and runs its own
+decoder layer (own KV cache, same MoE kind as the main layers) and norm.
+"""
+
+import torch
+from torch import nn
+
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.decoder import DecoderLayer
+from qwen35_ray.model.norm import RMSNorm
+
+
+class MultiTokenPredictor(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        moe = config.num_experts > 0
+        self.pre_fc_norm_embedding = RMSNorm(H, eps)
+        self.pre_fc_norm_hidden = RMSNorm(H, eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, "full_attention", moe) for _ in range(config.mtp_num_hidden_layers)
+        )
+        self.norm = RMSNorm(H, eps)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # [T, H]
+        hidden: torch.Tensor,  # [T, H]
+        batch: ForwardBatch,
+        cache: HybridCache,
+        first_kv: int,  # index of the MTP layers' first KV cache
+    ) -> torch.Tensor:
+        x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], -1)
+        x = self.fc(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, cache.key[first_kv + i], cache.value[first_kv + i])
+        return self.norm(x)

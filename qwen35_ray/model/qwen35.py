@@ -1,0 +1,67 @@
+"""Qwen35ForCausalLM: the text model of Qwen3.5 (dense and MoE) and Qwen3-Next, for serving.
+
+It runs flat token batches: one ForwardBatch names the positions, GDN state slots and KV blocks
+of every sequence in the step, and the HybridCache holds them. No padding, no per-request
+Python objects inside the model.
+"""
+
+import torch
+from torch import nn
+
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.decoder import DecoderLayer
+from qwen35_ray.model.mtp import MultiTokenPredictor
+from qwen35_ray.model.norm import RMSNorm
+
+
+class Qwen35ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, with_mtp: bool = False):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, t, moe) for t, moe in zip(config.layer_types, config.moe_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = None
+        if with_mtp:
+            if config.mtp_num_hidden_layers == 0:
+                raise ValueError("this checkpoint has no MTP layer (mtp_num_hidden_layers=0)")
+            self.mtp = MultiTokenPredictor(config)
+        # index of each layer's state in the HybridCache (GDN slots or attention blocks)
+        kinds = config.layer_types
+        self._cache_index = [kinds[:i].count(kinds[i]) for i in range(len(kinds))]
+
+    def forward(
+        self, input_ids: torch.Tensor, batch: ForwardBatch, cache: HybridCache
+    ) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, hidden] (after the last norm)."""
+        x = self.embed_tokens(input_ids)
+        for layer, idx in zip(self.layers, self._cache_index):
+            if layer.layer_type == "linear_attention":
+                x = layer(x, batch, cache.conv[idx], cache.recurrent[idx])
+            else:
+                x = layer(x, batch, cache.key[idx], cache.value[idx])
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
+        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def mtp_forward(
+        self,
+        input_ids: torch.Tensor,  # [T] the token after each position
+        hidden: torch.Tensor,  # [T, hidden] the main model's final hidden states
+        batch: ForwardBatch,
+        cache: HybridCache,
+    ) -> torch.Tensor:
+        """Draft hidden states [T, hidden] of the MTP head; compute_logits gives its tokens."""
+        if self.mtp is None:
+            raise ValueError("the model was built without its MTP layer (with_mtp=False)")
+        first_kv = len(self.config.attention_layers)
+        return self.mtp(self.embed_tokens(input_ids), hidden, batch, cache, first_kv)
