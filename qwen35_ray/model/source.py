@@ -36,10 +36,12 @@ def resolve_model(model: str) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    log.info("fetching %s from the Hugging Face hub", model)
+    # read at call time: huggingface_hub reads its own copy once, at import
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+    log.info("fetching %s from the Hugging Face hub%s", model, " cache" if offline else "")
     try:
-        return Path(snapshot_download(model, allow_patterns=HUB_FILES))
+        path = snapshot_download(model, allow_patterns=HUB_FILES, local_files_only=offline)
+        return Path(path)
     except Exception as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local hub cache)" if offline else ""
         raise FileNotFoundError(f"could not get model {model!r} from the hub{hint}: {e}") from e
