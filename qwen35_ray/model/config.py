@@ -89,7 +89,8 @@ class ModelConfig:
         text = raw.get("text_config", raw)
         n = text["num_hidden_layers"]
         layer_types = text.get("layer_types") or [
-            "full_attention" if (i + 1) % text.get("full_attention_interval", 4) == 0
+            "full_attention"
+            if (i + 1) % text.get("full_attention_interval", 4) == 0
             else "linear_attention"
             for i in range(n)
         ]

@@ -50,7 +50,9 @@ class Qwen35ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        weight = (
+            self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        )
         return torch.nn.functional.linear(hidden, weight).float()
 
     def mtp_forward(

@@ -46,8 +46,10 @@ def _qkvz(model, config, m, tensor, filled):
     q, k, v, z = w.split([K, K, G * V, G * V], dim=1)
     hidden = w.shape[-1]
     qkv = torch.cat([q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)])
-    for name, value in ((f"{m.group(1)}.in_proj_qkv.weight", qkv),
-                        (f"{m.group(1)}.in_proj_z.weight", z.reshape(-1, hidden))):
+    for name, value in (
+        (f"{m.group(1)}.in_proj_qkv.weight", qkv),
+        (f"{m.group(1)}.in_proj_z.weight", z.reshape(-1, hidden)),
+    ):
         _param(model, name).copy_(value)
         filled[name] = True
 
@@ -56,7 +58,10 @@ def _ba(model, config, m, tensor, filled):
     """Qwen3-Next in_proj_ba, grouped per key head as [b-group, a-group]."""
     H, HV = config.linear_num_key_heads, config.linear_num_value_heads
     b, a = tensor.view(H, 2 * (HV // H), -1).chunk(2, dim=1)
-    for name, value in ((f"{m.group(1)}.in_proj_b.weight", b), (f"{m.group(1)}.in_proj_a.weight", a)):
+    for name, value in (
+        (f"{m.group(1)}.in_proj_b.weight", b),
+        (f"{m.group(1)}.in_proj_a.weight", a),
+    ):
         _param(model, name).copy_(value.reshape(HV, -1))
         filled[name] = True
 
@@ -164,7 +169,9 @@ def _check_complete(config: ModelConfig, own: dict, filled: dict) -> None:
             continue
         if isinstance(got, set):
             kinds = ("down",) if n.endswith("down_proj") else ("gate", "up")
-            missing = [(e, k) for e in range(config.num_experts) for k in kinds if (e, k) not in got]
+            missing = [
+                (e, k) for e in range(config.num_experts) for k in kinds if (e, k) not in got
+            ]
             if not missing:
                 continue
             e, k = missing[0]

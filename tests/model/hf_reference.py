@@ -19,8 +19,12 @@ TEXT = dict(
     linear_value_head_dim=16,
     rms_norm_eps=1e-6,
 )
-MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
-           shared_expert_intermediate_size=48)
+MOE = dict(
+    num_experts=8,
+    num_experts_per_tok=3,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+)
 VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)
 
 
@@ -31,7 +35,9 @@ def hf_config(kind: str):
         return transformers.Qwen3_5TextConfig(**TEXT, intermediate_size=96)
     if kind == "qwen3_next":
         # layer 2 dense: exercises mlp_only_layers
-        return transformers.Qwen3NextConfig(**TEXT, **MOE, intermediate_size=96, mlp_only_layers=[2])
+        return transformers.Qwen3NextConfig(
+            **TEXT, **MOE, intermediate_size=96, mlp_only_layers=[2]
+        )
     raise ValueError(kind)
 
 
@@ -76,3 +82,17 @@ def text_model(model):
     """The decoder stack of any of the three classes (for hidden states)."""
     inner = model.model
     return getattr(inner, "language_model", inner)
+
+
+def fuse_experts(tensors):
+    """The BF16 release layout: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    out = {n: t for n, t in tensors.items() if ".mlp.experts." not in n}
+    layers = {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}
+    for layer in layers:
+        E = len({n for n in tensors if n.startswith(f"{layer}.mlp.experts.") and "down" in n})
+        get = lambda e, k: tensors[f"{layer}.mlp.experts.{e}.{k}_proj.weight"]
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([get(e, "gate"), get(e, "up")]) for e in range(E)]
+        )
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([get(e, "down") for e in range(E)])
+    return out

@@ -12,7 +12,11 @@ class Driver:
     def __init__(self, model, config, num_slots=8, num_blocks=256, with_mtp=False):
         self.model = model
         self.cache = HybridCache.allocate(
-            config, num_slots, num_blocks, BLOCK, next(model.parameters()).dtype,
+            config,
+            num_slots,
+            num_blocks,
+            BLOCK,
+            next(model.parameters()).dtype,
             with_mtp=with_mtp,
         )
         self.computed = {}

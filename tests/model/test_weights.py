@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from hf_reference import hf_model, save
+from hf_reference import fuse_experts, hf_model, save
 from safetensors.torch import load_file, save_file
 
 from qwen35_ray.model.loader import load_model
@@ -41,20 +41,6 @@ def rewrite(src, dst, edit, shards=1):
     return dst
 
 
-def fuse_experts(tensors):
-    """The BF16 release layout: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
-    out = {n: t for n, t in tensors.items() if ".mlp.experts." not in n}
-    layers = {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}
-    for layer in layers:
-        E = len({n for n in tensors if n.startswith(f"{layer}.mlp.experts.") and "down" in n})
-        get = lambda e, k: tensors[f"{layer}.mlp.experts.{e}.{k}_proj.weight"]
-        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([get(e, "gate"), get(e, "up")]) for e in range(E)]
-        )
-        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([get(e, "down") for e in range(E)])
-    return out
-
-
 def params(path, **kw):
     model, _, _ = load_model(path, dtype=kw.pop("dtype", "float32"), progress=False, **kw)
     return dict(model.named_parameters())
@@ -71,12 +57,17 @@ def test_fused_and_per_expert_sharded_load_identically(per_expert, tmp_path):
 
 @pytest.mark.parametrize(
     "victim",
-    [f"{PREFIX}.1.linear_attn.A_log", f"{PREFIX}.3.self_attn.k_norm.weight", "lm_head.weight",
-     f"{PREFIX}.2.mlp.experts.5.up_proj.weight"],
+    [
+        f"{PREFIX}.1.linear_attn.A_log",
+        f"{PREFIX}.3.self_attn.k_norm.weight",
+        "lm_head.weight",
+        f"{PREFIX}.2.mlp.experts.5.up_proj.weight",
+    ],
 )
 def test_missing_tensor_is_named(per_expert, tmp_path, victim):
-    broken = rewrite(per_expert, tmp_path / "broken", lambda t: {n: v for n, v in t.items()
-                                                                    if n != victim})
+    broken = rewrite(
+        per_expert, tmp_path / "broken", lambda t: {n: v for n, v in t.items() if n != victim}
+    )
     with pytest.raises(CheckpointError, match=f"missing tensor {victim.replace('.', '[.]')}"):
         params(broken)
 
@@ -135,7 +126,9 @@ def test_fp8_block_checkpoint_is_dequantised(tmp_path):
     fp8 = rewrite(src, tmp_path / "fp8", quantize)
     config = json.loads((fp8 / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block],
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": [block, block],
         "activation_scheme": "dynamic",
     }
     (fp8 / "config.json").write_text(json.dumps(config))
