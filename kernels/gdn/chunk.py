@@ -6,7 +6,6 @@ one per token. Chunks of a sequence are processed all at once except for that st
 """
 
 import torch
-
 from qwen35_kernels.gdn.naive import l2norm
 
 

@@ -1,7 +1,6 @@
 """Recurrent gated delta rule for decode: one token per sequence, state slots updated in place."""
 
 import torch
-
 from qwen35_kernels.gdn.naive import l2norm
 
 

@@ -1,4 +1,4 @@
-"""Softmax top-k router: probabilities over all experts, the k largest kept, optionally renormalised."""
+"""Softmax top-k router: probabilities over all experts, the k largest kept and renormalised."""
 
 import torch
 

@@ -5,10 +5,10 @@ Legend: T = tokens, Hq/Hkv = query/KV heads, D = head dim.
 """
 
 import torch
-from torch import nn
-
 from qwen35_kernels.attention import paged_attention, write_kv
 from qwen35_kernels.rope import apply_rope, rope_inv_freq
+from torch import nn
+
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.norm import RMSNorm

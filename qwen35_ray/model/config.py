@@ -1,4 +1,4 @@
-"""ModelConfig: the facts of a Qwen3.5 / Qwen3-Next checkpoint the engine needs, read from config.json.
+"""ModelConfig: the facts of a Qwen3.5 or Qwen3-Next checkpoint, read from its config.json.
 
 Three layouts are understood:
 - `qwen3_5` / `qwen3_5_moe`: multimodal wrapper, text settings nested under `text_config`,

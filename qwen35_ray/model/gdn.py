@@ -4,10 +4,10 @@ Legend: T = tokens, H/HV = key/value heads, K/V = their head dims, C = conv chan
 """
 
 import torch
-from torch import nn
-
 from qwen35_kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
 from qwen35_kernels.gdn import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from torch import nn
+
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.norm import GatedRMSNorm

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import torch
-
 from qwen35_kernels.rope import rope_inv_freq
+
 from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM

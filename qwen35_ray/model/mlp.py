@@ -5,9 +5,9 @@ Legend: T = tokens, E = experts, I = expert width.
 
 import torch
 import torch.nn.functional as F
+from qwen35_kernels.moe import fused_moe, topk_softmax
 from torch import nn
 
-from qwen35_kernels.moe import fused_moe, topk_softmax
 from qwen35_ray.model.config import ModelConfig
 
 

@@ -1,9 +1,8 @@
 """Norm modules holding their weights; the math lives in qwen35_kernels.norm."""
 
 import torch
-from torch import nn
-
 from qwen35_kernels.norm import gated_rms_norm, rms_norm
+from torch import nn
 
 
 class RMSNorm(nn.Module):

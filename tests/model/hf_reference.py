@@ -90,9 +90,12 @@ def fuse_experts(tensors):
     layers = {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}
     for layer in layers:
         E = len({n for n in tensors if n.startswith(f"{layer}.mlp.experts.") and "down" in n})
-        get = lambda e, k: tensors[f"{layer}.mlp.experts.{e}.{k}_proj.weight"]
+        w = [
+            {k: tensors[f"{layer}.mlp.experts.{e}.{k}_proj.weight"] for k in ("gate", "up", "down")}
+            for e in range(E)
+        ]
         out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([get(e, "gate"), get(e, "up")]) for e in range(E)]
+            [torch.cat([x["gate"], x["up"]]) for x in w]
         )
-        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([get(e, "down") for e in range(E)])
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([x["down"] for x in w])
     return out
