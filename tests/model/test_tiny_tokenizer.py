@@ -50,161 +50,119 @@ SEARCH = {
         },
     },
 }
-CALL_WEATHER = {
-    "type": "function",
-    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
-}
-CALL_SEARCH = {
-    "function": {
-        "name": "search",
-        "arguments": {
-            "query": "línea 1\nline 2",
-            "filters": {"tags": ["a", "ü"]},
-            "k": 3,
-            "x": None,
-        },
-    }
-}
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content, reasoning=None, calls=None):
+    message = {"role": "assistant", "content": content, "tool_calls": calls}
+    return message if reasoning is None else {**message, "reasoning_content": reasoning}
+
+
+def tool(content):
+    return {"role": "tool", "content": content}
+
+
+def system(content):
+    return {"role": "system", "content": content}
+
+
+CALL_WEATHER = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "P"}}}
+SEARCH_ARGS = {"query": "línea 1\nline 2", "filters": {"tags": ["a", "ü"]}, "k": 3, "x": None}
+CALL_SEARCH = {"function": {"name": "search", "arguments": SEARCH_ARGS}}
 # Some clients send the function fields directly on the call.
 CALL_FLAT = {"name": "get_weather", "arguments": {"city": "Tokyo", "unit": ["c"], "ok": True}}
 
-USER = {"role": "user", "content": "What is the weather in Paris?"}
-SYSTEM = {"role": "system", "content": "  You are a helpful assistant.\n"}
-TOOL_TURN = [
-    USER,
-    {
-        "role": "assistant",
-        "content": "",
-        "reasoning_content": "Need data.",
-        "tool_calls": [CALL_WEATHER],
-    },
-    {"role": "tool", "content": '{"temp": 21}'},
+USER = user("What is the weather in Paris?")
+SYSTEM = system("  You are a helpful assistant.\n")
+TOOL_TURN = [USER, assistant("", "Need data.", [CALL_WEATHER]), tool('{"temp": 21}')]
+IMAGES = [
+    {"type": "image", "image": "a.png"},
+    {"type": "image_url", "image_url": {"url": "http://x/b.png"}},
+    {"type": "text", "text": "Compare these with"},
+    {"type": "video", "video": "c.mp4"},
 ]
+GEN = {"add_generation_prompt": True}
 
 CONVERSATIONS = {
-    "single_user": ([USER], {"add_generation_prompt": True}),
+    "single_user": ([USER], GEN),
     "single_user_no_generation_prompt": ([USER], {}),
-    "system_and_user": ([SYSTEM, USER], {"add_generation_prompt": True}),
-    "empty_system": ([{"role": "system", "content": ""}, USER], {"add_generation_prompt": True}),
+    "system_and_user": ([SYSTEM, USER], GEN),
+    "empty_system": ([system(""), USER], GEN),
     "multi_turn_thinking_off": (
-        [
-            USER,
-            {"role": "assistant", "content": "Sunny."},
-            {"role": "user", "content": "And Rome?"},
-        ],
-        {"add_generation_prompt": True, "enable_thinking": False},
+        [USER, assistant("Sunny."), user("And Rome?")],
+        {**GEN, "enable_thinking": False},
     ),
-    "thinking_on_explicit": (
-        [SYSTEM, USER],
-        {"add_generation_prompt": True, "enable_thinking": True},
-    ),
+    "thinking_on_explicit": ([SYSTEM, USER], {**GEN, "enable_thinking": True}),
     "reasoning_before_and_after_last_query": (
-        [
-            USER,
-            {"role": "assistant", "content": "Sunny.", "reasoning_content": "Old thought."},
-            {"role": "user", "content": "And Rome?"},
-            {"role": "assistant", "content": "Rainy.", "reasoning_content": "\n New thought. \n"},
-        ],
+        [USER, assistant("Sunny.", "Old."), user("Rome?"), assistant("Rainy.", "\n New. \n")],
         {},
     ),
-    "reasoning_alias_key": (
-        [USER, {"role": "assistant", "content": "Sunny.", "reasoning": "Via alias."}],
-        {"add_generation_prompt": True},
-    ),
+    "reasoning_alias_key": ([USER, {"role": "assistant", "content": "A.", "reasoning": "R."}], GEN),
     "inline_think_in_content": (
         [
             USER,
-            {"role": "assistant", "content": "<think>\nEarlier.\n</think>\n\nSunny."},
-            {"role": "user", "content": "Sure?"},
-            {"role": "assistant", "content": "<think>\nCheck again.\n</think>\n\nYes."},
+            assistant("<think>\nEarlier.\n</think>\n\nSunny."),
+            user("Sure?"),
+            assistant("<think>\nCheck again.\n</think>\n\nYes."),
         ],
-        {"add_generation_prompt": True},
+        GEN,
     ),
-    "tools_without_system": ([USER], {"tools": [WEATHER, SEARCH], "add_generation_prompt": True}),
+    "tools_without_system": ([USER], {**GEN, "tools": [WEATHER, SEARCH]}),
     "tools_with_system": ([SYSTEM, USER], {"tools": [WEATHER, SEARCH]}),
-    "tools_with_empty_system": ([{"role": "system", "content": " "}, USER], {"tools": [SEARCH]}),
+    "tools_with_blank_system": ([system(" "), USER], {"tools": [SEARCH]}),
     "one_tool_response_then_answer": (
-        [
-            *TOOL_TURN,
-            {"role": "assistant", "content": "21 degrees.", "reasoning_content": "Got it."},
-        ],
-        {"tools": [WEATHER], "add_generation_prompt": True},
+        [*TOOL_TURN, assistant("21 degrees.", "Got it.")],
+        {**GEN, "tools": [WEATHER]},
     ),
     "several_calls_and_responses": (
         [
             USER,
-            {
-                "role": "assistant",
-                "content": "Let me check both.",
-                "tool_calls": [CALL_WEATHER, CALL_SEARCH, CALL_FLAT],
-            },
-            {"role": "tool", "content": "sunny"},
-            {"role": "tool", "content": [{"type": "text", "text": "3 hits"}]},
-            {"role": "tool", "content": "rain"},
-            {"role": "assistant", "content": None, "tool_calls": [CALL_FLAT]},
-            {"role": "tool", "content": "cloudy"},
+            assistant("Let me check both.", calls=[CALL_WEATHER, CALL_SEARCH, CALL_FLAT]),
+            tool("sunny"),
+            tool([{"type": "text", "text": "3 hits"}]),
+            tool("rain"),
+            assistant(None, calls=[CALL_FLAT]),
+            tool("cloudy"),
         ],
-        {"tools": [WEATHER, SEARCH], "add_generation_prompt": True, "enable_thinking": False},
+        {**GEN, "tools": [WEATHER, SEARCH], "enable_thinking": False},
     ),
     "tool_output_sent_as_user_turn": (
-        [
-            *TOOL_TURN[:2],
-            {"role": "user", "content": "<tool_response>\n21\n</tool_response>"},
-            {"role": "assistant", "content": "Warm.", "reasoning_content": "Kept."},
-        ],
+        [*TOOL_TURN[:2], user("<tool_response>\n21\n</tool_response>"), assistant("W.", "Kept.")],
         {},
     ),
+    # The real template opens no user turn for a tool result that starts the conversation.
+    "leading_tool_message": ([tool("orphan"), USER], {}),
     "images_and_videos": (
         [
             SYSTEM,
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": "a.png"},
-                    {"type": "image_url", "image_url": {"url": "http://x/b.png"}},
-                    {"type": "text", "text": "Compare these with"},
-                    {"type": "video", "video": "c.mp4"},
-                ],
-            },
-            {"role": "assistant", "content": [{"type": "text", "text": "They match."}]},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]},
+            user(IMAGES),
+            assistant([{"type": "text", "text": "They match."}]),
+            user([{"type": "image"}, {"type": "text", "text": "and this?"}]),
         ],
-        {"add_generation_prompt": True},
+        GEN,
     ),
     "numbered_vision_ids": (
-        [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "image"}]}],
-        {"add_vision_id": True, "add_generation_prompt": True},
+        [user([{"type": "image"}, {"type": "video"}, {"type": "image"}])],
+        {**GEN, "add_vision_id": True},
     ),
 }
 
 # Inputs the real template rejects; ours must reject them too.
 INVALID = {
-    "no_user_query": ([SYSTEM, {"role": "assistant", "content": "Hi."}], {}),
-    "only_tool_output_from_user": (
-        [{"role": "user", "content": "<tool_response>x</tool_response>"}],
-        {},
-    ),
+    "no_user_query": ([SYSTEM, assistant("Hi.")], {}),
+    "only_tool_output_from_user": ([user("<tool_response>x</tool_response>")], {}),
     "system_not_first": ([USER, SYSTEM], {}),
     "unknown_role": ([USER, {"role": "critic", "content": "Bad."}], {}),
-    "image_in_system": ([{"role": "system", "content": [{"type": "image"}]}, USER], {}),
-    "video_in_system": (
-        [{"role": "system", "content": [{"type": "video"}]}, USER],
-        {"tools": [SEARCH]},
-    ),
-    "mapping_content": ([{"role": "user", "content": {"text": "hi"}}], {}),
-    "unknown_content_part": (
-        [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
-        {},
-    ),
+    "image_in_system": ([system([{"type": "image"}]), USER], {}),
+    "video_in_system": ([system([{"type": "video"}]), USER], {"tools": [SEARCH]}),
+    "mapping_content": ([user({"text": "hi"})], {}),
+    "unknown_content_part": ([user([{"type": "audio", "audio": "a.wav"}])], {}),
     # The serving layer must json.loads string arguments first, as vLLM does.
     "arguments_as_json_string": (
-        [
-            USER,
-            {
-                "role": "assistant",
-                "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}],
-            },
-        ],
+        [USER, assistant("", calls=[{"function": {"name": "f", "arguments": '{"a": 1}'}}])],
         {},
     ),
 }
@@ -307,7 +265,7 @@ def test_template_rejects_what_the_real_one_rejects(tokenizer, real_template, na
 def test_json_string_arguments_render_once_parsed(tokenizer, real_template):
     call = {"function": {"name": "f", "arguments": '{"a": 1, "b": {"c": [2]}}'}}
     parsed = {"function": {"name": "f", "arguments": json.loads(call["function"]["arguments"])}}
-    messages = [USER, {"role": "assistant", "content": "", "tool_calls": [parsed]}]
+    messages = [USER, assistant("", calls=[parsed])]
     expected = render(tokenizer, real_template, messages, {})
     assert render(tokenizer, chat_template(), messages, {}) == expected
 

@@ -22,7 +22,9 @@ SEED = 35
 TEXT_CONFIG = {
     "hidden_size": 128,
     "num_hidden_layers": 8,
-    "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+    "layer_types": ["linear_attention"] * 3
+    + ["full_attention"]
+    + ["linear_attention"] * 3
     + ["full_attention"],
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -85,8 +87,9 @@ def tiny_config(dense: bool, vocab_size: int, ids: dict[str, int]) -> dict:
         "pad_token_id": None,
     }
     return {
-        "architectures": ["Qwen3_5ForConditionalGeneration" if dense
-                          else "Qwen3_5MoeForConditionalGeneration"],
+        "architectures": [
+            "Qwen3_5ForConditionalGeneration" if dense else "Qwen3_5MoeForConditionalGeneration"
+        ],
         "model_type": family,
         "text_config": text,
         "vision_config": {**VISION, "model_type": family, "out_hidden_size": text["hidden_size"]},
@@ -141,9 +144,24 @@ def write_tiny(out_dir: Path, dense: bool) -> Path:
     gen = torch.Generator().manual_seed(SEED)
     tensors = {}
     for name, p in sorted(model.named_parameters()):
-        hub = name if name.startswith("mtp.") or name == "lm_head.weight" else (
-            config.weight_prefix + name
+        hub = (
+            name
+            if name.startswith("mtp.") or name == "lm_head.weight"
+            else (config.weight_prefix + name)
         )
         tensors[hub] = _init(name, p.shape, gen).to(torch.bfloat16).contiguous()
+    for name, shape in _vision_shapes(raw):
+        tensors[f"model.visual.{name}"] = _init(name, shape, gen).to(torch.bfloat16).contiguous()
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def _vision_shapes(raw: dict) -> list[tuple[str, torch.Size]]:
+    """Names and shapes of the (tiny) vision tower, so the checkpoint is complete for the
+    multimodal classes of transformers. The engine serves text and skips these weights."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        tower = transformers.AutoModel.from_config(config.vision_config)
+    return sorted((n, p.shape) for n, p in tower.named_parameters())
