@@ -1,0 +1,1 @@
+"""One replica's inference engine: scheduler, hybrid cache, runner, sampler. No Ray here."""

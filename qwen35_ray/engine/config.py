@@ -1,0 +1,18 @@
+"""EngineConfig: the size of one replica's batch and cache."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # GDN state slots: the most sequences running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block of the full-attention layers
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
+    kv_cache_memory_bytes: int = 256 * 2**20
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")

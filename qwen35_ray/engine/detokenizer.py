@@ -1,0 +1,26 @@
+"""Incremental detokenisation that never emits half a UTF-8 character.
+
+Byte-level BPE can split one character over several tokens; until the rest arrives, decoding
+ends in U+FFFD. Text is released only up to a clean boundary, decoding a short window of recent
+tokens rather than the whole output each step.
+"""
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the window decoded for context
+        self.read_offset = 0  # tokens up to here have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the new text it completes (may be empty)."""
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        full = decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]

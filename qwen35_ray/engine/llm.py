@@ -1,0 +1,65 @@
+"""LLM: the offline API vLLM users know. `LLM(model=...).generate(prompts, params)`."""
+
+import itertools
+
+from tqdm import tqdm
+
+from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.engine.outputs import RequestOutput
+from qwen35_ray.engine.sampling_params import SamplingParams
+
+Prompt = str | dict  # text, or {"prompt_token_ids": [...]}
+
+
+class LLM:
+    def __init__(
+        self, model: str = "qwen35-tiny", dtype: str = "auto", device: str = "cpu", **engine_kwargs
+    ):
+        self.engine = LLMEngine.from_pretrained(model, dtype=dtype, device=device, **engine_kwargs)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's generation_config.json defaults (temperature, top_p, top_k...)."""
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        order = []
+        for prompt, p in zip(prompts, params):
+            text, ids = self._encode(prompt)
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, ids, p, prompt=text)
+            order.append(rid)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="Generating", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[rid] for rid in order]
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")

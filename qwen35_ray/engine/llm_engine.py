@@ -1,0 +1,188 @@
+"""LLMEngine: requests in, tokens out. `step()` = schedule -> run -> postprocess."""
+
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from qwen35_ray.engine.block_manager import CacheManager
+from qwen35_ray.engine.config import EngineConfig
+from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
+from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
+from qwen35_ray.engine.runner import ModelRunner
+from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.engine.scheduler import Scheduler
+from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self, model, config, tokenizer, engine_config: EngineConfig, model_path=None, device="cpu"
+    ):
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.model_path = Path(model_path) if model_path else None
+        ec = engine_config
+        self.max_model_len = min(
+            ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
+        dtype = next(model.parameters()).dtype
+        per_block = HybridCache.bytes_per_block(config, ec.block_size, dtype)
+        num_blocks = ec.num_kv_blocks or ec.kv_cache_memory_bytes // per_block
+        need = -(-self.max_model_len // ec.block_size)
+        if num_blocks < need:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {ec.block_size} tokens, but one "
+                f"request of max_model_len={self.max_model_len} needs {need}; raise "
+                "kv_cache_memory_bytes (or num_kv_blocks) or lower max_model_len"
+            )
+        self.cache = HybridCache.allocate(
+            config, ec.max_num_seqs, num_blocks, ec.block_size, dtype, device
+        )
+        self.cache_manager = CacheManager(num_blocks, ec.block_size, ec.max_num_seqs)
+        self.scheduler = Scheduler(self.cache_manager, ec.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, device)
+        self.eos_token_ids = set(config.eos_token_ids)
+        self.generation_defaults = self._generation_defaults()
+        self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._arrivals = itertools.count()
+        self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype="auto", device="cpu", **engine_kwargs):
+        import transformers
+
+        net, config, path = load_model(model, dtype=dtype, device=device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        return cls(net, config, tokenizer, EngineConfig(**engine_kwargs), path, device)
+
+    def _generation_defaults(self) -> dict:
+        file = self.model_path / "generation_config.json" if self.model_path else None
+        if not file or not file.exists():
+            return {}
+        raw = json.loads(file.read_text())
+        eos = raw.get("eos_token_id")
+        self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos or [])
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return {k: raw[k] for k in keys if k in raw}
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        return SamplingParams(**{**self.generation_defaults, **overrides})
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if bad := [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size} tokens"
+            )
+        room = self.max_model_len - n
+        if room < 1:
+            raise ValueError(
+                f"the prompt has {n} tokens; the context of this model is "
+                f"{self.max_model_len}; shorten the prompt"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} with a {n}-token prompt exceeds the "
+                f"{self.max_model_len}-token context; lower max_tokens or shorten the prompt"
+            )
+        seqs = []
+        for i in range(params.n):
+            gen = torch.Generator()
+            seed = params.seed + i if params.seed is not None else random.getrandbits(63)
+            gen.manual_seed(seed)
+            seq = Sequence(
+                request_id, i, list(prompt_token_ids), params, gen, arrival=next(self._arrivals)
+            )
+            self._detok[id(seq)] = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens
+            )
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = (prompt, list(prompt_token_ids), seqs)
+
+    def abort(self, request_id: str) -> None:
+        entry = self._requests.pop(request_id, None)
+        for seq in entry[2] if entry else []:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._detok.pop(id(seq), None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        sampled = self.runner.run(scheduled)
+        touched = {}
+        for i, s in enumerate(scheduled):
+            seq = s.seq
+            if seq.num_computed < len(seq.prompt_token_ids):
+                self.stats["prompt_tokens_computed"] += min(
+                    s.num_new, len(seq.prompt_token_ids) - seq.num_computed
+                )
+            seq.num_computed += s.num_new
+            if i in sampled:
+                self._append(seq, *sampled[i])
+                touched[seq.request_id] = True
+        return [self._output(rid) for rid in touched]
+
+    def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
+            return self.scheduler.finish(seq, "stop")
+        new = self._detok[id(seq)].push(token)
+        seq.text += new
+        if p.stop and new:
+            window = seq.text[-(len(new) + max(map(len, p.stop))) :]
+            hits = [window.find(s) for s in p.stop if s in window]
+            if hits:
+                cut = len(seq.text) - len(window) + min(hits)
+                seq.text = seq.text[:cut]
+                return self.scheduler.finish(seq, "stop")
+        if (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or (
+            seq.num_tokens >= self.max_model_len
+        ):
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, request_id: str) -> RequestOutput:
+        prompt, ids, seqs = self._requests[request_id]
+        outs = [
+            CompletionOutput(
+                s.index,
+                s.text,
+                list(s.output_token_ids),
+                list(s.output_logprobs) if s.params.logprobs is not None else None,
+                s.finish_reason,
+            )
+            for s in seqs
+        ]
+        out = RequestOutput(request_id, prompt, ids, outs)
+        if out.finished:
+            self._requests.pop(request_id)
+            for s in seqs:
+                self._detok.pop(id(s), None)
+        return out

@@ -1,0 +1,36 @@
+"""ModelRunner: one step of the model over the scheduled sequences, then sampling.
+
+Legend: T = tokens in the step, B = scheduled sequences.
+"""
+
+import torch
+
+from qwen35_ray.engine.sampler import sample
+from qwen35_ray.engine.scheduler import Scheduled
+from qwen35_ray.model.batch import ForwardBatch, SeqChunk
+from qwen35_ray.model.cache import HybridCache
+
+
+class ModelRunner:
+    def __init__(self, model, cache: HybridCache, device="cpu"):
+        self.model = model
+        self.cache = cache
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[Scheduled]) -> dict[int, tuple[int, dict | None]]:
+        """Returns {position in `scheduled`: (token, logprobs)} for the sequences that sample."""
+        chunks, ids = [], []
+        for s in scheduled:
+            seq = s.seq
+            chunks.append(SeqChunk(seq.num_computed, s.num_new, seq.slot, seq.block_table))
+            ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + s.num_new))
+        batch = ForwardBatch.build(chunks, self.cache.block_size, self.device)
+        hidden = self.model(torch.tensor(ids, device=self.device), batch, self.cache)
+        sampling = [i for i, s in enumerate(scheduled) if s.completes]
+        if not sampling:
+            return {}
+        rows = batch.last_token_indices[torch.tensor(sampling, device=self.device)]
+        logits = self.model.compute_logits(hidden[rows]).cpu()
+        tokens, logprobs = sample(logits, [scheduled[i].seq for i in sampling])
+        return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}

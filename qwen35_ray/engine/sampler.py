@@ -1,0 +1,69 @@
+"""Sampler: penalties, temperature, top-k / top-p / min-p, and a draw from each sequence's own
+generator, so a seeded request samples the same tokens whatever else shares its batch.
+
+Legend: B = sequences sampling in this step, V = vocabulary.
+"""
+
+import torch
+
+from qwen35_ray.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_token_ids + seq.output_token_ids)))
+        picked = logits[seen]
+        logits[seen] = torch.where(
+            picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+        )
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[-1])
+        logits -= p.frequency_penalty * counts[: logits.shape[-1]].to(logits.dtype)
+        logits -= p.presence_penalty * (counts[: logits.shape[-1]] > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside top-k, outside the top-p nucleus, or below min_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+    """logits [B, V] fp32 -> one token per sequence, and its logprobs when asked for."""
+    tokens, logprobs = [], []
+    for row, seq in zip(logits, seqs):
+        p = seq.params
+        raw = row
+        row = apply_penalties(row.clone(), seq)
+        if p.greedy:
+            token = int(row.argmax())
+        else:
+            row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
+            probs = row.softmax(-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        tokens.append(token)
+        logprobs.append(None if p.logprobs is None else _logprobs(raw, token, p.logprobs))
+    return tokens, logprobs
+
+
+def _logprobs(raw: torch.Tensor, token: int, top: int) -> dict[int, float]:
+    """The chosen token's logprob and the `top` most likely, from the model's distribution."""
+    lp = raw.log_softmax(-1)
+    out = {token: float(lp[token])}
+    if top:
+        values, ids = lp.topk(top)
+        out.update(zip(ids.tolist(), values.tolist()))
+    return out

@@ -1,0 +1,48 @@
+"""SamplingParams: how one request picks its tokens and when it stops."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.n >= 1, f"n={self.n} must be at least 1"),
+            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (self.top_k >= -1, f"top_k={self.top_k} must be -1, 0 (all) or positive"),
+            (0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (
+                self.max_tokens is None or self.max_tokens >= 1,
+                f"max_tokens={self.max_tokens} must be at least 1",
+            ),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,88 @@
+"""Scheduler, pure Python: which sequences run in the next step and how many tokens each.
+
+Running sequences go first (decodes and unfinished prompt chunks), then waiting ones while the
+token budget, state slots and KV blocks allow. A prompt longer than the budget is prefilled in
+chunks across steps. When blocks run out for a running sequence, the most recently arrived one
+is preempted: its slot and blocks are freed and it waits to be recomputed from its tokens.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from qwen35_ray.engine.block_manager import CacheManager
+from qwen35_ray.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    seq: Sequence
+    num_new: int  # tokens computed for seq in this step
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token of seq is computed, so it samples its next token."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, cache: CacheManager, max_num_batched_tokens: int):
+        self.cache = cache
+        self.budget = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.budget
+        out: list[Scheduled] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.cache.can_grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.cache.grow(seq, seq.num_computed + n)
+            out.append(Scheduled(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and self.cache.slots.num_free > 0:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.cache.can_grow(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.cache.grow(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(Scheduled(seq, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.release(seq)

@@ -1,0 +1,48 @@
+"""Sequence: one generation stream of a request and the cache it holds while it runs."""
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen35_ray.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n outputs
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV / GDN state is in the cache
+    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    arrival: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        return (
+            self.prompt_token_ids[start:end]
+            if end <= p
+            else (self.prompt_token_ids + self.output_token_ids)[start:end]
+        )
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

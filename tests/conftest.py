@@ -1,0 +1,14 @@
+"""Suite-wide setup. Shared helpers live in tests/support (tests/ is not a package, so that the
+repo root, and with it the `kernels/` folder, never lands on sys.path)."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Without a GPU, Triton kernels run on CPU through the interpreter, which must be chosen before
+# triton is first imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent / "support"))
