@@ -14,6 +14,57 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from qwen35_ray import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    overrides = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    params = llm.engine.default_sampling_params(max_tokens=args.max_tokens, **overrides)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.get_tokenizer().apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    out = llm.generate(prompt, params)[0]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt": out.prompt,
+                    "prompt_token_ids": out.prompt_token_ids,
+                    "outputs": [
+                        {
+                            "index": o.index,
+                            "text": o.text,
+                            "token_ids": o.token_ids,
+                            "finish_reason": o.finish_reason,
+                        }
+                        for o in out.outputs
+                    ],
+                }
+            )
+        )
+    else:
+        for o in out.outputs:
+            print(o.text)
+    return 0
+
+
+SAMPLING_FLAGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen35-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="output directory (created if missing)")
     tiny.add_argument("--dense", action="store_true", help="the dense variant (no MoE)")
     tiny.set_defaults(func=_make_tiny)
+
+    gen = sub.add_parser("generate", help="complete one prompt with the offline engine")
+    gen.add_argument(
+        "--model",
+        default="qwen35-tiny",
+        help="embedded name, checkpoint directory or hub id (default qwen35-tiny)",
+    )
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    for flag in SAMPLING_FLAGS:
+        kind = int if flag in ("top_k", "seed", "n") else float
+        gen.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=kind,
+            default=None,
+            help="default: the model's generation_config.json",
+        )
+    gen.add_argument("--json", action="store_true", help="print the output as JSON")
+    gen.set_defaults(func=_generate)
     return parser
 
 
