@@ -76,18 +76,11 @@ class LLMEngine:
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return SamplingParams(**{**self.generation_defaults, **overrides})
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: str | None = None,
-    ) -> None:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, saying what to change, for a request this engine cannot run."""
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty; give at least one token")
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         if bad := [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]:
             raise ValueError(
                 f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size} tokens"
@@ -103,6 +96,17 @@ class LLMEngine:
                 f"max_tokens={params.max_tokens} with a {n}-token prompt exceeds the "
                 f"{self.max_model_len}-token context; lower max_tokens or shorten the prompt"
             )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
         seqs = []
         for i in range(params.n):
             gen = torch.Generator()
