@@ -12,6 +12,7 @@ from qwen35_ray.engine.block_manager import CacheManager
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
+from qwen35_ray.engine.request_state import RequestState, model_fingerprint
 from qwen35_ray.engine.runner import ModelRunner
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.engine.scheduler import Scheduler
@@ -32,7 +33,8 @@ class LLMEngine:
         self.max_model_len = min(
             ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
         )
-        dtype = next(model.parameters()).dtype
+        self.dtype = dtype = next(model.parameters()).dtype
+        self.fingerprint = model_fingerprint(config, dtype)
         per_block = HybridCache.bytes_per_block(config, ec.block_size, dtype)
         num_blocks = ec.num_kv_blocks or ec.kv_cache_memory_bytes // per_block
         need = -(-self.max_model_len // ec.block_size)
@@ -103,7 +105,12 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        prefill_only: bool = False,
     ) -> None:
+        """Queue a request. prefill_only: after its first token, export it as a RequestState
+        (RequestOutput.request_state) and free its cache here."""
+        if prefill_only and params.n != 1:
+            raise ValueError("a prefill-only request must have n=1")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
@@ -113,7 +120,13 @@ class LLMEngine:
             seed = params.seed + i if params.seed is not None else random.getrandbits(63)
             gen.manual_seed(seed)
             seq = Sequence(
-                request_id, i, list(prompt_token_ids), params, gen, arrival=next(self._arrivals)
+                request_id,
+                i,
+                list(prompt_token_ids),
+                params,
+                gen,
+                arrival=next(self._arrivals),
+                prefill_only=prefill_only,
             )
             self._detok[id(seq)] = IncrementalDetokenizer(
                 self.tokenizer, params.skip_special_tokens
@@ -137,7 +150,7 @@ class LLMEngine:
         if not scheduled:
             return []
         sampled = self.runner.run(scheduled)
-        touched = {}
+        touched, exported = {}, {}
         for i, s in enumerate(scheduled):
             seq = s.seq
             if seq.num_computed < len(seq.prompt_token_ids):
@@ -148,7 +161,51 @@ class LLMEngine:
             if i in sampled:
                 self._append(seq, *sampled[i])
                 touched[seq.request_id] = True
-        return [self._output(rid) for rid in touched]
+                if seq.prefill_only and not seq.is_finished:
+                    exported[seq.request_id] = self._export(seq)
+        return [self._output(rid, exported.get(rid)) for rid in touched]
+
+    def _export(self, seq: Sequence) -> RequestState:
+        n_attn = len(self.config.attention_layers)
+        tensors = self.cache.read(seq.slot, seq.block_table, seq.num_computed, n_attn)
+        state = RequestState(
+            seq.request_id,
+            self.fingerprint,
+            list(seq.prompt_token_ids),
+            list(seq.output_token_ids),
+            seq.num_computed,
+            seq.params,
+            tensors,
+            seq.generator.get_state(),
+            self._requests[seq.request_id][0],
+        )
+        self.scheduler.remove(seq)
+        return state
+
+    def import_request(self, state: RequestState) -> None:
+        """Continue a request another engine prefilled: its states and K/V go into a free slot
+        and fresh blocks, and it joins the running batch at its next decode step."""
+        state.check(self.config, self.dtype)
+        if state.request_id in self._requests:
+            raise ValueError(f"request id {state.request_id!r} is already in use")
+        gen = torch.Generator()
+        gen.set_state(state.rng_state)
+        seq = Sequence(
+            state.request_id,
+            0,
+            list(state.prompt_token_ids),
+            state.params,
+            gen,
+            output_token_ids=list(state.output_token_ids),
+            num_computed=state.num_computed,
+            arrival=next(self._arrivals),
+        )
+        self.scheduler.add_running(seq)
+        self.cache.write(seq.slot, seq.block_table, state.tensors)
+        detok = IncrementalDetokenizer(self.tokenizer, state.params.skip_special_tokens)
+        seq.text = "".join(detok.push(t) for t in seq.output_token_ids)
+        self._detok[id(seq)] = detok
+        self._requests[state.request_id] = (state.prompt, list(state.prompt_token_ids), [seq])
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> None:
         p = seq.params
@@ -172,7 +229,7 @@ class LLMEngine:
         ):
             self.scheduler.finish(seq, "length")
 
-    def _output(self, request_id: str) -> RequestOutput:
+    def _output(self, request_id: str, state: RequestState | None = None) -> RequestOutput:
         prompt, ids, seqs = self._requests[request_id]
         outs = [
             CompletionOutput(
@@ -184,8 +241,8 @@ class LLMEngine:
             )
             for s in seqs
         ]
-        out = RequestOutput(request_id, prompt, ids, outs)
-        if out.finished:
+        out = RequestOutput(request_id, prompt, ids, outs, request_state=state)
+        if out.finished or state is not None:
             self._requests.pop(request_id)
             for s in seqs:
                 self._detok.pop(id(s), None)

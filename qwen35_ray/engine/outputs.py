@@ -23,6 +23,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # set when a prefill-only request has sampled its first token and left this engine
+    request_state: object | None = None
 
     @property
     def finished(self) -> bool:

@@ -35,6 +35,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that arrives with its cache already filled (an imported RequestState)."""
+        if not self.cache.can_grow(seq, seq.num_tokens) or self.cache.slots.num_free == 0:
+            raise RuntimeError("no free state slot or KV blocks for an imported request")
+        self.cache.grow(seq, seq.num_tokens)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -79,8 +87,12 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        seq.status = Status.FINISHED
         seq.finish_reason = reason
+        self.remove(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take seq out of the queues and free its cache (finished, aborted or exported)."""
+        seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -30,6 +30,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     arrival: int = 0
+    prefill_only: bool = False  # export a RequestState once the first token is sampled
 
     @property
     def num_tokens(self) -> int:

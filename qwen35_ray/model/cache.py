@@ -73,3 +73,28 @@ class HybridCache:
             value=torch.zeros(kv_shape, dtype=dtype, device=device),
             block_size=block_size,
         )
+
+    def read(self, slot: int, block_table: list[int], num_tokens: int, attn_layers: int):
+        """One sequence's cache, compact: GDN states of its slot and the K/V of its first
+        num_tokens tokens in position order (no block padding)."""
+        P = self.block_size
+        blocks = torch.tensor(block_table[: -(-num_tokens // P)], device=self.key.device)
+        kv = lambda c: c[:attn_layers, blocks].flatten(1, 2)[:, :num_tokens]
+        return {
+            "conv": self.conv[:, slot].clone(),  # [n_gdn, C, W-1]
+            "recurrent": self.recurrent[:, slot].clone(),  # [n_gdn, HV, K, V]
+            "key": kv(self.key).clone(),  # [n_attn, L, Hkv, D]
+            "value": kv(self.value).clone(),
+        }
+
+    def write(self, slot: int, block_table: list[int], tensors: dict[str, torch.Tensor]):
+        """The inverse of read(): place a sequence's states and K/V into slot and blocks."""
+        P = self.block_size
+        n_attn, L = tensors["key"].shape[:2]
+        self.conv[:, slot] = tensors["conv"].to(self.conv)
+        self.recurrent[:, slot] = tensors["recurrent"].to(self.recurrent)
+        pos = torch.arange(L, device=self.key.device)
+        table = torch.tensor(block_table, device=self.key.device)
+        flat = table[pos // P] * P + pos % P
+        for name, cache in (("key", self.key), ("value", self.value)):
+            cache[:n_attn].flatten(1, 2)[:, flat] = tensors[name].to(cache)
