@@ -1,16 +1,26 @@
-"""Allocators of the hybrid cache, pure Python: KV blocks for the attention layers and fixed
-state slots for the GDN layers. A running sequence holds one slot and ceil(tokens / P) blocks."""
+"""Allocators of the hybrid cache, pure Python.
 
-from collections import deque
+- KV blocks of the full-attention layers, reference counted. With prefix caching a full block
+  of prompt tokens is registered under the hash of its tokens chained to its predecessors';
+  when its last user leaves it stays cached (evictable, least recently freed first).
+- State slots of the GDN layers: one per running sequence.
+- Snapshot slots: copies of a sequence's GDN state taken at a block boundary of its prompt.
+  A later prompt with the same blocks up to that boundary starts from the snapshot and the
+  cached blocks, and computes only the rest. GDN state cannot be rebuilt from KV blocks, so a
+  prefix is reusable only up to a boundary that has a snapshot.
+"""
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 
 class Pool:
-    """A free list of integer ids (blocks or slots)."""
+    """A free list of integer ids (slots)."""
 
-    def __init__(self, size: int, what: str):
-        self.size = size
+    def __init__(self, ids: range, what: str):
+        self.size = len(ids)
         self.what = what
-        self._free = deque(range(size))
+        self._free = deque(ids)
 
     @property
     def num_free(self) -> int:
@@ -25,11 +35,75 @@ class Pool:
         self._free.extend(ids)
 
 
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.size = num_blocks
+        self.ref = [0] * num_blocks
+        self._free = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, int] = OrderedDict()  # block -> hash, ref 0
+        self.by_hash: dict[int, int] = {}
+        self._hash_of: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    def take(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.popleft()
+            else:
+                b, h = self._evictable.popitem(last=False)
+                del self.by_hash[h], self._hash_of[b]
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def share(self, b: int) -> None:
+        if self.ref[b] == 0:
+            del self._evictable[b]
+        self.ref[b] += 1
+
+    def give(self, ids: list[int]) -> None:
+        for b in ids:
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self._hash_of:
+                    self._evictable[b] = self._hash_of[b]
+                else:
+                    self._free.append(b)
+
+    def register(self, b: int, h: int) -> None:
+        if h not in self.by_hash and b not in self._hash_of:
+            self.by_hash[h], self._hash_of[b] = b, h
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    num_tokens: int  # tokens covered: a multiple of the block size
+    blocks: list[int]
+    snapshot: int  # snapshot slot holding the GDN state at that boundary
+
+
+def block_hashes(tokens: list[int], block_size: int, num_blocks: int) -> list[int]:
+    hashes, h = [], 0
+    for i in range(num_blocks):
+        h = hash((h, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        hashes.append(h)
+    return hashes
+
+
 class CacheManager:
-    def __init__(self, num_blocks: int, block_size: int, num_slots: int):
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int, num_snapshots: int = 0):
         self.block_size = block_size
-        self.blocks = Pool(num_blocks, "KV blocks")
-        self.slots = Pool(num_slots, "state slots")
+        self.blocks = BlockPool(num_blocks)
+        self.slots = Pool(range(num_slots), "state slots")
+        self.snapshot_slots = Pool(range(num_slots, num_slots + num_snapshots), "snapshots")
+        self.snapshots: OrderedDict[int, int] = OrderedDict()  # boundary hash -> slot
+        self.prefix_caching = num_snapshots > 0
 
     def blocks_needed(self, seq, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
@@ -50,7 +124,51 @@ class CacheManager:
             self.slots.give([seq.slot])
             seq.slot = None
 
+    def snapshot_boundary(self, seq) -> int:
+        """The last block boundary of the prompt that leaves at least one token to compute."""
+        if not self.prefix_caching:
+            return 0
+        return (len(seq.prompt_token_ids) - 1) // self.block_size * self.block_size
+
+    def match(self, seq) -> PrefixHit | None:
+        """The longest cached prefix of seq's prompt that ends at a snapshot."""
+        n = self.snapshot_boundary(seq) // self.block_size
+        best = 0
+        hashes = block_hashes(seq.prompt_token_ids, self.block_size, n)
+        for i, h in enumerate(hashes):
+            if h not in self.blocks.by_hash:
+                break
+            if h in self.snapshots:
+                best = i + 1
+        if best == 0:
+            return None
+        self.snapshots.move_to_end(hashes[best - 1])
+        blocks = [self.blocks.by_hash[h] for h in hashes[:best]]
+        return PrefixHit(best * self.block_size, blocks, self.snapshots[hashes[best - 1]])
+
+    def adopt(self, seq, hit: PrefixHit) -> None:
+        for b in hit.blocks:
+            self.blocks.share(b)
+        seq.block_table = list(hit.blocks)
+        seq.num_computed = seq.num_cached_tokens = hit.num_tokens
+
+    def remember(self, seq) -> int | None:
+        """seq has just computed its prompt up to the snapshot boundary: register those blocks
+        and return the snapshot slot to copy its GDN state into (None if already cached)."""
+        n = self.snapshot_boundary(seq) // self.block_size
+        hashes = block_hashes(seq.prompt_token_ids, self.block_size, n)
+        for b, h in zip(seq.block_table, hashes):
+            self.blocks.register(b, h)
+        if hashes[-1] in self.snapshots or self.blocks.by_hash.get(hashes[-1]) is None:
+            return None
+        if self.snapshot_slots.num_free == 0:
+            _, old = self.snapshots.popitem(last=False)
+            self.snapshot_slots.give([old])
+        slot = self.snapshot_slots.take(1)[0]
+        self.snapshots[hashes[-1]] = slot
+        return slot
+
     @property
     def is_empty(self) -> bool:
-        """Nothing allocated: every block and slot is back in its pool."""
+        """No sequence holds anything: every slot free, every block free or merely cached."""
         return self.blocks.num_free == self.blocks.size and self.slots.num_free == self.slots.size

@@ -11,6 +11,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block of the full-attention layers
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 256 * 2**20
+    # prefix caching keeps GDN state snapshots at prompt block boundaries in this many slots
+    enable_prefix_caching: bool = True
+    num_snapshot_slots: int | None = None  # None: as many as max_num_seqs
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -44,10 +44,15 @@ class LLMEngine:
                 f"request of max_model_len={self.max_model_len} needs {need}; raise "
                 "kv_cache_memory_bytes (or num_kv_blocks) or lower max_model_len"
             )
+        snapshots = 0
+        if ec.enable_prefix_caching:
+            snapshots = (
+                ec.num_snapshot_slots if ec.num_snapshot_slots is not None else (ec.max_num_seqs)
+            )
         self.cache = HybridCache.allocate(
-            config, ec.max_num_seqs, num_blocks, ec.block_size, dtype, device
+            config, ec.max_num_seqs + snapshots, num_blocks, ec.block_size, dtype, device
         )
-        self.cache_manager = CacheManager(num_blocks, ec.block_size, ec.max_num_seqs)
+        self.cache_manager = CacheManager(num_blocks, ec.block_size, ec.max_num_seqs, snapshots)
         self.scheduler = Scheduler(self.cache_manager, ec.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, device)
         self.eos_token_ids = set(config.eos_token_ids)
@@ -158,6 +163,11 @@ class LLMEngine:
                     s.num_new, len(seq.prompt_token_ids) - seq.num_computed
                 )
             seq.num_computed += s.num_new
+            boundary = self.cache_manager.snapshot_boundary(seq)
+            if boundary and seq.num_computed == boundary and s.num_new:
+                snapshot = self.cache_manager.remember(seq)
+                if snapshot is not None:
+                    self.cache.copy_slot(seq.slot, snapshot)
             if i in sampled:
                 self._append(seq, *sampled[i])
                 touched[seq.request_id] = True
@@ -241,7 +251,7 @@ class LLMEngine:
             )
             for s in seqs
         ]
-        out = RequestOutput(request_id, prompt, ids, outs, request_state=state)
+        out = RequestOutput(request_id, prompt, ids, outs, seqs[0].num_cached_tokens, state)
         if out.finished or state is not None:
             self._requests.pop(request_id)
             for s in seqs:

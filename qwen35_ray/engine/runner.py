@@ -22,6 +22,8 @@ class ModelRunner:
         """Returns {position in `scheduled`: (token, logprobs)} for the sequences that sample."""
         chunks, ids = [], []
         for s in scheduled:
+            if s.restore is not None:
+                self.cache.copy_slot(s.restore, s.seq.slot)
             seq = s.seq
             chunks.append(SeqChunk(seq.num_computed, s.num_new, seq.slot, seq.block_table))
             ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + s.num_new))

@@ -17,6 +17,7 @@ from qwen35_ray.engine.sequence import Sequence, Status
 class Scheduled:
     seq: Sequence
     num_new: int  # tokens computed for seq in this step
+    restore: int | None = None  # snapshot slot to copy into seq's slot before the step
 
     @property
     def completes(self) -> bool:
@@ -54,7 +55,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             while not self.cache.can_grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -67,16 +68,32 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and self.cache.slots.num_free > 0:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.cache.can_grow(seq, seq.num_computed + n):
+            hit = self.cache.match(seq) if self.cache.prefix_caching else None
+            start = hit.num_tokens if hit else 0
+            n = self._chunk(seq, budget, start)
+            needed = -(-(start + n) // self.cache.block_size) - (len(hit.blocks) if hit else 0)
+            # cached blocks nobody holds count as free; adopting them takes them off that count
+            needed += sum(self.cache.blocks.ref[b] == 0 for b in hit.blocks) if hit else 0
+            if needed > self.cache.blocks.num_free:
                 break
             self.waiting.popleft()
+            if hit:
+                self.cache.adopt(seq, hit)
             self.cache.grow(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            out.append(Scheduled(seq, n))
+            out.append(Scheduled(seq, n, hit.snapshot if hit else None))
             budget -= n
         return out
+
+    def _chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:
+        """Tokens to compute for seq now; a prefill stops at its snapshot boundary once."""
+        start = seq.num_computed if start is None else start
+        n = min(seq.num_tokens - start, budget)
+        boundary = self.cache.snapshot_boundary(seq)
+        if start < boundary:
+            n = min(n, boundary - start)
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -30,6 +30,7 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     arrival: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     prefill_only: bool = False  # export a RequestState once the first token is sampled
 
     @property

@@ -74,6 +74,11 @@ class HybridCache:
             block_size=block_size,
         )
 
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Copy the GDN states (conv and recurrent, every layer) of slot src into slot dst."""
+        self.conv[:, dst] = self.conv[:, src]
+        self.recurrent[:, dst] = self.recurrent[:, src]
+
     def read(self, slot: int, block_table: list[int], num_tokens: int, attn_layers: int):
         """One sequence's cache, compact: GDN states of its slot and the K/V of its first
         num_tokens tokens in position order (no block padding)."""
