@@ -8,6 +8,11 @@
   A later prompt with the same blocks up to that boundary starts from the snapshot and the
   cached blocks, and computes only the rest. GDN state cannot be rebuilt from KV blocks, so a
   prefix is reusable only up to a boundary that has a snapshot.
+
+Snapshots are taken at two boundaries of a prompt: its last full block (the next turn of a
+conversation extends it), and the last block it shares with the cache when that lies beyond
+its snapshot hit (where two prompts part: a shared system prompt is reused from the third
+request on). Snapshotting every block would cost one full GDN state per block.
 """
 
 from collections import OrderedDict, deque
@@ -131,15 +136,19 @@ class CacheManager:
         return (len(seq.prompt_token_ids) - 1) // self.block_size * self.block_size
 
     def match(self, seq) -> PrefixHit | None:
-        """The longest cached prefix of seq's prompt that ends at a snapshot."""
-        n = self.snapshot_boundary(seq) // self.block_size
-        best = 0
-        hashes = block_hashes(seq.prompt_token_ids, self.block_size, n)
+        """The longest cached prefix of seq's prompt that ends at a snapshot. Also sets
+        seq.snapshot_points: the boundaries where this prompt will leave snapshots."""
+        last = self.snapshot_boundary(seq)
+        hashes = block_hashes(seq.prompt_token_ids, self.block_size, last // self.block_size)
+        shared = best = 0
         for i, h in enumerate(hashes):
             if h not in self.blocks.by_hash:
                 break
+            shared = i + 1
             if h in self.snapshots:
                 best = i + 1
+        parting = shared * self.block_size
+        seq.snapshot_points = sorted({last} | ({parting} if best < shared else set()))
         if best == 0:
             return None
         self.snapshots.move_to_end(hashes[best - 1])
@@ -152,10 +161,10 @@ class CacheManager:
         seq.block_table = list(hit.blocks)
         seq.num_computed = seq.num_cached_tokens = hit.num_tokens
 
-    def remember(self, seq) -> int | None:
-        """seq has just computed its prompt up to the snapshot boundary: register those blocks
+    def remember(self, seq, boundary: int) -> int | None:
+        """seq has just computed its prompt up to a snapshot boundary: register those blocks
         and return the snapshot slot to copy its GDN state into (None if already cached)."""
-        n = self.snapshot_boundary(seq) // self.block_size
+        n = boundary // self.block_size
         hashes = block_hashes(seq.prompt_token_ids, self.block_size, n)
         for b, h in zip(seq.block_table, hashes):
             self.blocks.register(b, h)

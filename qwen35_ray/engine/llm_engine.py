@@ -163,9 +163,8 @@ class LLMEngine:
                     s.num_new, len(seq.prompt_token_ids) - seq.num_computed
                 )
             seq.num_computed += s.num_new
-            boundary = self.cache_manager.snapshot_boundary(seq)
-            if boundary and seq.num_computed == boundary and s.num_new:
-                snapshot = self.cache_manager.remember(seq)
+            if seq.num_computed in seq.snapshot_points and seq.num_computed > 0:
+                snapshot = self.cache_manager.remember(seq, seq.num_computed)
                 if snapshot is not None:
                     self.cache.copy_slot(seq.slot, snapshot)
             if i in sampled:

@@ -87,12 +87,12 @@ class Scheduler:
         return out
 
     def _chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:
-        """Tokens to compute for seq now; a prefill stops at its snapshot boundary once."""
+        """Tokens to compute for seq now; a prefill pauses at each of its snapshot points."""
         start = seq.num_computed if start is None else start
         n = min(seq.num_tokens - start, budget)
-        boundary = self.cache.snapshot_boundary(seq)
-        if start < boundary:
-            n = min(n, boundary - start)
+        for point in seq.snapshot_points:
+            if start < point:
+                return min(n, point - start)
         return n
 
     def _preempt(self, seq: Sequence) -> None:

@@ -31,6 +31,7 @@ class Sequence:
     text: str = ""
     arrival: int = 0
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    snapshot_points: list[int] = field(default_factory=list)  # prompt boundaries to snapshot
     prefill_only: bool = False  # export a RequestState once the first token is sampled
 
     @property
