@@ -65,6 +65,14 @@ SAMPLING_FLAGS = (
 )
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "offline":
+        from qwen35_ray.bench.offline import main as bench
+    else:
+        from qwen35_ray.bench.kernels import main as bench
+    return bench(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen35-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
     gen.add_argument("--json", action="store_true", help="print the output as JSON")
     gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks: `bench offline -h`, `bench kernels -h`")
+    bench.add_argument("what", choices=["offline", "kernels"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""`qwen35-ray bench offline`: one workload through our engine and through transformers'
+batched generate on the same checkpoint; tokens/s of each, their ratio, peak memory."""
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+class PeakRSS:
+    """Highest resident set size seen while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak = self.start = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def workload(num_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of mixed lengths (16 to 512 tokens), fixed by the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, 513, (num_prompts,), generator=gen).tolist()
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def run_ours(path, prompts, new_tokens, concurrency, dtype) -> dict:
+    from qwen35_ray.engine.llm_engine import LLMEngine
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine.from_pretrained(str(path), dtype=dtype, max_num_seqs=concurrency)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), ids, params)
+        while engine.has_unfinished():
+            engine.step()
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "tokens_per_s": len(prompts) * new_tokens / seconds,
+        "peak_extra_mib": mem.extra_mib,
+    }
+
+
+@torch.inference_mode()
+def run_transformers(path, prompts, new_tokens, concurrency, dtype) -> dict:
+    import transformers
+
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        for i in range(0, len(prompts), concurrency):
+            batch = prompts[i : i + concurrency]
+            width = max(map(len, batch))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "tokens_per_s": len(prompts) * new_tokens / seconds,
+        "peak_extra_mib": mem.extra_mib,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qwen35_ray.bench.timing import machine_info
+    from qwen35_ray.model.config import ModelConfig
+    from qwen35_ray.model.source import resolve_model
+
+    p = argparse.ArgumentParser(prog="qwen35-ray bench offline", description=__doc__)
+    p.add_argument("--model", default="qwen35-tiny")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 1])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    path = resolve_model(args.model)
+    vocab = ModelConfig.from_hf(path).vocab_size
+    prompts = workload(args.num_prompts, vocab)
+    results = []
+    for c in args.concurrency:
+        # at concurrency 1 the same prompts, fewer of them, keep the run short
+        subset = prompts if c > 1 else prompts[: max(1, args.num_prompts // 16)]
+        row = {"concurrency": c, "num_prompts": len(subset), "new_tokens": args.new_tokens}
+        print(f"[bench offline] ours, concurrency {c}, {len(subset)} prompts ...", flush=True)
+        row["ours"] = run_ours(path, subset, args.new_tokens, c, args.dtype)
+        if not args.skip_transformers:
+            print(f"[bench offline] transformers, concurrency {c} ...", flush=True)
+            row["transformers"] = run_transformers(path, subset, args.new_tokens, c, args.dtype)
+            row["speedup"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+        results.append(row)
+        print(_line(row), flush=True)
+    report = {
+        "bench": "offline",
+        "model": args.model,
+        "dtype": args.dtype,
+        "machine": machine_info("cpu"),
+        "results": results,
+        "command": "qwen35-ray bench offline " + " ".join(argv or []),
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _line(row: dict) -> str:
+    ours = row["ours"]
+    text = (
+        f"concurrency {row['concurrency']:>3}: ours {ours['tokens_per_s']:8.1f} tok/s "
+        f"(+{ours['peak_extra_mib']:.0f} MiB)"
+    )
+    if "transformers" in row:
+        hf = row["transformers"]
+        text += (
+            f", transformers {hf['tokens_per_s']:8.1f} tok/s "
+            f"(+{hf['peak_extra_mib']:.0f} MiB), x{row['speedup']:.2f}"
+        )
+    return text
