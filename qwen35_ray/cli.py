@@ -65,6 +65,49 @@ SAMPLING_FLAGS = (
 )
 
 
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive terminal chat through the model's chat template; /reset, /exit."""
+    from qwen35_ray import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    tok = llm.get_tokenizer()
+    params = llm.engine.default_sampling_params(max_tokens=args.max_tokens)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("qwen35-ray chat: type a message; /reset clears the conversation, /exit quits.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=not args.no_thinking,
+        )
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        engine = llm.engine
+        rid = f"chat-{len(messages)}"
+        engine.add_request(rid, ids, params)
+        text = ""
+        while engine.has_unfinished():
+            for out in engine.step():
+                new = out.outputs[0].text[len(text) :]
+                text = out.outputs[0].text
+                print(new, end="", flush=True)
+        print()
+        answer = text.split("</think>")[-1].strip()
+        messages.append({"role": "assistant", "content": answer})
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "offline":
         from qwen35_ray.bench.offline import main as bench
@@ -102,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
     gen.add_argument("--json", action="store_true", help="print the output as JSON")
     gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    chat.add_argument("--model", default="qwen35-tiny")
+    chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    chat.add_argument("--max-model-len", type=int, default=None)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument("--no-thinking", action="store_true", help="enable_thinking=False")
+    chat.set_defaults(func=_chat)
 
     bench = sub.add_parser("bench", help="benchmarks: `bench offline -h`, `bench kernels -h`")
     bench.add_argument("what", choices=["offline", "kernels"])

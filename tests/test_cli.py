@@ -36,3 +36,20 @@ def test_generate_prints_json_with_a_finish_reason(tmp_path):
     assert out["prompt"] == "Hello"
     (completion,) = out["outputs"]
     assert len(completion["token_ids"]) == 5 and completion["finish_reason"] == "length"
+
+
+def test_chat_answers_two_turns_and_exits(tmp_path):
+    tiny = tmp_path / "tiny"
+    subprocess.run(
+        [sys.executable, "-m", "qwen35_ray.cli", "make-tiny", str(tiny)], check=True, cwd=tmp_path
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "qwen35_ray.cli", "chat", "--model", str(tiny), "--max-tokens", "6"],
+        input="Hello!\n/reset\nHow are you?\n/exit\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+        timeout=120,
+    )
+    assert result.stdout.count("> ") >= 3
