@@ -2,11 +2,13 @@
 
 The cache of one layer is [N, P, Hkv, D] (N blocks of P tokens); sequence b owns the blocks
 listed in block_tables[b], and its token at position p lives in block block_tables[b][p // P]
-at offset p % P. A token's flat slot is block * P + offset (slot_mapping).
+at offset p % P. A token's flat slot is block * P + offset (slot_mapping). CUDA tensors go to
+the Triton kernels of paged_triton.py.
 """
 
 import torch
 import torch.nn.functional as F
+from qwen35_kernels.utils import use_triton
 
 
 def write_kv(
@@ -37,6 +39,12 @@ def paged_attention(
     max_q_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over all of its cached tokens; [T, Hq, D]."""
+    if use_triton(q):
+        from qwen35_kernels.attention.paged_triton import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_q_len
+        )
     B = seq_lens.shape[0]
     if max_q_len == 1:
         return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
@@ -45,29 +53,37 @@ def paged_attention(
     lens = seq_lens.tolist()
     for b in range(B):
         s, e, L = bounds[b], bounds[b + 1], lens[b]
-        k = _gather(k_cache, block_tables[b], L).transpose(0, 1)  # [Hkv, L, D]
-        v = _gather(v_cache, block_tables[b], L).transpose(0, 1)
-        qb = q[s:e].transpose(0, 1)  # [Hq, Lq, D]
+        # [1, H, L, D] contiguous: the layout SDPA's fused CPU kernels take
+        k = _gather(k_cache, block_tables[b], L).to(q.dtype).transpose(0, 1).contiguous()[None]
+        v = _gather(v_cache, block_tables[b], L).to(q.dtype).transpose(0, 1).contiguous()[None]
+        qb = q[s:e].transpose(0, 1).contiguous()[None]  # [1, Hq, Lq, D]
         Lq = e - s
-        # query i sits at position L - Lq + i and sees keys 0 .. L - Lq + i
-        mask = torch.ones(Lq, L, dtype=torch.bool, device=q.device).tril(L - Lq)
-        o = F.scaled_dot_product_attention(
-            qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        out[s:e] = o.transpose(0, 1)
+        if Lq == L:
+            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=True)  # fmt: skip
+        else:
+            # query i sits at position L - Lq + i and sees keys 0 .. L - Lq + i
+            mask = torch.ones(Lq, L, dtype=torch.bool, device=q.device).tril(L - Lq)
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)  # fmt: skip
+        out[s:e] = o[0].transpose(0, 1)
     return out
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """One query token per sequence: gather every sequence's blocks at once, mask the tail."""
+    """One query token per sequence: gather every sequence's blocks at once, mask the tail. The
+    G = Hq / Hkv query heads of a group share one matmul with their K/V head."""
     B, Hq, D = q.shape
     P, Hkv = k_cache.shape[1], k_cache.shape[2]
     M = (int(seq_lens.max()) + P - 1) // P
     tables = block_tables[:, :M]
-    k = k_cache[tables].reshape(B, M * P, Hkv, D).transpose(1, 2).to(q.dtype)
-    v = v_cache[tables].reshape(B, M * P, Hkv, D).transpose(1, 2).to(q.dtype)
-    mask = torch.arange(M * P, device=q.device)[None, :] < seq_lens[:, None]  # [B, M*P]
-    o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return o[:, :, 0, :]
+    k = k_cache[tables].view(B, M * P, Hkv, D).permute(0, 2, 3, 1).to(q.dtype)  # [B, Hkv, D, n]
+    v = v_cache[tables].view(B, M * P, Hkv, D).transpose(1, 2).to(q.dtype)  # [B, Hkv, n, D]
+    valid = torch.arange(M * P, device=q.device)[None, :] < seq_lens[:, None]  # [B, n]
+    # slots past a sequence's end may hold anything, NaN included, and 0 * NaN poisons the sum
+    # (zeroed in place: the gather made v a fresh copy)
+    v.masked_fill_(~valid[:, None, :, None], 0)
+    scores = (q.view(B, Hkv, Hq // Hkv, D) @ k).float() * scale  # [B, Hkv, G, n]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    o = scores.softmax(-1).to(q.dtype) @ v  # [B, Hkv, G, D]
+    return o.reshape(B, Hq, D)

@@ -1,11 +1,13 @@
 """Causal depthwise conv1d with SiLU: varlen prefill and single-step decode over state slots.
 
 A slot holds the last W-1 inputs of its sequence ([C, W-1]), so a sequence can continue in a
-later step (chunked prefill, decode) exactly as if it had been run in one piece.
+later step (chunked prefill, decode) exactly as if it had been run in one piece. CUDA tensors go
+to the Triton kernels of causal_conv1d_triton.py.
 """
 
 import torch
 import torch.nn.functional as F
+from qwen35_kernels.utils import use_triton
 
 
 def causal_conv1d_varlen(
@@ -17,10 +19,18 @@ def causal_conv1d_varlen(
     has_initial_state: torch.Tensor,  # [B] bool
 ) -> torch.Tensor:
     """Returns silu(conv(x)) [T, C] in x's dtype."""
+    if use_triton(x):
+        from qwen35_kernels.conv1d.causal_conv1d_triton import causal_conv1d_varlen_triton
+
+        return causal_conv1d_varlen_triton(
+            x, weight, cu_seqlens, conv_state, state_indices, has_initial_state
+        )
     C, W = weight.shape
     out = torch.empty_like(x)
     bounds = cu_seqlens.tolist()
     starts = has_initial_state.tolist()
+    # one F.conv1d per sequence: batching them into one call changes the rounding of the sums,
+    # and the model must match the reference implementation to the last bit it can
     for i, slot in enumerate(state_indices.tolist()):
         s, e = bounds[i], bounds[i + 1]
         prev = conv_state[slot] if starts[i] else conv_state.new_zeros(C, W - 1)
@@ -38,6 +48,10 @@ def causal_conv1d_update(
     state_indices: torch.Tensor,  # [B]
 ) -> torch.Tensor:
     """Returns silu(conv) [B, C] in x's dtype."""
+    if use_triton(x):
+        from qwen35_kernels.conv1d.causal_conv1d_triton import causal_conv1d_update_triton
+
+        return causal_conv1d_update_triton(x, weight, conv_state, state_indices)
     xx = torch.cat([conv_state[state_indices], x[:, :, None].to(conv_state.dtype)], dim=2)
     conv_state[state_indices] = xx[:, :, 1:]
     y = (xx.to(weight.dtype) * weight).sum(-1)

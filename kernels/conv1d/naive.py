@@ -14,5 +14,7 @@ def naive_causal_conv1d(
     prev = x.new_zeros(C, W - 1) if initial_state is None else initial_state
     xx = torch.cat([prev.float(), x.float().T], dim=1)  # [C, W-1+L]
     L = x.shape[0]
-    y = torch.stack([(xx[:, t : t + W] * weight.float()).sum(-1) for t in range(L)])
+    y = xx.new_empty(L, C)
+    for t in range(L):
+        y[t] = (xx[:, t : t + W] * weight.float()).sum(-1)
     return F.silu(y), xx[:, L:]

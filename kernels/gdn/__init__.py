@@ -1,7 +1,24 @@
-"""Gated delta rule: chunked prefill and recurrent decode over state slots."""
+"""Gated delta rule: chunked prefill and recurrent decode over state slots.
 
-from qwen35_kernels.gdn.chunk import chunk_gated_delta_rule
-from qwen35_kernels.gdn.fused_recurrent import fused_recurrent_gated_delta_rule
+The public functions run the Triton kernels on CUDA tensors and the PyTorch paths on CPU; the
+`_triton` entry points run the kernels directly (on CPU under TRITON_INTERPRET=1 in tests).
+"""
+
+from qwen35_kernels.gdn.chunk import chunk_gated_delta_rule, chunk_gated_delta_rule_with_gating
+from qwen35_kernels.gdn.chunk_triton import chunk_gated_delta_rule_triton
+from qwen35_kernels.gdn.fused_recurrent import (
+    fused_recurrent_gated_delta_rule,
+    fused_recurrent_gated_delta_rule_with_gating,
+)
+from qwen35_kernels.gdn.fused_recurrent_triton import fused_recurrent_gated_delta_rule_triton
 from qwen35_kernels.gdn.gating import gdn_gating
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_gating"]
+__all__ = [
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_triton",
+    "chunk_gated_delta_rule_with_gating",
+    "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule_triton",
+    "fused_recurrent_gated_delta_rule_with_gating",
+    "gdn_gating",
+]

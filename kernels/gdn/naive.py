@@ -23,8 +23,10 @@ def naive_recurrent_gated_delta_rule(
     initial_state: torch.Tensor | None = None,  # [HV, K, V]
     scale: float | None = None,
     use_qk_l2norm: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence. Returns (o [T, HV, V] in v's dtype, final state [HV, K, V] fp32)."""
+    output_intermediate_states: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """One sequence. Returns (o [T, HV, V] in v's dtype, final state [HV, K, V] fp32), and with
+    output_intermediate_states also the state after every token [T, HV, K, V] fp32."""
     T, H, K = k.shape
     HV, V = v.shape[1:]
     scale = K**-0.5 if scale is None else scale
@@ -35,9 +37,14 @@ def naive_recurrent_gated_delta_rule(
     k = k.repeat_interleave(HV // H, dim=1)
     S = q.new_zeros(HV, K, V) if initial_state is None else initial_state.float().clone()
     o = v.new_empty(T, HV, V)
+    states = []
     for t in range(T):
         S = S * g[t].exp()[:, None, None]
         delta = (v[t] - torch.einsum("hkv,hk->hv", S, k[t])) * beta[t][:, None]
         S = S + k[t][:, :, None] * delta[:, None, :]
         o[t] = torch.einsum("hkv,hk->hv", S, q[t])
+        if output_intermediate_states:
+            states.append(S)
+    if output_intermediate_states:
+        return o, S, torch.stack(states) if states else S.new_empty(0, HV, K, V)
     return o, S

@@ -1,7 +1,11 @@
-"""Routed expert MLP: token copies sorted by expert, one GEMM pair per expert that has tokens."""
+"""Routed expert MLP: token copies sorted by expert, one GEMM pair per expert that has tokens.
+
+CUDA tensors go to the Triton grouped GEMMs of fused_moe_triton.py.
+"""
 
 import torch
 import torch.nn.functional as F
+from qwen35_kernels.utils import use_triton
 
 
 def fused_moe(
@@ -12,6 +16,10 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, k]
 ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * down(silu(gate) * up)(x[t]) over the chosen experts; [T, H]."""
+    if use_triton(x):
+        from qwen35_kernels.moe.fused_moe_triton import fused_moe_triton
+
+        return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids)
     T, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)

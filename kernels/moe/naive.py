@@ -18,3 +18,19 @@ def naive_moe(
             gate, up = (w_gate_up[e].float() @ x[t].float()).chunk(2)
             out[t] += topk_weights[t, j].float() * (w_down[e].float() @ (F.silu(gate) * up))
     return out
+
+
+def naive_topk_softmax(
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weights [T, k] fp32, expert ids [T, k]): the k most probable experts, in order."""
+    weights, ids = [], []
+    for row in router_logits.float():
+        probs = row.exp() / row.exp().sum()
+        order = sorted(range(len(probs)), key=lambda e: -float(probs[e]))[:top_k]
+        w = probs[order]
+        weights.append(w / w.sum() if renormalize else w)
+        ids.append(torch.tensor(order))
+    return torch.stack(weights), torch.stack(ids)

@@ -1,5 +1,6 @@
 """RMSNorm variants of Qwen3.5."""
 
 from qwen35_kernels.norm.rms_norm import gated_rms_norm, rms_norm
+from qwen35_kernels.norm.rms_norm_triton import gated_rms_norm_triton, rms_norm_triton
 
-__all__ = ["gated_rms_norm", "rms_norm"]
+__all__ = ["gated_rms_norm", "gated_rms_norm_triton", "rms_norm", "rms_norm_triton"]

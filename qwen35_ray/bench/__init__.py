@@ -1,0 +1,1 @@
+"""Benchmarks that produce the numbers quoted in docs/bench."""
