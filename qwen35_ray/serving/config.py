@@ -1,0 +1,72 @@
+"""AppConfig: the `args` of a Serve YAML, validated with readable errors."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DeploymentConfig(BaseModel):
+    """Replicas and resources of one deployment (pool)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(1, ge=1)
+    autoscaling_config: dict | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_of_replicas_or_autoscaling(self):
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        return self
+
+    def options(self) -> dict:
+        out = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling_config is not None:
+            out["autoscaling_config"] = self.autoscaling_config
+        else:
+            out["num_replicas"] = self.num_replicas
+        return out
+
+
+class EngineArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    block_size: int = Field(16, ge=1)
+    kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool = True
+
+
+class AppConfig(BaseModel):
+    """Everything `deployments/qwen35.yaml` may say under `args`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("qwen35-tiny", description="embedded name, directory or hub id")
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"
+    engine: EngineArgs = EngineArgs()
+    llm_server: DeploymentConfig = DeploymentConfig()
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5)
+    api_key: str | None = Field(None, description="if set, Bearer token required on /v1 routes")
+    max_request_bytes: int = Field(4 * 2**20, ge=1024)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @model_validator(mode="after")
+    def _gpu_needs_cuda(self):
+        if self.llm_server.num_gpus > 0 and self.device != "cuda":
+            raise ValueError("llm_server.num_gpus > 0 needs device: cuda")
+        return self

@@ -1,0 +1,57 @@
+"""The README's main job: `serve run deployments/qwen35.yaml` answers a chat request on CPU
+within 60 s of starting, on the embedded tiny checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_run_answers_a_chat_request_within_60_s(tmp_path):
+    serve = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "QWEN35_RAY_CACHE": str(tmp_path / "cache")}
+    start = time.time()
+    proc = subprocess.Popen(
+        [str(serve), "run", "deployments/qwen35.yaml"],
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp_path / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        answer = None
+        while time.time() - start < 60 and proc.poll() is None:
+            try:
+                r = requests.post(
+                    "http://127.0.0.1:8000/v1/chat/completions",
+                    timeout=10,
+                    json={
+                        "model": "qwen35-tiny",
+                        "max_tokens": 8,
+                        "messages": [{"role": "user", "content": "Hi!"}],
+                    },
+                )
+                if r.status_code == 200:
+                    answer = r.json()
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        elapsed = time.time() - start
+        log = (tmp_path / "serve.log").read_text()[-3000:]
+        assert answer is not None, f"no answer after {elapsed:.0f} s; serve log tail:\n{log}"
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert elapsed < 60
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
