@@ -1,11 +1,27 @@
 """Routed expert MLP: token copies sorted by expert, one GEMM pair per expert that has tokens.
 
-CUDA tensors go to the Triton grouped GEMMs of fused_moe_triton.py.
+CUDA tensors go to the Triton grouped GEMMs of fused_moe_triton.py. On CPU, a small batch
+(decode) runs every expert densely in two batched matmuls instead: with few tokens the cost is
+the per-expert Python loop, not the arithmetic, and unchosen experts get weight zero.
 """
 
 import torch
 import torch.nn.functional as F
 from qwen35_kernels.utils import use_triton
+
+
+# T * E at or below which the CPU path computes every expert for every token
+DENSE_MAX_TOKEN_EXPERTS = 1024
+
+
+def _dense(x, w_gate_up, w_down, topk_weights, topk_ids):
+    T, H = x.shape
+    E, two_i, _ = w_gate_up.shape
+    gate, up = (x @ w_gate_up.reshape(E * two_i, H).T).view(T, E, two_i).chunk(2, dim=-1)
+    weights = torch.zeros(T, E, dtype=x.dtype, device=x.device)
+    weights.scatter_(1, topk_ids, topk_weights.to(x.dtype))
+    h = F.silu(gate) * up * weights[..., None]  # [T, E, I]
+    return torch.einsum("tei,ehi->th", h, w_down)
 
 
 def fused_moe(
@@ -21,6 +37,9 @@ def fused_moe(
 
         return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids)
     T, k = topk_ids.shape
+    E = w_gate_up.shape[0]
+    if T * E <= DENSE_MAX_TOKEN_EXPERTS:
+        return _dense(x, w_gate_up, w_down, topk_weights, topk_ids)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     token_of = order // k  # token of each sorted (token, choice) pair

@@ -84,6 +84,8 @@ class Scheduler:
             self.running.append(seq)
             out.append(Scheduled(seq, n, hit.snapshot if hit else None))
             budget -= n
+        # decodes first: the model runs them apart from prefill chunks (ForwardBatch.parts)
+        out.sort(key=lambda s: not (s.num_new == 1 and s.seq.num_computed > 0))
         return out
 
     def _chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:

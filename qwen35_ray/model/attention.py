@@ -46,15 +46,28 @@ class GatedAttention(nn.Module):
         k = apply_rope(k, batch.positions, self.inv_freq)
         v = self.v_proj(x).view(T, self.Hkv, self.D)
         write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
-        o = paged_attention(
-            q,
-            key_cache,
-            value_cache,
-            batch.block_tables,
-            batch.cu_seqlens,
-            batch.seq_lens,
-            self.scale,
-            batch.max_q_len,
-        )
+        parts = [
+            paged_attention(
+                q_part,
+                key_cache,
+                value_cache,
+                p.block_tables,
+                p.cu_seqlens,
+                p.seq_lens,
+                self.scale,
+                p.max_q_len,
+            )
+            for p, q_part in self._split(q, batch)
+        ]
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
         o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(o)
+
+    @staticmethod
+    def _split(q: torch.Tensor, batch: ForwardBatch):
+        decode, prefill = batch.parts
+        D = decode.num_seqs if decode is not None else 0
+        if decode is not None:
+            yield decode, q[:D]
+        if prefill is not None:
+            yield prefill, q[D:]

@@ -4,6 +4,7 @@ Legend: T = tokens in the step, B = sequences, M = blocks per block table.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,6 +30,8 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64, flat KV slot of each new token
     last_token_indices: torch.Tensor  # [B] int64, row of each sequence's last new token
     max_q_len: int
+    # the first num_decodes sequences add one token each to existing state (decodes first)
+    num_decodes: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -38,6 +41,34 @@ class ForwardBatch:
     def is_decode(self) -> bool:
         """Every sequence adds one token to existing state: the single-step kernels apply."""
         return self.max_q_len == 1 and bool(self.has_initial_state.all())
+
+    @cached_property
+    def parts(self) -> tuple["ForwardBatch | None", "ForwardBatch | None"]:
+        """(decode part, prefill part): GDN and attention run each with its own kernels, so a
+        prefill in the step does not send every decode through the chunked path."""
+        D, B = self.num_decodes, self.num_seqs
+        if D == B:
+            return self, None
+        if D == 0:
+            return None, self
+        return self._rows(0, D, 0, D, max_q_len=1), self._rows(
+            D, B, D, int(self.cu_seqlens[-1]), max_q_len=self.max_q_len
+        )
+
+    def _rows(self, b0, b1, t0, t1, max_q_len):
+        decode = max_q_len == 1 and bool(self.has_initial_state[b0:b1].all())
+        return ForwardBatch(
+            positions=self.positions[t0:t1],
+            cu_seqlens=self.cu_seqlens[b0 : b1 + 1] - t0,
+            seq_lens=self.seq_lens[b0:b1],
+            state_indices=self.state_indices[b0:b1],
+            has_initial_state=self.has_initial_state[b0:b1],
+            block_tables=self.block_tables[b0:b1],
+            slot_mapping=self.slot_mapping[t0:t1],
+            last_token_indices=self.last_token_indices[b0:b1] - t0,
+            max_q_len=max_q_len,
+            num_decodes=b1 - b0 if decode else 0,
+        )
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, device="cpu") -> "ForwardBatch":
@@ -69,4 +100,14 @@ class ForwardBatch:
             slot_mapping=t(slots, torch.int64),
             last_token_indices=t([x - 1 for x in cu[1:]], torch.int64),
             max_q_len=max(c.num_new for c in chunks),
+            num_decodes=_leading_decodes(chunks),
         )
+
+
+def _leading_decodes(chunks: list[SeqChunk]) -> int:
+    n = 0
+    for c in chunks:
+        if c.num_new != 1 or c.num_computed == 0:
+            break
+        n += 1
+    return n

@@ -39,8 +39,22 @@ class GatedDeltaNet(nn.Module):
         recurrent_state: torch.Tensor,  # [S, HV, K, V]
     ) -> torch.Tensor:
         T = x.shape[0]
+        qkv, a, b = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x)
+        decode, prefill = batch.parts
+        D = decode.num_seqs if decode is not None else 0
+        parts = []
+        if decode is not None:
+            parts.append(self._mix(qkv[:D], a[:D], b[:D], decode, conv_state, recurrent_state))
+        if prefill is not None:
+            parts.append(self._mix(qkv[D:], a[D:], b[D:], prefill, conv_state, recurrent_state))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        o = self.norm(o, self.in_proj_z(x).view(T, self.HV, self.V))
+        return self.out_proj(o.reshape(T, -1))
+
+    def _mix(self, qkv, a, b, batch: ForwardBatch, conv_state, recurrent_state):
+        """Conv and gated delta rule over a batch that is all decodes or all prefill chunks."""
+        T = qkv.shape[0]
         weight = self.conv1d.weight[:, 0, :]
-        qkv = self.in_proj_qkv(x)  # [T, C]
         if batch.is_decode:
             qkv = causal_conv1d_update(qkv, weight, conv_state, batch.state_indices)
         else:
@@ -55,23 +69,19 @@ class GatedDeltaNet(nn.Module):
         q, k, v = qkv.split([self.H * self.K, self.H * self.K, self.HV * self.V], dim=-1)
         q, k = q.view(T, self.H, self.K), k.view(T, self.H, self.K)
         v = v.view(T, self.HV, self.V)
-        g, beta = gdn_gating(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
+        g, beta = gdn_gating(a, b, self.A_log, self.dt_bias)
         if batch.is_decode:
-            o = fused_recurrent_gated_delta_rule(
+            return fused_recurrent_gated_delta_rule(
                 q, k, v, g, beta, recurrent_state, batch.state_indices
             )
-        else:
-            o = chunk_gated_delta_rule(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                batch.cu_seqlens,
-                recurrent_state,
-                batch.state_indices,
-                batch.has_initial_state,
-            )
-        z = self.in_proj_z(x).view(T, self.HV, self.V)
-        o = self.norm(o, z)
-        return self.out_proj(o.reshape(T, -1))
+        return chunk_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            batch.cu_seqlens,
+            recurrent_state,
+            batch.state_indices,
+            batch.has_initial_state,
+        )
