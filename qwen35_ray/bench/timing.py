@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 
-def time_call(fn: Callable[[], object], device: str, min_time: float = 0.2, max_reps: int = 50):
+def time_call(fn: Callable[[], object], device: str, min_time: float = 1.0, max_reps: int = 100):
     """Best (minimum) seconds per call after one warm-up call, over at least 3 calls and until
     min_time or max_reps: the minimum is the least disturbed by other work on a shared machine."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
