@@ -14,6 +14,8 @@ class EngineConfig:
     # prefix caching keeps GDN state snapshots at prompt block boundaries in this many slots
     enable_prefix_caching: bool = True
     num_snapshot_slots: int | None = None  # None: as many as max_num_seqs
+    # GDN state memory (running slots + snapshots); None: max_num_seqs (+ snapshots) slots
+    state_memory_bytes: int | None = None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

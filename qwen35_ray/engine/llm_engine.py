@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from qwen35_ray.engine.block_manager import CacheManager
+from qwen35_ray.engine.cache_sizing import size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
@@ -35,24 +36,18 @@ class LLMEngine:
         )
         self.dtype = dtype = next(model.parameters()).dtype
         self.fingerprint = model_fingerprint(config, dtype)
-        per_block = HybridCache.bytes_per_block(config, ec.block_size, dtype)
-        num_blocks = ec.num_kv_blocks or ec.kv_cache_memory_bytes // per_block
-        need = -(-self.max_model_len // ec.block_size)
-        if num_blocks < need:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks of {ec.block_size} tokens, but one "
-                f"request of max_model_len={self.max_model_len} needs {need}; raise "
-                "kv_cache_memory_bytes (or num_kv_blocks) or lower max_model_len"
-            )
-        snapshots = 0
-        if ec.enable_prefix_caching:
-            snapshots = (
-                ec.num_snapshot_slots if ec.num_snapshot_slots is not None else (ec.max_num_seqs)
-            )
+        size = size_cache(config, ec, dtype, self.max_model_len)
         self.cache = HybridCache.allocate(
-            config, ec.max_num_seqs + snapshots, num_blocks, ec.block_size, dtype, device
+            config,
+            size.num_slots + size.num_snapshots,
+            size.num_blocks,
+            ec.block_size,
+            dtype,
+            device,
         )
-        self.cache_manager = CacheManager(num_blocks, ec.block_size, ec.max_num_seqs, snapshots)
+        self.cache_manager = CacheManager(
+            size.num_blocks, ec.block_size, size.num_slots, size.num_snapshots
+        )
         self.scheduler = Scheduler(self.cache_manager, ec.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, device)
         self.eos_token_ids = set(config.eos_token_ids)

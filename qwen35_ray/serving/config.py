@@ -44,6 +44,7 @@ class EngineArgs(BaseModel):
     kv_cache_memory_bytes: int = Field(256 * 2**20, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    state_memory_bytes: int | None = Field(None, ge=1)
 
 
 class AppConfig(BaseModel):

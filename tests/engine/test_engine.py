@@ -135,3 +135,21 @@ def test_aborts_free_every_slot_and_block(setup):
     for rid in list(sixteen()):
         engine.abort(rid)
     assert engine.cache_manager.is_empty and not engine.has_unfinished()
+
+
+def test_state_slots_sized_from_a_memory_budget(setup):
+    from qwen35_ray.model.cache import HybridCache
+
+    _, path, tok = setup
+    probe = make_engine(path, tok)
+    per_slot = HybridCache.bytes_per_slot(probe.config, probe.dtype)
+    engine = make_engine(
+        path, tok, state_memory_bytes=3 * per_slot + 7, enable_prefix_caching=False
+    )
+    assert engine.cache_manager.slots.size == 3 and engine.cache.num_slots == 3
+    done = run(engine, sixteen())  # 16 requests through 3 slots
+    assert len(done) == 16 and engine.cache_manager.is_empty
+    shared = make_engine(path, tok, state_memory_bytes=6 * per_slot)
+    assert (shared.cache_manager.slots.size, shared.cache_manager.snapshot_slots.size) == (3, 3)
+    with pytest.raises(ValueError, match="holds 1 GDN state slots .* one request needs 2"):
+        make_engine(path, tok, state_memory_bytes=per_slot)
