@@ -60,6 +60,9 @@ class AppConfig(BaseModel):
     llm_server: DeploymentConfig = DeploymentConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5)
     api_key: str | None = Field(None, description="if set, Bearer token required on /v1 routes")
+    max_waiting_requests: int | None = Field(
+        None, ge=0, description="queued prompts beyond which requests get 503 (4 x max_num_seqs)"
+    )
     max_request_bytes: int = Field(4 * 2**20, ge=1024)
 
     @property

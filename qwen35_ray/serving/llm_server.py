@@ -29,7 +29,9 @@ class LLMServer:
         )
         self.engine = AsyncEngine(engine)
         # queued prompts beyond this are refused with 503 instead of waiting unboundedly
-        self.max_waiting = 4 * cfg.engine.max_num_seqs
+        self.max_waiting = cfg.max_waiting_requests
+        if self.max_waiting is None:
+            self.max_waiting = 4 * cfg.engine.max_num_seqs
         self.counters = {"requests_total": 0, "requests_aborted": 0, "requests_rejected": 0}
         log.info("LLMServer ready: %s (%s)", cfg.model, engine.dtype)
 
