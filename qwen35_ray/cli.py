@@ -68,6 +68,7 @@ SAMPLING_FLAGS = (
 def _chat(args: argparse.Namespace) -> int:
     """An interactive terminal chat through the model's chat template; /reset, /exit."""
     from qwen35_ray import LLM
+    from qwen35_ray.serving.parsers import ReasoningParser, prompt_ends_in_reasoning
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     tok = llm.get_tokenizer()
@@ -104,8 +105,8 @@ def _chat(args: argparse.Namespace) -> int:
                 text = out.outputs[0].text
                 print(new, end="", flush=True)
         print()
-        answer = text.split("</think>")[-1].strip()
-        messages.append({"role": "assistant", "content": answer})
+        _, answer = ReasoningParser(prompt_ends_in_reasoning(prompt)).parse(text)
+        messages.append({"role": "assistant", "content": answer or ""})
 
 
 def _bench(args: argparse.Namespace) -> int:

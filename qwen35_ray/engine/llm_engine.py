@@ -1,7 +1,6 @@
 """LLMEngine: requests in, tokens out. `step()` = schedule -> run -> postprocess."""
 
 import itertools
-import json
 import logging
 import random
 from pathlib import Path
@@ -19,6 +18,7 @@ from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.engine.scheduler import Scheduler
 from qwen35_ray.engine.sequence import Sequence
 from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.cache_manager, ec.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, device)
-        self.eos_token_ids = set(config.eos_token_ids)
-        self.generation_defaults = self._generation_defaults()
+        defaults = GenerationDefaults.read(self.model_path)
+        self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
+        self.generation_defaults = defaults.sampling
         self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
@@ -64,16 +65,6 @@ class LLMEngine:
         net, config, path = load_model(model, dtype=dtype, device=device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         return cls(net, config, tokenizer, EngineConfig(**engine_kwargs), path, device)
-
-    def _generation_defaults(self) -> dict:
-        file = self.model_path / "generation_config.json" if self.model_path else None
-        if not file or not file.exists():
-            return {}
-        raw = json.loads(file.read_text())
-        eos = raw.get("eos_token_id")
-        self.eos_token_ids |= set([eos] if isinstance(eos, int) else eos or [])
-        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        return {k: raw[k] for k in keys if k in raw}
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return SamplingParams(**{**self.generation_defaults, **overrides})

@@ -18,6 +18,7 @@ from ray import serve
 from starlette.responses import PlainTextResponse
 
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.source import resolve_model
 from qwen35_ray.serving.chat import (
     ChoiceParser,
@@ -62,19 +63,17 @@ class OpenAIIngress:
         self.max_model_len = min(
             self.cfg.engine.max_model_len or 10**9, model_config.max_position_embeddings
         )
-        gen = path / "generation_config.json"
-        raw = json.loads(gen.read_text()) if gen.exists() else {}
-        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        self.defaults = {k: raw[k] for k in keys if k in raw}
+        self.defaults = GenerationDefaults.read(path).sampling
         self.created = int(time.time())
 
+    def _check_key(self, request: Request) -> None:
+        if self.cfg.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.cfg.api_key}":
+            raise OpenAIError("invalid or missing API key (Authorization: Bearer ...)", 401)
+
     async def _body(self, request: Request, model_cls):
-        if self.cfg.api_key is not None:
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {self.cfg.api_key}":
-                raise OpenAIError(
-                    "invalid or missing API key (Authorization: Bearer ...)", status=401
-                )
+        self._check_key(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.cfg.max_request_bytes:
             raise OpenAIError(f"request body over {self.cfg.max_request_bytes} bytes", 413)
@@ -130,11 +129,7 @@ class OpenAIIngress:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        if (
-            self.cfg.api_key is not None
-            and request.headers.get("authorization") != f"Bearer {self.cfg.api_key}"
-        ):
-            raise OpenAIError("invalid or missing API key (Authorization: Bearer ...)", 401)
+        self._check_key(request)
         return {
             "object": "list",
             "data": [

@@ -99,7 +99,7 @@ def test_completions_text_and_token_ids(client, server):
 
 
 def test_n_logprobs_and_seed(client):
-    r = client.completions.create(
+    request = dict(
         model=MODEL,
         prompt="Hello",
         n=2,
@@ -109,20 +109,12 @@ def test_n_logprobs_and_seed(client):
         logprobs=2,
         extra_body={"ignore_eos": True},
     )
+    r = client.completions.create(**request)
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
         assert len(c.logprobs.token_logprobs) == 8
         assert all(len(top) <= 3 for top in c.logprobs.top_logprobs)
-    again = client.completions.create(
-        model=MODEL,
-        prompt="Hello",
-        n=2,
-        temperature=1.0,
-        max_tokens=8,
-        seed=11,
-        logprobs=2,
-        extra_body={"ignore_eos": True},
-    )
+    again = client.completions.create(**request)
     assert [c.text for c in again.choices] == [c.text for c in r.choices]
     chat = client.chat.completions.create(
         model=MODEL, messages=USER, logprobs=True, top_logprobs=3, **FIXED
