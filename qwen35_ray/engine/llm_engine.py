@@ -177,10 +177,25 @@ class LLMEngine:
         self.scheduler.remove(seq)
         return state
 
+    def check_import(self, state: RequestState) -> None:
+        """Raise ValueError for a state this engine can never continue."""
+        state.check(self.config, self.dtype)
+        if state.num_computed + 1 > self.max_model_len:
+            raise ValueError(
+                f"request {state.request_id!r} has {state.num_computed + 1} tokens; the "
+                f"context here is {self.max_model_len}"
+            )
+
+    def can_import(self, state: RequestState) -> bool:
+        """A free state slot and KV blocks for an imported request's tokens are available."""
+        cm = self.cache_manager
+        blocks = -(-(state.num_computed + 1) // cm.block_size)
+        return cm.slots.num_free > 0 and blocks <= cm.blocks.num_free
+
     def import_request(self, state: RequestState) -> None:
         """Continue a request another engine prefilled: its states and K/V go into a free slot
         and fresh blocks, and it joins the running batch at its next decode step."""
-        state.check(self.config, self.dtype)
+        self.check_import(state)
         if state.request_id in self._requests:
             raise ValueError(f"request id {state.request_id!r} is already in use")
         gen = torch.Generator()

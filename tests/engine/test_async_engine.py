@@ -70,3 +70,46 @@ def test_bad_request_raises_before_streaming(setup):
 
     with pytest.raises(ValueError, match="context of this model is 32"):
         asyncio.run(main())
+
+
+def test_prefill_here_decode_there_waits_for_room(setup):
+    """prefill_only ends its stream with the exported state; import_state continues it in
+    another engine. Imports beyond the free state slots wait for one instead of failing."""
+    path, tok = setup
+    requests = {
+        f"r{i}": (prompt(9 + 11 * i, i), SamplingParams(max_tokens=5, seed=i, temperature=0.8))
+        for i in range(3)
+    }
+    offline = {r: o.outputs[0].token_ids for r, o in run(make_engine(path, tok), requests).items()}
+    prefill = AsyncEngine(make_engine(path, tok))
+    decode = AsyncEngine(make_engine(path, tok, max_num_seqs=1))  # one slot for three imports
+
+    async def one(rid):
+        async for out in prefill.generate(rid, *requests[rid], prefill_only=True):
+            pass
+        assert not out.finished and out.request_state is not None
+        async for out in decode.import_state(out.request_state):
+            pass
+        return rid, out.outputs[0].token_ids
+
+    async def main():
+        return dict(await asyncio.gather(*(one(r) for r in requests)))
+
+    assert asyncio.run(main()) == offline
+    assert prefill.engine.cache_manager.is_empty and decode.engine.cache_manager.is_empty
+
+
+def test_import_that_can_never_fit_is_refused(setup):
+    path, tok = setup
+    prefill = AsyncEngine(make_engine(path, tok))
+    small = AsyncEngine(make_engine(path, tok, max_model_len=32))
+
+    async def main():
+        async for out in prefill.generate("a", prompt(60, 3), SamplingParams(), prefill_only=True):
+            pass
+        async for _ in small.import_state(out.request_state):
+            pass
+
+    with pytest.raises(ValueError, match="61 tokens; the context here is 32"):
+        asyncio.run(main())
+    assert small.engine.cache_manager.is_empty
