@@ -1,11 +1,21 @@
-"""build_app: Serve YAML `args` -> the collocated application (ingress + LLM server pool)."""
+"""Serve YAML `args` -> an application.
+
+- build_app: collocated (ingress + one pool of LLMServer replicas).
+- build_pd_app: disaggregated (ingress + a PrefillServer pool + a DecodeServer pool).
+"""
 
 import pydantic
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from qwen35_ray.serving.config import AppConfig
+from qwen35_ray.serving.disagg import DecodeServer, PrefillServer
 from qwen35_ray.serving.ingress import OpenAIIngress
 from qwen35_ray.serving.llm_server import LLMServer
+from qwen35_ray.serving.routing import FreeSlotsRouter, PrefixAffinityRouter
+
+# how often replicas report slots, blocks and queues to the routers
+ROUTING_STATS_PERIOD_S = 1.0
 
 
 def parse_args(args: dict | None) -> AppConfig:
@@ -24,4 +34,36 @@ def build_app(args: dict | None = None) -> serve.Application:
     llm = serve.deployment(LLMServer, name="LLMServer", **cfg.llm_server.options()).bind(raw)
     return serve.deployment(OpenAIIngress, name="OpenAIIngress", **cfg.ingress.options()).bind(
         llm, raw
+    )
+
+
+def build_pd_app(args: dict | None = None) -> serve.Application:
+    cfg = parse_args(args)
+    raw = cfg.model_dump()
+    prefill_router = RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter,
+        request_router_kwargs={
+            "block_size": cfg.engine.block_size,
+            "max_imbalance": cfg.disaggregation.prefix_affinity_max_imbalance,
+        },
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+    )
+    decode_router = RequestRouterConfig(
+        request_router_class=FreeSlotsRouter,
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+    )
+    prefill = serve.deployment(
+        PrefillServer,
+        name="PrefillServer",
+        request_router_config=prefill_router,
+        **cfg.prefill_server.options(),
+    ).bind(raw)
+    decode = serve.deployment(
+        DecodeServer,
+        name="DecodeServer",
+        request_router_config=decode_router,
+        **cfg.decode_server.options(),
+    ).bind(raw)
+    return serve.deployment(OpenAIIngress, name="OpenAIIngress", **cfg.ingress.options()).bind(
+        decode, raw, prefill
     )

@@ -47,6 +47,26 @@ class EngineArgs(BaseModel):
     state_memory_bytes: int | None = Field(None, ge=1)
 
 
+class DisaggregationConfig(BaseModel):
+    """How the disaggregated app (build_pd_app) splits work between its pools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_prefill_tokens: int = Field(
+        32, ge=0, description="shorter prompts are prefilled on the decode replica"
+    )
+    max_prefill_queue: int = Field(
+        64, ge=0, description="prefills in flight from one ingress beyond which prompts stay local"
+    )
+    transfer: Literal["object_store", "nixl"] = "object_store"
+    retries: int = Field(
+        1, ge=0, description="re-runs on another replica when one dies before any output"
+    )
+    prefix_affinity_max_imbalance: int = Field(
+        4, ge=0, description="ongoing requests a prefix's replica may exceed the least loaded by"
+    )
+
+
 class AppConfig(BaseModel):
     """Everything `deployments/qwen35.yaml` may say under `args`."""
 
@@ -57,7 +77,10 @@ class AppConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
     engine: EngineArgs = EngineArgs()
-    llm_server: DeploymentConfig = DeploymentConfig()
+    llm_server: DeploymentConfig = DeploymentConfig()  # collocated app (build_app)
+    prefill_server: DeploymentConfig = DeploymentConfig()  # disaggregated app (build_pd_app)
+    decode_server: DeploymentConfig = DeploymentConfig()
+    disaggregation: DisaggregationConfig = DisaggregationConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5)
     api_key: str | None = Field(None, description="if set, Bearer token required on /v1 routes")
     max_waiting_requests: int | None = Field(
@@ -71,6 +94,9 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _gpu_needs_cuda(self):
-        if self.llm_server.num_gpus > 0 and self.device != "cuda":
-            raise ValueError("llm_server.num_gpus > 0 needs device: cuda")
+        for name in ("llm_server", "prefill_server", "decode_server"):
+            if getattr(self, name).num_gpus > 0 and self.device != "cuda":
+                raise ValueError(f"{name}.num_gpus > 0 needs device: cuda")
+        if self.disaggregation.transfer == "nixl" and self.device != "cuda":
+            raise ValueError("disaggregation.transfer: nixl moves GPU tensors; needs device: cuda")
         return self

@@ -28,7 +28,9 @@ from qwen35_ray.serving.chat import (
     render_prompt,
 )
 from qwen35_ray.serving.config import AppConfig
+from qwen35_ray.serving.disagg import Disaggregator
 from qwen35_ray.serving.errors import OpenAIError
+from qwen35_ray.serving.metrics import render, replica_stats, samples
 from qwen35_ray.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,9 +56,12 @@ async def _fault(_, exc: Exception):
 
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, llm, config: dict):
+    def __init__(self, llm, config: dict, prefill=None):
+        """llm: the LLMServer pool (collocated) or the DecodeServer pool; prefill: the
+        PrefillServer pool of the disaggregated app."""
         self.cfg = AppConfig.model_validate(config)
         self.llm = llm
+        self.pd = None if prefill is None else Disaggregator(prefill, llm, self.cfg.disaggregation)
         path = resolve_model(self.cfg.model)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         model_config = ModelConfig.from_hf(path)
@@ -121,6 +126,8 @@ class OpenAIIngress:
         return given or room
 
     def _stream(self, prompt_ids: list[int], params: dict):
+        if self.pd is not None:
+            return self.pd.generate(prompt_ids, params)
         return self.llm.options(stream=True).generate.remote(prompt_ids, params)
 
     @app.get("/health")
@@ -145,13 +152,16 @@ class OpenAIIngress:
 
     @app.get("/metrics")
     async def metrics(self):
-        stats = await self.llm.stats.remote()
-        lines = []
-        for name, value in stats.items():
-            kind = "counter" if name.endswith("_total") and "slots" not in name else "gauge"
-            kind = "gauge" if name.endswith(("_free", "slots_total", "blocks_total")) else kind
-            lines += [f"# TYPE qwen35_ray_{name} {kind}", f"qwen35_ray_{name} {value}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        if self.pd is None:
+            found = samples(await self.llm.stats.remote())
+        else:
+            found = samples({**self.pd.counters, "prefills_in_flight": self.pd.prefills_in_flight})
+            for replica, n in self.pd.decode_replicas.items():
+                found += samples({"decode_replica_requests_total": n}, {"replica": replica})
+            for pool in ("PrefillServer", "DecodeServer"):
+                for stats in await replica_stats(pool):
+                    found += samples(stats, {"pool": pool, "replica": stats.pop("replica")})
+        return PlainTextResponse(render(found), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):

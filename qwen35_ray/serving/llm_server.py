@@ -4,6 +4,8 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
+from ray import serve
+
 from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
@@ -32,29 +34,44 @@ class LLMServer:
         self.max_waiting = cfg.max_waiting_requests
         if self.max_waiting is None:
             self.max_waiting = 4 * cfg.engine.max_num_seqs
-        self.counters = {"requests_total": 0, "requests_aborted": 0, "requests_rejected": 0}
+        self.counters = {
+            "requests_total": 0,
+            "requests_aborted_total": 0,
+            "requests_rejected_total": 0,
+        }
         log.info("LLMServer ready: %s (%s)", cfg.model, engine.dtype)
 
-    async def generate(
-        self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
-    ) -> AsyncIterator[dict]:
-        """Yield {"outputs": [{index, text, token_ids, logprobs, finish_reason}], ...} deltas:
-        the text and tokens each output gained in one engine step."""
+    def _params(self, prompt_token_ids: list[int], params: dict) -> SamplingParams:
+        """Refuse work beyond the queue limit (503) and invalid requests (400)."""
         engine = self.engine.engine
         if len(engine.scheduler.waiting) >= self.max_waiting:
-            self.counters["requests_rejected"] += 1
+            self.counters["requests_rejected_total"] += 1
             raise Overloaded("the server is overloaded; retry later")
         try:
             sp = SamplingParams(**params)
             engine.check_request(prompt_token_ids, sp)
         except (TypeError, ValueError) as e:
             raise OpenAIError(str(e), status=400) from e
+        return sp
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
+    ) -> AsyncIterator[dict]:
+        """Yield {"outputs": [{index, text, token_ids, logprobs, finish_reason}], ...} deltas:
+        the text and tokens each output gained in one engine step."""
+        sp = self._params(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         self.counters["requests_total"] += 1
-        seen: dict[int, tuple[int, int]] = {}
+        async for delta in self._deltas(self.engine.generate(request_id, prompt_token_ids, sp)):
+            yield delta
+
+    async def _deltas(self, outputs, seen: dict[int, tuple[int, int]] | None = None):
+        """RequestOutputs -> what each output gained since the last one (or since `seen`:
+        index -> (tokens, characters) the client already has)."""
+        seen = dict(seen or {})
         finished = False
         try:
-            async for out in self.engine.generate(request_id, prompt_token_ids, sp):
+            async for out in outputs:
                 deltas = []
                 for o in out.outputs:
                     n_tok, n_txt = seen.get(o.index, (0, 0))
@@ -70,11 +87,11 @@ class LLMServer:
                         }
                     )
                     seen[o.index] = (len(o.token_ids), len(o.text))
-                finished = out.finished
+                finished = out.finished or out.request_state is not None
                 yield {"outputs": deltas, "num_cached_tokens": out.num_cached_tokens}
         finally:
             if not finished:
-                self.counters["requests_aborted"] += 1
+                self.counters["requests_aborted_total"] += 1
 
     def stats(self) -> dict:
         e = self.engine.engine
@@ -90,6 +107,15 @@ class LLMServer:
             "preemptions_total": e.scheduler.num_preemptions,
             "prompt_tokens_computed_total": e.stats["prompt_tokens_computed"],
             "generation_tokens_total": e.stats["generated_tokens"],
+        }
+
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve for the request routers (and read by the ingress's /metrics)."""
+        e = self.engine.engine
+        return {
+            **self.stats(),
+            "waiting_prompt_tokens": sum(len(s.prompt_token_ids) for s in e.scheduler.waiting),
+            "replica": serve.get_replica_context().replica_id.unique_id,
         }
 
     def check_health(self) -> None:

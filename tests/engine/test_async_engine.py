@@ -85,12 +85,10 @@ def test_prefill_here_decode_there_waits_for_room(setup):
     decode = AsyncEngine(make_engine(path, tok, max_num_seqs=1))  # one slot for three imports
 
     async def one(rid):
-        async for out in prefill.generate(rid, *requests[rid], prefill_only=True):
-            pass
-        assert not out.finished and out.request_state is not None
-        async for out in decode.import_state(out.request_state):
-            pass
-        return rid, out.outputs[0].token_ids
+        outs = [o async for o in prefill.generate(rid, *requests[rid], prefill_only=True)]
+        assert len(outs) == 1 and not outs[0].finished and outs[0].request_state is not None
+        outs = [o async for o in decode.import_state(outs[0].request_state)]
+        return rid, outs[-1].outputs[0].token_ids
 
     async def main():
         return dict(await asyncio.gather(*(one(r) for r in requests)))
@@ -105,9 +103,11 @@ def test_import_that_can_never_fit_is_refused(setup):
     small = AsyncEngine(make_engine(path, tok, max_model_len=32))
 
     async def main():
-        async for out in prefill.generate("a", prompt(60, 3), SamplingParams(), prefill_only=True):
-            pass
-        async for _ in small.import_state(out.request_state):
+        outs = [
+            o
+            async for o in prefill.generate("a", prompt(60, 3), SamplingParams(), prefill_only=True)
+        ]
+        async for _ in small.import_state(outs[-1].request_state):
             pass
 
     with pytest.raises(ValueError, match="61 tokens; the context here is 32"):

@@ -56,4 +56,4 @@ def test_full_queue_is_503_and_the_rest_complete(tiny):
 
     results = asyncio.run(main())
     assert all(r[-1]["outputs"][0]["finish_reason"] == "length" for r in results)
-    assert s.stats()["requests_rejected"] == 1
+    assert s.stats()["requests_rejected_total"] == 1

@@ -282,7 +282,7 @@ def metrics(server) -> dict:
 def test_client_disconnect_aborts_and_frees(server):
     import time
 
-    before = metrics(server)["qwen35_ray_requests_aborted"]
+    before = metrics(server)["qwen35_ray_requests_aborted_total"]
     body = {"model": MODEL, "messages": USER, "max_tokens": 400, "stream": True, "ignore_eos": True}
     with requests.post(
         server[0] + "/v1/chat/completions",
@@ -298,7 +298,7 @@ def test_client_disconnect_aborts_and_frees(server):
     while time.time() < deadline:
         m = metrics(server)
         if (
-            m["qwen35_ray_requests_aborted"] > before
+            m["qwen35_ray_requests_aborted_total"] > before
             and m["qwen35_ray_running"] == 0
             and m["qwen35_ray_state_slots_free"] == m["qwen35_ray_state_slots_total"]
             and m["qwen35_ray_kv_blocks_free"] == m["qwen35_ray_kv_blocks_total"]

@@ -15,26 +15,42 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(args: dict, name: str = "qwen35"):
+    from qwen35_ray.serving.builder import build_app
+
+    with running_apps({name: ("/", build_app(args))}) as url:
+        yield url
+
+
+@contextmanager
+def running_apps(apps: dict, num_cpus: int = 4):
+    """Run {name: (route_prefix, serve.Application)} on a fresh local cluster; yields the
+    HTTP base URL once every app answers /health."""
     import ray
     from ray import serve
 
-    from qwen35_ray.serving.builder import build_app
-
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, logging_level="warning")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        logging_level="warning",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    for name, (prefix, application) in apps.items():
+        serve.run(application, name=name, route_prefix=prefix, blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            raise TimeoutError("the Serve app did not become healthy in 120 s")
-        time.sleep(0.5)
+    deadline = time.time() + 180
+    for prefix, _ in apps.values():
+        health = url + prefix.rstrip("/") + "/health"
+        while True:
+            try:
+                if requests.get(health, timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"{health} did not answer in 180 s")
+            time.sleep(0.5)
     try:
         yield url
     finally:

@@ -1,0 +1,195 @@
+"""Prefill/decode disaggregation: two pools of replicas and the orchestration between them.
+
+A request's prompt is prefilled on a PrefillServer replica, which samples the first token and
+exports the request (its GDN states and its prompt's K/V) as a RequestState. The state moves to
+a DecodeServer replica (see transfer.py) which imports it and streams the rest. The ingress
+holds a Disaggregator that drives both and hands the client one stream of deltas, shaped like
+the collocated LLMServer's.
+
+Conditional disaggregation: a prompt shorter than `min_prefill_tokens`, a request with n > 1,
+or any prompt while this ingress already waits on `max_prefill_queue` prefills, is prefilled
+on the decode replica itself (the collocated path), where moving it would cost more than it
+saves.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from qwen35_ray.serving import transfer
+from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
+from qwen35_ray.serving.errors import OpenAIError
+from qwen35_ray.serving.llm_server import LLMServer
+
+log = logging.getLogger("qwen35_ray.serving")
+
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+def _replica_id() -> str:
+    return serve.get_replica_context().replica_id.unique_id
+
+
+class PrefillServer(LLMServer):
+    """Prefill pool: computes prompts, samples each first token, publishes the state."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.backend = AppConfig.model_validate(config).disaggregation.transfer
+        self.counters |= {"transfer_bytes_total": 0, "transfer_send_seconds_total": 0.0}
+
+    async def prefill(self, prompt_token_ids: list[int], params: dict, request_id: str) -> dict:
+        """Returns {"step": the first delta, "handoff": where the state is (None when the
+        request already finished), "replica": this replica}."""
+        sp = self._params(prompt_token_ids, params)
+        self.counters["requests_total"] += 1
+        last = None
+
+        async def outputs():
+            nonlocal last
+            async for out in self.engine.generate(
+                request_id, prompt_token_ids, sp, prefill_only=True
+            ):
+                last = out
+                yield out
+
+        steps = [step async for step in self._deltas(outputs())]
+        step = {"outputs": [d for s in steps for d in s["outputs"]], "num_cached_tokens": 0}
+        step["num_cached_tokens"] = last.num_cached_tokens
+        handoff = None
+        if last.request_state is not None:
+            handoff = transfer.send(last.request_state, self.backend)
+            o = last.outputs[0]
+            handoff["seen"] = {0: (len(o.token_ids), len(o.text))}
+            self.counters["transfer_bytes_total"] += handoff["nbytes"]
+            self.counters["transfer_send_seconds_total"] += handoff["send_s"]
+        return {"step": step, "handoff": handoff, "replica": _replica_id()}
+
+
+class DecodeServer(LLMServer):
+    """Decode pool: continues imported requests; also serves short prompts whole."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.counters |= {"imports_total": 0, "transfer_receive_seconds_total": 0.0}
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
+    ) -> AsyncIterator[dict]:
+        """The whole request here (a short prompt); the first item names this replica."""
+        first = True
+        async for step in super().generate(prompt_token_ids, params, request_id):
+            if first:
+                step["replica"], first = _replica_id(), False
+            yield step
+
+    async def decode(self, handoff: dict) -> AsyncIterator[dict]:
+        """Import the handed-off state and yield the deltas after the ones already sent.
+        The first item also says which replica decodes and how long the fetch took."""
+        state, seconds = await transfer.receive(handoff)
+        self.counters["imports_total"] += 1
+        self.counters["transfer_receive_seconds_total"] += seconds
+        try:
+            stream = self.engine.import_state(state)
+        except ValueError as e:
+            raise OpenAIError(str(e), status=400) from e
+        first = True
+        async for step in self._deltas(stream, handoff["seen"]):
+            if first:
+                step |= {"replica": _replica_id(), "receive_s": seconds}
+                first = False
+            yield step
+
+
+class Disaggregator:
+    """In the ingress: routes each request through prefill then decode, or decode alone."""
+
+    def __init__(self, prefill, decode, cfg: DisaggregationConfig):
+        self.prefill, self.decode, self.cfg = prefill, decode, cfg
+        self.prefills_in_flight = 0
+        self.counters = Counter()
+        self.decode_replicas = Counter()  # requests each decode replica served
+
+    def disaggregates(self, prompt_len: int, params: dict) -> bool:
+        return (
+            prompt_len >= self.cfg.min_prefill_tokens
+            and params.get("n", 1) == 1
+            and self.prefills_in_flight < self.cfg.max_prefill_queue
+        )
+
+    async def generate(self, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
+        request_id = uuid.uuid4().hex
+        if not self.disaggregates(len(prompt_ids), params):
+            self.counters["requests_local_prefill_total"] += 1
+            stream = lambda: self.decode.options(stream=True).generate.remote(  # noqa: E731
+                prompt_ids, params, request_id
+            )
+            async for step in self._on_decode(stream):
+                yield step
+            return
+        self.counters["requests_disaggregated_total"] += 1
+        self.prefills_in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            first = await self._prefill(prompt_ids, params, request_id)
+        finally:
+            self.prefills_in_flight -= 1
+        self.counters["prefill_seconds_total"] += time.perf_counter() - t0
+        yield first["step"]
+        handoff = first["handoff"]
+        if handoff is None:  # finished at its first token
+            return
+        self.counters["transfers_total"] += 1
+        self.counters["transfer_bytes_total"] += handoff["nbytes"]
+        self.counters["transfer_wire_bytes_total"] += handoff["wire_bytes"]
+        self.counters["transfer_seconds_total"] += handoff["send_s"]
+        stream = lambda: self.decode.options(stream=True).decode.remote(handoff)  # noqa: E731
+        async for step in self._on_decode(stream):
+            if "receive_s" in step:
+                self.counters["transfer_seconds_total"] += step.pop("receive_s")
+            yield step
+
+    async def _prefill(self, prompt_ids: list[int], params: dict, request_id: str) -> dict:
+        for attempt in range(1 + self.cfg.retries):
+            try:
+                return await self.prefill.prefill.remote(prompt_ids, params, request_id)
+            except REPLICA_LOST:
+                self.counters["prefill_replica_failures_total"] += 1
+                if attempt == self.cfg.retries:
+                    raise OpenAIError(
+                        "the replica prefilling this request failed; retry the request",
+                        status=503,
+                        type="service_unavailable",
+                    ) from None
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _on_decode(self, make_stream) -> AsyncIterator[dict]:
+        """Run a decode stream; if its replica dies before it sent anything, run it again on
+        another replica; after that, end the request with a clean error."""
+        for attempt in range(1 + self.cfg.retries):
+            sent = False
+            try:
+                async for step in make_stream():
+                    if "replica" in step:
+                        self.decode_replicas[step.pop("replica")] += 1
+                    sent = True
+                    yield step
+                return
+            except REPLICA_LOST as e:
+                self.counters["decode_replica_failures_total"] += 1
+                if sent or attempt == self.cfg.retries:
+                    log.warning("decode replica lost mid-request: %s", type(e).__name__)
+                    raise OpenAIError(
+                        "the replica decoding this request failed; retry the request",
+                        status=503,
+                        type="service_unavailable",
+                    ) from None
+                log.warning("decode replica lost before any output; retrying elsewhere")
+                self.counters["decode_retries_total"] += 1
+                await asyncio.sleep(0.2 * (attempt + 1))

@@ -1,0 +1,259 @@
+"""The prefill/decode disaggregated app against the collocated one, on one real local Ray
+cluster over real HTTP with the official `openai` client.
+
+Both apps serve the embedded tiny checkpoint: the collocated app at /co, the disaggregated app
+(2 prefill + 2 decode replicas) at /pd. Prompts under 16 tokens are prefilled on a decode
+replica (conditional disaggregation); the rest move as RequestStates through the object store.
+"""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import ray
+import requests
+import torch
+from ray import cloudpickle
+from serve_fixtures import running_apps
+
+from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.engine.request_state import state_nbytes
+from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.source import resolve_model
+from qwen35_ray.serving import transfer
+from qwen35_ray.serving.builder import build_app, build_pd_app
+
+MODEL = "qwen35-tiny"
+MIN_PREFILL = 16
+LENGTHS = [
+    1,
+    2,
+    5,
+    15,
+    16,
+    17,
+    31,
+    33,
+    64,
+    100,
+    127,
+    200,
+    333,
+    512,
+    700,
+    1000,
+    1234,
+    1500,
+    1999,
+    2000,
+]
+
+
+@pytest.fixture(scope="module")
+def urls():
+    common = {
+        "model": MODEL,
+        "dtype": "float32",
+        "engine": {"max_num_seqs": 16, "max_model_len": 4096, "kv_cache_memory_bytes": 2**25},
+        "ingress": {"num_cpus": 0.25},
+    }
+    co = build_app({**common, "llm_server": {"num_cpus": 0.25}})
+    pd = build_pd_app(
+        {
+            **common,
+            "disaggregation": {"min_prefill_tokens": MIN_PREFILL},
+            "prefill_server": {"num_replicas": 2, "num_cpus": 0.25},
+            "decode_server": {"num_replicas": 2, "num_cpus": 0.25},
+        }
+    )
+    with running_apps({"co": ("/co", co), "pd": ("/pd", pd)}, num_cpus=8) as url:
+        yield url + "/co", url + "/pd"
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 1100, (n,), generator=g).tolist()
+
+
+def metrics(base: str) -> dict[str, float]:
+    out = {}
+    for line in requests.get(base + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def complete(base: str, ids: list[int], stream: bool, **kw) -> tuple[str, list[str], str]:
+    """(text, tokens, finish_reason) of one completion, streamed or not."""
+    c = client(base)
+    if not stream:
+        choice = c.completions.create(model=MODEL, prompt=ids, logprobs=0, **kw).choices[0]
+        return choice.text, choice.logprobs.tokens, choice.finish_reason
+    text, tokens, reason = "", [], None
+    for ev in c.completions.create(model=MODEL, prompt=ids, logprobs=0, stream=True, **kw):
+        for ch in ev.choices:
+            text += ch.text
+            tokens += ch.logprobs.tokens if ch.logprobs else []
+            reason = ch.finish_reason or reason
+    return text, tokens, reason
+
+
+def both(urls, jobs):
+    """Run each (ids, stream, kwargs) job on both apps, 8 at a time."""
+    with ThreadPoolExecutor(8) as pool:
+        futures = [
+            [pool.submit(complete, base, ids, stream, **kw) for base in urls]
+            for ids, stream, kw in jobs
+        ]
+        return [[f.result() for f in pair] for pair in futures]
+
+
+def test_disaggregated_equals_collocated(urls):
+    before = metrics(urls[1])
+    jobs = []
+    for k, n in enumerate(LENGTHS):
+        ids = prompt_ids(n, k)
+        jobs.append((ids, False, dict(temperature=0, max_tokens=6)))
+        jobs.append((ids, True, dict(temperature=1.0, top_p=0.9, seed=k, max_tokens=6)))
+    for (ids, stream, kw), (co, pd) in zip(jobs, both(urls, jobs)):
+        assert pd == co, f"{len(ids)}-token prompt, stream={stream}, {kw}"
+        assert co[2] in ("stop", "length") and co[1]
+    after = metrics(urls[1])
+    moved = sum(n >= MIN_PREFILL for n in LENGTHS) * 2
+    local = len(jobs) - moved
+    assert (
+        after["qwen35_ray_requests_disaggregated_total"]
+        - before.get("qwen35_ray_requests_disaggregated_total", 0)
+        == moved
+    )
+    assert (
+        after["qwen35_ray_requests_local_prefill_total"]
+        - before.get("qwen35_ray_requests_local_prefill_total", 0)
+        == local
+    )
+
+
+def test_chat_streaming_equals_collocated(urls):
+    messages = [{"role": "user", "content": "Plan a three-day trip to Kyoto, day by day."}]
+    out = []
+    for base in urls:
+        parts = []
+        for ev in client(base).chat.completions.create(
+            model=MODEL, messages=messages, stream=True, temperature=0, max_tokens=20
+        ):
+            for ch in ev.choices:
+                d = ch.delta
+                parts.append((getattr(d, "reasoning_content", None) or "") + (d.content or ""))
+        out.append("".join(parts))
+    assert out[0] == out[1] and out[0]
+
+
+def test_32_concurrent_streams_use_both_decode_replicas(urls):
+    before = metrics(urls[1])
+    jobs = [
+        (prompt_ids(20 + 7 * i, 100 + i), True, dict(temperature=0, max_tokens=16))
+        for i in range(32)
+    ]
+    with ThreadPoolExecutor(32) as pool:
+        pd = list(pool.map(lambda j: complete(urls[1], j[0], j[1], **j[2]), jobs))
+    co = [complete(urls[0], ids, False, **kw) for ids, _, kw in jobs]
+    assert pd == co
+    after = metrics(urls[1])
+    served = {
+        name: after[name] - before.get(name, 0)
+        for name in after
+        if name.startswith("qwen35_ray_decode_replica_requests_total")
+    }
+    assert len(served) == 2 and all(n > 0 for n in served.values()), served
+    assert sum(served.values()) == 32
+
+
+def test_bytes_moved_equal_the_state_formula(urls):
+    config = ModelConfig.from_hf(resolve_model(MODEL))
+    for n in (37, 300):
+        before = metrics(urls[1])
+        complete(urls[1], prompt_ids(n, n), False, temperature=0, max_tokens=3)
+        after = metrics(urls[1])
+        delta = {k[len("qwen35_ray_") :]: v - before.get(k, 0) for k, v in after.items()}
+
+        # the prefill computed the n prompt tokens; the first sampled token is not yet in K/V
+        assert delta["transfer_bytes_total"] == state_nbytes(config, torch.float32, n)
+        # what the object store holds beyond the payload: the JSON header and the RNG state
+        assert 0 < delta["transfer_wire_bytes_total"] - delta["transfer_bytes_total"] < 8192 + 8 * n
+        assert delta["transfers_total"] == 1
+
+
+def test_handoff_through_the_ingress_is_a_reference(urls, tmp_path):
+    """What the prefill replica returns through the ingress is a few hundred bytes, whatever
+    the state's size: the state itself stays in the object store until the decode side
+    fetches it, and arrives intact."""
+    engine = LLMEngine.from_pretrained(MODEL, dtype="float32", max_model_len=4096)
+    engine.add_request("r", prompt_ids(500, 1), SamplingParams(max_tokens=4), prefill_only=True)
+    state = None
+    while state is None:
+        for out in engine.step():
+            state = out.request_state
+    assert ray.is_initialized()  # the cluster of the `urls` fixture
+    handoff = transfer.send(state)
+    assert handoff["nbytes"] == state.nbytes > 100_000
+    assert len(cloudpickle.dumps(handoff)) < 1000
+    got, _ = asyncio.run(transfer.receive(handoff))
+    assert got.output_token_ids == state.output_token_ids
+    for name, t in state.tensors.items():
+        assert torch.equal(got.tensors[name], t)
+
+
+def test_decode_replica_killed_mid_run(urls):
+    """Streams on a killed decode replica end with a clean 503 error; the others complete;
+    new requests succeed. Runs last: the cluster is one replica short until Serve restarts
+    it."""
+    c = client(urls[1])
+    progress = [0] * 8
+    results: list = [None] * 8
+
+    def stream(i):
+        try:
+            for ev in c.completions.create(
+                model=MODEL,
+                prompt=prompt_ids(40 + i, 200 + i),
+                stream=True,
+                temperature=0,
+                max_tokens=400,
+                extra_body={"ignore_eos": True},
+            ):
+                progress[i] += len(ev.choices)
+            results[i] = "done"
+        except openai.APIError as e:
+            results[i] = e
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stream, i) for i in range(8)]
+        deadline = time.time() + 60
+        while min(progress) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        assert min(progress) >= 3, "the streams did not start"
+        victim = next(
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "#DecodeServer#" in a["name"]
+        )
+        ray.kill(ray.get_actor(victim, namespace="serve"))
+        for f in futures:
+            f.result(timeout=180)
+    failed = [r for r in results if r != "done"]
+    assert 0 < len(failed) < 8, results
+    for e in failed:
+        assert "replica decoding this request failed" in str(e), e
+        assert "Traceback" not in str(e)
+    # new requests succeed while Serve replaces the replica
+    for i in range(4):
+        text, tokens, reason = complete(urls[1], prompt_ids(30, 300 + i), False, max_tokens=4)
+        assert reason in ("stop", "length") and tokens
