@@ -211,6 +211,20 @@ def test_handoff_through_the_ingress_is_a_reference(urls, tmp_path):
         assert torch.equal(got.tensors[name], t)
 
 
+def test_prefill_routing_follows_the_prefix(urls):
+    """A repeated prompt goes to the prefill replica that computed it first, so it computes
+    only the tokens after its last cached block boundary (300 -> 12)."""
+    name = 'qwen35_ray_prompt_tokens_computed_total{pool="PrefillServer"'
+    before = metrics(urls[1])
+    for k in range(3):
+        ids = prompt_ids(300, 400 + k)
+        for _ in range(2):
+            complete(urls[1], ids, False, temperature=0, max_tokens=2)
+    after = metrics(urls[1])
+    computed = sum(v - before.get(key, 0) for key, v in after.items() if key.startswith(name))
+    assert computed == 3 * (300 + 300 - 288)
+
+
 def test_decode_replica_killed_mid_run(urls):
     """Streams on a killed decode replica end with a clean 503 error; the others complete;
     new requests succeed. Runs last: the cluster is one replica short until Serve restarts

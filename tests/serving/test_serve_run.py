@@ -1,5 +1,6 @@
 """The README's main job: `serve run deployments/qwen35.yaml` answers a chat request on CPU
-within 60 s of starting, on the embedded tiny checkpoint."""
+within 60 s of starting, on the embedded tiny checkpoint; so does the disaggregated
+`deployments/qwen35-pd.yaml`, moving the request from its prefill to its decode replica."""
 
 import os
 import signal
@@ -8,17 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_serve_run_answers_a_chat_request_within_60_s(tmp_path):
+LONG = "Write a short poem about the sea, the wind and the gulls, in four lines. " * 3
+
+
+@pytest.mark.parametrize("yaml", ["qwen35.yaml", "qwen35-pd.yaml"])
+def test_serve_run_answers_a_chat_request_within_60_s(tmp_path, yaml):
     serve = Path(sys.executable).parent / "serve"
     env = {**os.environ, "QWEN35_RAY_CACHE": str(tmp_path / "cache")}
     start = time.time()
     proc = subprocess.Popen(
-        [str(serve), "run", "deployments/qwen35.yaml"],
+        [str(serve), "run", f"deployments/{yaml}"],
         cwd=ROOT,
         env=env,
         stdout=open(tmp_path / "serve.log", "w"),
@@ -35,7 +41,7 @@ def test_serve_run_answers_a_chat_request_within_60_s(tmp_path):
                     json={
                         "model": "qwen35-tiny",
                         "max_tokens": 8,
-                        "messages": [{"role": "user", "content": "Hi!"}],
+                        "messages": [{"role": "user", "content": LONG}],
                     },
                 )
                 if r.status_code == 200:
@@ -49,6 +55,9 @@ def test_serve_run_answers_a_chat_request_within_60_s(tmp_path):
         assert answer is not None, f"no answer after {elapsed:.0f} s; serve log tail:\n{log}"
         assert answer["choices"][0]["message"]["role"] == "assistant"
         assert elapsed < 60
+        if yaml == "qwen35-pd.yaml":  # the prompt is past min_prefill_tokens: it moved
+            text = requests.get("http://127.0.0.1:8000/metrics", timeout=10).text
+            assert "qwen35_ray_transfers_total 1" in text, text
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
