@@ -17,6 +17,15 @@ def test_shipped_yaml_args_are_valid():
     assert cfg.model == "qwen35-tiny" and cfg.llm_server.options()["num_replicas"] == 1
 
 
+def test_shipped_pd_yaml_args_are_valid():
+    (app,) = yaml.safe_load((ROOT / "deployments" / "qwen35-pd.yaml").read_text())["applications"]
+    assert app["import_path"] == "qwen35_ray.serving.builder:build_pd_app"
+    cfg = parse_args(app["args"])
+    assert cfg.disaggregation.transfer == "object_store"
+    assert cfg.prefill_server.options()["num_replicas"] == 1
+    assert cfg.decode_server.options()["num_replicas"] == 1
+
+
 @pytest.mark.parametrize(
     "args,named",
     [
@@ -25,6 +34,10 @@ def test_shipped_yaml_args_are_valid():
         ({"llm_server": {"num_replicas": 2, "gpus": 1}}, "llm_server.gpus"),
         ({"llm_server": {"num_gpus": 1}}, "llm_server.num_gpus > 0 needs device: cuda"),
         ({"modle": "x"}, "modle"),
+        ({"decode_server": {"num_gpus": 1}}, "decode_server.num_gpus > 0 needs device: cuda"),
+        ({"disaggregation": {"transfer": "nixl"}}, "nixl moves GPU tensors; needs device: cuda"),
+        ({"disaggregation": {"transfer": "tcp"}}, "disaggregation.transfer"),
+        ({"disaggregation": {"min_prefill_tokens": -1}}, "disaggregation.min_prefill_tokens"),
     ],
 )
 def test_invalid_args_name_the_setting(args, named):
