@@ -9,6 +9,10 @@ with the request in a RequestState:
     {"type": "regex", "pattern": "..."}
     {"type": "structural_tag", "format": {...}}    xgrammar's structural-tag format
 
+Any spec may add `"after": "</think>"` (a string that is one token): the output is free until
+that token and follows the grammar from the next one on. A reasoning model thinks first,
+unconstrained, and its answer is constrained.
+
 JSON is generated compact (no free whitespace between tokens): whitespace is the easiest way
 for a model to never finish. Compact JSON never holds a raw control character (inside strings
 they must be escaped), so JSON sequences are also denied every token with one: xgrammar 0.2's
@@ -41,8 +45,16 @@ class Grammar:
 
     matcher: xgr.GrammarMatcher
     is_json: bool
+    after: int | None = None  # the token that starts the grammar, until it is seen
+
+    @property
+    def active(self) -> bool:
+        return self.after is None
 
     def accept(self, token: int) -> bool:
+        if self.after is not None:
+            self.after = None if token == self.after else self.after
+            return True
         return self.matcher.accept_token(token)
 
     @property
@@ -98,6 +110,7 @@ class StructuredOutputs:
         kind = spec.get("type") if isinstance(spec, dict) else None
         if kind not in KINDS:
             raise ValueError(f"structured output type {kind!r} is not one of {', '.join(KINDS)}")
+        self._after(spec)
         c = self.compiler
         try:
             if kind == "json_object":
@@ -123,15 +136,26 @@ class StructuredOutputs:
     def grammar(self, spec: dict, tokens: list[int] = ()) -> Grammar:
         """A fresh grammar state for spec, advanced over tokens already generated (an imported
         request); ValueError if those tokens do not follow the grammar."""
-        g = Grammar(xgr.GrammarMatcher(self.compile(spec)), spec["type"] in JSON_KINDS)
+        g = Grammar(
+            xgr.GrammarMatcher(self.compile(spec)), spec["type"] in JSON_KINDS, self._after(spec)
+        )
         for i, t in enumerate(tokens):
             if not g.accept(t):
                 raise ValueError(f"generated token {i} ({t}) does not follow the request's grammar")
         return g
 
+    def _after(self, spec: dict) -> int | None:
+        if spec.get("after") is None:
+            return None
+        ids = self.tokenizer.encode(spec["after"], add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"after={spec['after']!r} must be a single token of this model")
+        return ids[0]
+
     def start_fill(self, grammars: list[Grammar | None]) -> Future | None:
         """Bitmasks [B, W] for the sequences about to sample (None: unconstrained), filled on
-        the worker thread; None when no sequence is constrained."""
+        the worker thread; None when no sequence is constrained now."""
+        grammars = [g if g is not None and g.active else None for g in grammars]
         if all(g is None for g in grammars):
             return None
         return self._worker.submit(self._fill, grammars)

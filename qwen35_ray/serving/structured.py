@@ -11,13 +11,15 @@ exactly the qwen3_coder layout the chat template documents and `parsers/tool_cal
 
 VALUE is the parser's reading of a parameter: raw text for a string parameter (no `<` in it, so
 it cannot close its tag early; `enum`, `pattern`, `minLength`, `maxLength` honoured), JSON
-valid against the parameter's schema for any other type. One call per response. When the
-prompt leaves `<think>` open, reasoning text comes first, free, up to `</think>`.
+valid against the parameter's schema for any other type. One call per response.
+
+When the prompt leaves `<think>` open (thinking on), reasoning stays free and the grammar, of a
+call or of a response format, starts after the model's `</think>`.
 """
 
 from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.parsers.arguments import schema_types
-from qwen35_ray.serving.parsers.tags import THINK_END, THINK_START
+from qwen35_ray.serving.parsers.tags import THINK_END
 from qwen35_ray.serving.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat
 
 
@@ -34,7 +36,7 @@ def chat_spec(req: ChatCompletionRequest, prompt_in_reasoning: bool) -> dict | N
     choice = req.tool_choice
     forcing = choice == "required" or isinstance(choice, NamedToolChoice)
     if not forcing:
-        return response_format_spec(req.response_format)
+        return _after_reasoning(response_format_spec(req.response_format), prompt_in_reasoning)
     if req.response_format is not None and req.response_format.type != "text":
         raise OpenAIError(
             "response_format cannot be combined with a tool_choice that forces a call; "
@@ -47,14 +49,14 @@ def chat_spec(req: ChatCompletionRequest, prompt_in_reasoning: bool) -> dict | N
     calls = [_call(f.name, f.parameters or {}) for f in tools]
     fmt = calls[0] if len(calls) == 1 else {"type": "or", "elements": calls}
     if prompt_in_reasoning:
-        thinking = {
-            "type": "tag",
-            "begin": "",
-            "content": {"type": "any_text", "excludes": [THINK_START, THINK_END]},
-            "end": THINK_END,
-        }
-        fmt = {"type": "sequence", "elements": [thinking, _const("\n\n"), fmt]}
-    return {"type": "structural_tag", "format": fmt}
+        # the template's layout after reasoning
+        fmt = {"type": "sequence", "elements": [_const("\n\n"), fmt]}
+    return _after_reasoning({"type": "structural_tag", "format": fmt}, prompt_in_reasoning)
+
+
+def _after_reasoning(spec: dict | None, prompt_in_reasoning: bool) -> dict | None:
+    """Reasoning stays free: the grammar starts after `</think>` (the engine's `after`)."""
+    return {**spec, "after": THINK_END} if spec and prompt_in_reasoning else spec
 
 
 def _call(name: str, parameters: dict) -> dict:

@@ -188,3 +188,17 @@ def test_a_state_whose_tokens_break_its_grammar_is_refused(engine):
     with pytest.raises(ValueError, match="does not follow"):
         engine.import_request(state)
     assert engine.cache_manager.is_empty
+
+
+def test_a_grammar_after_reasoning_starts_at_its_token(engine):
+    tok, so = engine.tokenizer, engine.structured
+    g = so.grammar({"type": "grammar", "grammar": 'root ::= "yes"', "after": "</think>"})
+    for t in tok.encode("free thoughts, even {", add_special_tokens=False):
+        assert g.accept(t)
+    assert so.start_fill([g]) is None  # no mask while thinking
+    assert g.accept(tok.convert_tokens_to_ids("</think>"))
+    bitmask, rows = so.start_fill([g]).result()
+    assert rows == [0]
+    assert not g.accept(tok.encode("no", add_special_tokens=False)[0])
+    with pytest.raises(ValueError, match="single token"):
+        so.compile({"type": "json_object", "after": "not one token"})
