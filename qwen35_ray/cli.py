@@ -112,6 +112,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "offline":
         from qwen35_ray.bench.offline import main as bench
+    elif args.what == "structured":
+        from qwen35_ray.bench.structured import main as bench
     else:
         from qwen35_ray.bench.kernels import main as bench
     return bench(args.rest)
@@ -156,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--no-thinking", action="store_true", help="enable_thinking=False")
     chat.set_defaults(func=_chat)
 
-    bench = sub.add_parser("bench", help="benchmarks: `bench offline -h`, `bench kernels -h`")
-    bench.add_argument("what", choices=["offline", "kernels"])
+    bench = sub.add_parser(
+        "bench", help="benchmarks: `bench offline -h`, `bench kernels -h`, `bench structured -h`"
+    )
+    bench.add_argument("what", choices=["offline", "kernels", "structured"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_bench)
     return parser

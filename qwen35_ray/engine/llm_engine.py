@@ -17,6 +17,7 @@ from qwen35_ray.engine.runner import ModelRunner
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.engine.scheduler import Scheduler
 from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.loader import load_model
@@ -49,9 +50,10 @@ class LLMEngine:
             size.num_blocks, ec.block_size, size.num_slots, size.num_snapshots
         )
         self.scheduler = Scheduler(self.cache_manager, ec.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, device)
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
+        self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(model, self.cache, device, self.structured)
         self.generation_defaults = defaults.sampling
         self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -89,6 +91,8 @@ class LLMEngine:
                 f"max_tokens={params.max_tokens} with a {n}-token prompt exceeds the "
                 f"{self.max_model_len}-token context; lower max_tokens or shorten the prompt"
             )
+        if params.structured is not None:
+            self.structured.compile(params.structured)
 
     def add_request(
         self,
@@ -119,6 +123,8 @@ class LLMEngine:
                 arrival=next(self._arrivals),
                 prefill_only=prefill_only,
             )
+            if params.structured is not None:
+                seq.grammar = self.structured.grammar(params.structured)
             self._detok[id(seq)] = IncrementalDetokenizer(
                 self.tokenizer, params.skip_special_tokens
             )
@@ -198,6 +204,10 @@ class LLMEngine:
         self.check_import(state)
         if state.request_id in self._requests:
             raise ValueError(f"request id {state.request_id!r} is already in use")
+        # the grammar's state is rebuilt here from the tokens the other engine generated
+        grammar = None
+        if state.params.structured is not None:
+            grammar = self.structured.grammar(state.params.structured, state.output_token_ids)
         gen = torch.Generator()
         gen.set_state(state.rng_state)
         seq = Sequence(
@@ -209,6 +219,7 @@ class LLMEngine:
             output_token_ids=list(state.output_token_ids),
             num_computed=state.num_computed,
             arrival=next(self._arrivals),
+            grammar=grammar,
         )
         self.scheduler.add_running(seq)
         self.cache.write(seq.slot, seq.block_table, state.tensors)
@@ -223,6 +234,12 @@ class LLMEngine:
         self.stats["generated_tokens"] += 1
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):
+                raise RuntimeError(f"token {token} escaped the grammar of {seq.request_id!r}")
+            # terminated: the grammar ended with a stop token (even under ignore_eos)
+            if seq.grammar.is_terminated:
+                return self.scheduler.finish(seq, "stop")
         if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
             return self.scheduler.finish(seq, "stop")
         new = self._detok[id(seq)].push(token)

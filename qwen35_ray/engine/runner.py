@@ -7,15 +7,19 @@ import torch
 
 from qwen35_ray.engine.sampler import sample
 from qwen35_ray.engine.scheduler import Scheduled
+from qwen35_ray.engine.structured import StructuredOutputs, apply_bitmask
 from qwen35_ray.model.batch import ForwardBatch, SeqChunk
 from qwen35_ray.model.cache import HybridCache
 
 
 class ModelRunner:
-    def __init__(self, model, cache: HybridCache, device="cpu"):
+    def __init__(
+        self, model, cache: HybridCache, device="cpu", structured: StructuredOutputs | None = None
+    ):
         self.model = model
         self.cache = cache
         self.device = device
+        self.structured = structured
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> dict[int, tuple[int, dict | None]]:
@@ -28,11 +32,15 @@ class ModelRunner:
             chunks.append(SeqChunk(seq.num_computed, s.num_new, seq.slot, seq.block_table))
             ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + s.num_new))
         batch = ForwardBatch.build(chunks, self.cache.block_size, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), batch, self.cache)
         sampling = [i for i, s in enumerate(scheduled) if s.completes]
+        seqs = [scheduled[i].seq for i in sampling]
+        # grammar masks depend only on tokens already sampled: filled while the model runs
+        masks = self.structured.start_fill([s.grammar for s in seqs]) if self.structured else None
+        hidden = self.model(torch.tensor(ids, device=self.device), batch, self.cache)
         if not sampling:
             return {}
         rows = batch.last_token_indices[torch.tensor(sampling, device=self.device)]
         logits = self.model.compute_logits(hidden[rows]).cpu()
-        tokens, logprobs = sample(logits, [scheduled[i].seq for i in sampling])
+        allowed = apply_bitmask(logits, masks.result()) if masks is not None else None
+        tokens, logprobs = sample(logits, seqs, allowed)
         return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}

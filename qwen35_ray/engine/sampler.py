@@ -41,12 +41,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
-    """logits [B, V] fp32 -> one token per sequence, and its logprobs when asked for."""
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None = None
+) -> tuple[list[int], list[dict | None]]:
+    """logits [B, V] fp32 -> one token per sequence, and its logprobs when asked for.
+    allowed: the same logits with the tokens each sequence's grammar forbids at -inf; logprobs
+    still come from the model's own distribution."""
     tokens, logprobs = [], []
-    for row, seq in zip(logits, seqs):
+    for raw, row, seq in zip(logits, logits if allowed is None else allowed, seqs):
         p = seq.params
-        raw = row
         row = apply_penalties(row.clone(), seq)
         if p.greedy:
             token = int(row.argmax())

@@ -20,6 +20,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
     skip_special_tokens: bool = True
+    # a grammar the output must follow, engine/structured.py says which (JSON-serialisable)
+    structured: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -38,6 +40,10 @@ class SamplingParams:
                 f"max_tokens={self.max_tokens} must be at least 1",
             ),
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+            (
+                self.structured is None or isinstance(self.structured, dict),
+                "structured must be a dict such as {'type': 'json_object'}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

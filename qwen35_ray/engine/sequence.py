@@ -2,6 +2,7 @@
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     snapshot_points: list[int] = field(default_factory=list)  # prompt boundaries to snapshot
     prefill_only: bool = False  # export a RequestState once the first token is sampled
+    grammar: Any = None  # structured.Grammar: where a constrained output is in its grammar
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,7 @@ from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.disagg import Disaggregator
 from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.metrics import render, replica_stats, samples
+from qwen35_ray.serving.parsers import prompt_ends_in_reasoning
 from qwen35_ray.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,6 +39,7 @@ from qwen35_ray.serving.protocol import (
     TokenizeRequest,
 )
 from qwen35_ray.serving.streams import collect, merge, primed, sse, usage
+from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
 log = logging.getLogger("qwen35_ray.serving")
 app = FastAPI(title="qwen35-ray", docs_url=None, redoc_url=None)
@@ -193,6 +195,7 @@ class OpenAIIngress:
             top if req.logprobs else None,
             self.defaults,
         )
+        params["structured"] = chat_spec(req, prompt_ends_in_reasoning(prompt))
         parsers = [ChoiceParser(prompt, req) for _ in range(req.n)]
         stream = self._stream(ids, params)
         if req.stream:
@@ -290,6 +293,7 @@ class OpenAIIngress:
             params = req.sampling(
                 self._max_tokens(req.max_tokens, len(ids)), req.logprobs, self.defaults
             )
+            params["structured"] = response_format_spec(req.response_format)
             streams.append(self._stream(ids, params))
         if req.stream:
             streams = [await primed(s) for s in streams]

@@ -31,6 +31,31 @@ class NamedToolChoice(BaseModel):
     function: _Name
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.schema_ is None
+        ):
+            raise ValueError(
+                "type json_schema needs json_schema.schema, the JSON schema of the output"
+            )
+        return self
+
+
 class SamplingFields(BaseModel):
     """Fields shared by chat and completions; extra-body ones follow vLLM's names."""
 
@@ -53,6 +78,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> dict:
         names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

@@ -1,0 +1,188 @@
+"""Structured outputs: a grammar per sequence (xgrammar) that masks the tokens it cannot take.
+
+A request's constraint is a JSON-serialisable spec, `SamplingParams.structured`, so it travels
+with the request in a RequestState:
+
+    {"type": "json_object"}                        any JSON object
+    {"type": "json_schema", "schema": {...}}       JSON valid against the schema
+    {"type": "grammar", "grammar": "root ::= ..."}  xgrammar EBNF
+    {"type": "regex", "pattern": "..."}
+    {"type": "structural_tag", "format": {...}}    xgrammar's structural-tag format
+
+Any spec may add `"after": "</think>"` (a string that is one token): the output is free until
+that token and follows the grammar from the next one on. A reasoning model thinks first,
+unconstrained, and its answer is constrained.
+
+JSON is generated compact (no free whitespace between tokens): whitespace is the easiest way
+for a model to never finish. Compact JSON never holds a raw control character (inside strings
+they must be escaped), so JSON sequences are also denied every token with one: xgrammar 0.2's
+length-bounded strings (maxLength) would let them through, and strict parsers refuse them.
+The grammar's end is the engine's EOS tokens, so a sequence whose grammar is complete may only
+stop, and it finishes with "stop" once it has.
+
+Legend: B = sequences sampling in this step, V = model vocabulary (padded), W = ceil(V / 32).
+"""
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import xgrammar as xgr
+
+KINDS = ("json_object", "json_schema", "grammar", "regex", "structural_tag")
+JSON_KINDS = ("json_object", "json_schema")
+# xgrammar prefixes its C++ errors with a time and a source location; the user needs neither
+_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+@dataclass
+class Grammar:
+    """One sequence's place in its grammar."""
+
+    matcher: xgr.GrammarMatcher
+    is_json: bool
+    after: int | None = None  # the token that starts the grammar, until it is seen
+
+    @property
+    def active(self) -> bool:
+        return self.after is None
+
+    def accept(self, token: int) -> bool:
+        if self.after is not None:
+            self.after = None if token == self.after else self.after
+            return True
+        return self.matcher.accept_token(token)
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+class StructuredOutputs:
+    """One engine's grammar machinery: the tokenizer's vocabulary compiled once, a cache of
+    compiled grammars keyed by spec, matchers per sequence and the batch's bitmask."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], cache_size=256):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self.cache_size = cache_size
+        self._compiler: xgr.GrammarCompiler | None = None
+        self._no_control: torch.Tensor | None = None  # [W] tokens without control bytes
+        self._compiled: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        # fills the next step's bitmasks while the model runs
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+
+    @property
+    def compiler(self) -> xgr.GrammarCompiler:
+        """Built on first use: a large vocabulary takes seconds to compile."""
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._no_control = _pack(
+                    [not any(b < 0x20 for b in piece) for piece in info.decoded_vocab],
+                    self.vocab_size,
+                )
+            return self._compiler
+
+    def compile(self, spec: dict) -> xgr.CompiledGrammar:
+        """The compiled grammar of spec; ValueError, saying what is wrong, for a bad spec."""
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        compiled = self._compile(spec)
+        with self._lock:
+            self._compiled[key] = compiled
+            if len(self._compiled) > self.cache_size:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def _compile(self, spec: dict) -> xgr.CompiledGrammar:
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in KINDS:
+            raise ValueError(f"structured output type {kind!r} is not one of {', '.join(KINDS)}")
+        self._after(spec)
+        c = self.compiler
+        try:
+            if kind == "json_object":
+                return c.compile_json_schema({"type": "object"}, any_whitespace=False)
+            if kind == "json_schema":
+                schema = spec.get("schema")
+                if not isinstance(schema, (dict, bool)):
+                    raise ValueError("a json_schema response format needs a 'schema' object")
+                return c.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            if kind == "grammar":
+                return c.compile_grammar(spec["grammar"])
+            if kind == "regex":
+                return c.compile_regex(spec["pattern"])
+            return c.compile_structural_tag(
+                json.dumps({"type": "structural_tag", "format": spec["format"]})
+            )
+        except ValueError:
+            raise
+        except (RuntimeError, KeyError, TypeError) as e:
+            message = _LOCATION.sub("", str(e).strip()).splitlines()[0]
+            raise ValueError(f"invalid {kind} for structured output: {message}") from e
+
+    def grammar(self, spec: dict, tokens: list[int] = ()) -> Grammar:
+        """A fresh grammar state for spec, advanced over tokens already generated (an imported
+        request); ValueError if those tokens do not follow the grammar."""
+        g = Grammar(
+            xgr.GrammarMatcher(self.compile(spec)), spec["type"] in JSON_KINDS, self._after(spec)
+        )
+        for i, t in enumerate(tokens):
+            if not g.accept(t):
+                raise ValueError(f"generated token {i} ({t}) does not follow the request's grammar")
+        return g
+
+    def _after(self, spec: dict) -> int | None:
+        if spec.get("after") is None:
+            return None
+        ids = self.tokenizer.encode(spec["after"], add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"after={spec['after']!r} must be a single token of this model")
+        return ids[0]
+
+    def start_fill(self, grammars: list[Grammar | None]) -> Future | None:
+        """Bitmasks [B, W] for the sequences about to sample (None: unconstrained), filled on
+        the worker thread; None when no sequence is constrained now."""
+        grammars = [g if g is not None and g.active else None for g in grammars]
+        if all(g is None for g in grammars):
+            return None
+        return self._worker.submit(self._fill, grammars)
+
+    def _fill(self, grammars: list[Grammar | None]) -> tuple[torch.Tensor, list[int]]:
+        bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        for i in rows:
+            grammars[i].matcher.fill_next_token_bitmask(bitmask, i)
+        json_rows = [i for i in rows if grammars[i].is_json]
+        if json_rows:
+            bitmask[json_rows] &= self._no_control
+        return bitmask, rows
+
+
+def apply_bitmask(logits: torch.Tensor, mask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:
+    """logits [B, V] with the tokens each constrained row's grammar forbids set to -inf (a copy;
+    the model's own distribution stays for logprobs)."""
+    bitmask, rows = mask
+    out = logits.clone()
+    xgr.apply_token_bitmask_inplace(out, bitmask, vocab_size=logits.shape[-1], indices=rows)
+    return out
+
+
+def _pack(allowed: list[bool], vocab_size: int) -> torch.Tensor:
+    """xgrammar's bitmask layout for one row: bit j of int32 word i is token 32 * i + j."""
+    bits = torch.zeros(-(-vocab_size // 32) * 32, dtype=torch.int64)
+    bits[: len(allowed)] = torch.tensor(allowed, dtype=torch.int64)
+    words = (bits.view(-1, 32) << torch.arange(32)).sum(-1)
+    return (words - (words >= 2**31) * 2**32).to(torch.int32)
