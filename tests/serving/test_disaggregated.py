@@ -7,9 +7,11 @@ replica (conditional disaggregation); the rest move as RequestStates through the
 """
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jsonschema
 import openai
 import pytest
 import ray
@@ -223,6 +225,54 @@ def test_prefill_routing_follows_the_prefix(urls):
     after = metrics(urls[1])
     computed = sum(v - before.get(key, 0) for key, v in after.items() if key.startswith(name))
     assert computed == 3 * (300 + 300 - 288)
+
+
+def test_structured_outputs_follow_the_request_to_decode(urls):
+    """The grammar state moves with the request: a JSON-schema answer and a forced tool call,
+    prefilled on one pool and decoded on the other, validate and equal the collocated ones."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "tags": {"type": "array", "items": {"enum": ["sun", "rain"]}, "maxItems": 3},
+        },
+        "required": ["city", "days"],
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris this week?"}]
+    common = dict(
+        model=MODEL,
+        messages=messages,
+        temperature=1.0,
+        max_tokens=150,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    before = metrics(urls[1])
+    outs = []
+    for base in urls:
+        c = client(base)
+        parts = []
+        for ev in c.chat.completions.create(
+            **common,
+            seed=11,
+            stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+        ):
+            parts += [ch.delta.content or "" for ch in ev.choices]
+        answer = json.loads("".join(parts))
+        jsonschema.validate(answer, schema)
+        (call,) = (
+            c.chat.completions.create(**common, seed=12, tools=tools, tool_choice="required")
+            .choices[0]
+            .message.tool_calls
+        )
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        outs.append((answer, call.function.name, call.function.arguments))
+    assert outs[0] == outs[1]
+    after = metrics(urls[1])
+    name = "qwen35_ray_requests_disaggregated_total"
+    assert after[name] - before.get(name, 0) == 2
 
 
 def test_decode_replica_killed_mid_run(urls):
