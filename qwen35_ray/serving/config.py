@@ -58,7 +58,9 @@ class DisaggregationConfig(BaseModel):
     max_prefill_queue: int = Field(
         64, ge=0, description="prefills in flight from one ingress beyond which prompts stay local"
     )
-    transfer: Literal["object_store", "nixl"] = "object_store"
+    transfer: Literal["object_store", "nixl"] = Field(
+        "object_store", description="nixl: Ray Direct Transport, needs the nixl package"
+    )
     retries: int = Field(
         1, ge=0, description="re-runs on another replica when one dies before any output"
     )
@@ -97,6 +99,4 @@ class AppConfig(BaseModel):
         for name in ("llm_server", "prefill_server", "decode_server"):
             if getattr(self, name).num_gpus > 0 and self.device != "cuda":
                 raise ValueError(f"{name}.num_gpus > 0 needs device: cuda")
-        if self.disaggregation.transfer == "nixl" and self.device != "cuda":
-            raise ValueError("disaggregation.transfer: nixl moves GPU tensors; needs device: cuda")
         return self

@@ -5,15 +5,17 @@ One interface, two backends:
   into the Ray object store and hands back an ObjectRef. The ref travels through the ingress
   inside a dict (so Ray passes it by reference, never resolving it there); the decode replica
   fetches the bytes from the prefill replica's node.
-- "nixl" (GPU actors with NIXL installed): the state's tensors stay on the prefill GPU and are
-  registered with Ray Direct Transport; the decode replica pulls them GPU to GPU. Only the
-  small header (ids, params, RNG state) goes through the object store.
+- "nixl" (Ray Direct Transport; needs the `nixl` package): the state's tensors stay where the
+  prefill replica holds them (GPU memory, or host memory on CPU) and the decode replica pulls
+  them directly (RDMA or UCX). Only the small header (ids, params, RNG state) goes through the
+  object store.
 
 A handoff is a plain dict: {"backend", "ref": [ObjectRef], "nbytes", "wire_bytes", "send_s"}.
 `nbytes` is the state's tensor payload, the RequestState size formula; `wire_bytes` is what the
 object store holds (payload plus header).
 """
 
+import asyncio
 import time
 
 import ray
@@ -30,7 +32,8 @@ def send(state: RequestState, backend: str = "object_store") -> dict:
         blob = state.to_bytes()
         ref, wire = ray.put(blob), len(blob)
     elif backend == "nixl":
-        tensors, state.tensors = state.tensors, {}
+        tensors = {k: v.contiguous() for k, v in state.tensors.items()}
+        state.tensors = {}
         header = state.to_bytes()
         ref = ray.put({"header": header, "tensors": ray.put(tensors, _tensor_transport="nixl")})
         wire = len(header)
@@ -53,7 +56,8 @@ async def receive(handoff: dict) -> tuple[RequestState, float]:
         state = RequestState.from_bytes(value)
     else:
         state = RequestState.from_bytes(value["header"])
-        state.tensors = await value["tensors"]
+        # an RDT object is fetched with ray.get (not awaitable); keep the event loop free
+        state.tensors = await asyncio.to_thread(ray.get, value["tensors"])
     return state, time.perf_counter() - t0
 
 
