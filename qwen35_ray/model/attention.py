@@ -31,6 +31,9 @@ class GatedAttention(nn.Module):
             "inv_freq", rope_inv_freq(config.rotary_dim, config.rope_theta), persistent=False
         )
         self.scale = self.D**-0.5
+        # decode gathers K and V into these, reused: a fresh multi-MiB tensor per layer and step
+        # costs more in page faults than the gather itself
+        self._k_buf = self._v_buf = torch.empty(0)
 
     def forward(
         self,
@@ -47,7 +50,9 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(T, self.Hkv, self.D)
         write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
         parts = [
-            paged_attention(
+            self._decode(q_part, key_cache, value_cache, p)
+            if p.max_q_len == 1 and not q.is_cuda
+            else paged_attention(
                 q_part,
                 key_cache,
                 value_cache,
@@ -62,6 +67,27 @@ class GatedAttention(nn.Module):
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(o)
+
+    def _decode(self, q, key_cache, value_cache, batch: ForwardBatch) -> torch.Tensor:
+        """CPU decode, one query per sequence: all sequences' K/V gathered at once (the slots
+        of batch.decode_kv), then per KV head one masked matmul for its G query heads."""
+        B, Hkv, D = q.shape[0], self.Hkv, self.D
+        slots, mask = batch.decode_kv  # [B * n], [B, 1, n]
+        if self._k_buf.shape[0] < slots.shape[0] or self._k_buf.dtype != key_cache.dtype:
+            self._k_buf = key_cache.new_empty(slots.shape[0], Hkv, D)
+            self._v_buf = key_cache.new_empty(slots.shape[0], Hkv, D)
+        k = self._k_buf[: slots.shape[0]]
+        v = self._v_buf[: slots.shape[0]]
+        torch.index_select(key_cache.view(-1, Hkv, D), 0, slots, out=k)
+        torch.index_select(value_cache.view(-1, Hkv, D), 0, slots, out=v)
+        k, v = k.view(B, -1, Hkv, D).to(q.dtype), v.view(B, -1, Hkv, D).to(q.dtype)
+        qg = q.view(B, Hkv, -1, D)  # [B, Hkv, G, D]
+        mask = mask.to(q.dtype)
+        out = []
+        for h in range(Hkv):
+            scores = torch.baddbmm(mask, qg[:, h], k[:, :, h].transpose(1, 2), alpha=self.scale)
+            out.append(scores.float().softmax(-1).to(q.dtype) @ v[:, :, h])  # [B, G, D]
+        return torch.stack(out, dim=1).view(B, self.Hq, D)
 
     @staticmethod
     def _split(q: torch.Tensor, batch: ForwardBatch):
