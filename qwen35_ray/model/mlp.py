@@ -10,7 +10,6 @@ from torch import nn
 
 from qwen35_ray.model.config import ModelConfig
 
-
 # T * E at or below which the CPU path runs every expert on every token (decode): with few tokens
 # the per-expert loop costs more than the wasted arithmetic
 DENSE_MAX_TOKEN_EXPERTS = 1024
