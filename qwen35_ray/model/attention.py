@@ -31,6 +31,7 @@ class GatedAttention(nn.Module):
             "inv_freq", rope_inv_freq(config.rotary_dim, config.rope_theta), persistent=False
         )
         self.scale = self.D**-0.5
+        self._kv_buf = torch.empty(0)
 
     def forward(
         self,
@@ -47,7 +48,9 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(T, self.Hkv, self.D)
         write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
         parts = [
-            paged_attention(
+            self._decode(q_part, key_cache, value_cache, p)
+            if p.max_q_len == 1 and not q.is_cuda
+            else paged_attention(
                 q_part,
                 key_cache,
                 value_cache,
@@ -62,6 +65,38 @@ class GatedAttention(nn.Module):
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(o)
+
+    def _decode(self, q, key_cache, value_cache, batch: ForwardBatch) -> torch.Tensor:
+        """CPU decode, one query per sequence: per KV head, all sequences' keys and values
+        gathered at once (the slots of batch.decode_kv) into contiguous [B, n, D] buffers, then
+        one masked matmul for the head's G query heads."""
+        B, Hkv, D = q.shape[0], self.Hkv, self.D
+        slots, mask = batch.decode_kv  # [B * n], [B, 1, n]
+        buf = self._buffer(2 * Hkv * slots.shape[0] * D, key_cache.dtype)
+        buf = buf[: 2 * Hkv * slots.shape[0] * D].view(2, Hkv, slots.shape[0], D)
+        qg = q.view(B, Hkv, -1, D)  # [B, Hkv, G, D]
+        mask = mask.to(q.dtype)
+        out = []
+        for h in range(Hkv):
+            k = torch.index_select(key_cache.view(-1, Hkv, D)[:, h], 0, slots, out=buf[0, h])
+            v = torch.index_select(value_cache.view(-1, Hkv, D)[:, h], 0, slots, out=buf[1, h])
+            k, v = k.view(B, -1, D).to(q.dtype), v.view(B, -1, D).to(q.dtype)
+            scores = torch.baddbmm(mask, qg[:, h], k.transpose(1, 2), alpha=self.scale)
+            out.append(scores.float().softmax(-1).to(q.dtype) @ v)  # [B, G, D]
+        return torch.stack(out, dim=1).view(B, self.Hq, D)
+
+    def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The decode gather buffer, reused across steps: a fresh multi-MiB tensor per layer
+        and step costs more in page faults than the gather itself."""
+        buf = self._kv_buf
+        # a buffer made under inference mode cannot be written outside it, and the reverse
+        if (
+            buf.numel() < numel
+            or buf.dtype != dtype
+            or buf.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            self._kv_buf = buf = torch.empty(numel, dtype=dtype, device=self.inv_freq.device)
+        return buf
 
     @staticmethod
     def _split(q: torch.Tensor, batch: ForwardBatch):

@@ -32,6 +32,7 @@ class ForwardBatch:
     max_q_len: int
     # the first num_decodes sequences add one token each to existing state (decodes first)
     num_decodes: int = 0
+    block_size: int = 16  # tokens per KV block, to find a position's slot from block_tables
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +69,24 @@ class ForwardBatch:
             last_token_indices=self.last_token_indices[b0:b1] - t0,
             max_q_len=max_q_len,
             num_decodes=b1 - b0 if decode else 0,
+            block_size=self.block_size,
         )
+
+    @cached_property
+    def decode_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For decode attention: the flat KV slot of every (sequence, position) pair up to the
+        longest sequence [B * n], and an additive mask [B, 1, n], -inf past a sequence's end.
+        Built once per step and shared by the attention layers. Positions past the end read the
+        sequence's first slot: always written, so never NaN, and a masked weight of 0 times a
+        finite value is 0."""
+        P = self.block_size
+        n = -(-int(self.seq_lens.max()) // P) * P
+        pos = torch.arange(n, device=self.positions.device)
+        valid = pos[None, :] < self.seq_lens[:, None]  # [B, n]
+        pos = torch.where(valid, pos[None, :], 0)
+        slots = self.block_tables.gather(1, pos // P) * P + pos % P
+        mask = torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf"))
+        return slots.view(-1), mask[:, None, :]
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, device="cpu") -> "ForwardBatch":
@@ -101,6 +119,7 @@ class ForwardBatch:
             last_token_indices=t([x - 1 for x in cu[1:]], torch.int64),
             max_q_len=max(c.num_new for c in chunks),
             num_decodes=_leading_decodes(chunks),
+            block_size=block_size,
         )
 
 
