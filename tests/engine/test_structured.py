@@ -9,6 +9,7 @@ import json
 
 import jsonschema
 import pytest
+from engine_fixtures import run
 from json_schemas import SCHEMAS
 
 from qwen35_ray.engine.llm_engine import LLMEngine
@@ -47,14 +48,8 @@ def ids(engine, text="Reply in JSON: who are you?") -> list[int]:
 
 
 def generate(engine, requests: dict[str, SamplingParams], prompt=None):
-    for rid, params in requests.items():
-        engine.add_request(rid, prompt or ids(engine), params)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
+    prompt = prompt or ids(engine)
+    return run(engine, {rid: (prompt, params) for rid, params in requests.items()})
 
 
 def schema_params(schema, **kw) -> SamplingParams:

@@ -13,22 +13,13 @@ import jsonschema
 import openai
 import pytest
 import requests
-from json_schemas import SCHEMAS
+from json_schemas import SCHEMAS, WEATHER_ARGS
 from serve_fixtures import running_app
 
 from qwen35_ray.cli import main as cli
 
 MODEL = "qwen35-tiny"
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
-WEATHER_ARGS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "units": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "days"],
-}
 TIME_ARGS = {
     "type": "object",
     "properties": {

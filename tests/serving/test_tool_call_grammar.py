@@ -5,21 +5,14 @@ import json
 
 import pytest
 import transformers
+from json_schemas import WEATHER_ARGS
 
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.serving.chat import ChoiceParser
 from qwen35_ray.serving.protocol import ChatCompletionRequest
 from qwen35_ray.serving.structured import chat_spec
 
-PARAMS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "units": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "days"],
-}
+PARAMS = WEATHER_ARGS
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}]
 CALL = (
     "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Jose\n</parameter>\n"

@@ -7,6 +7,17 @@ tokens (the engine writes JSON compact, with no free whitespace), and the output
 with "stop" well inside the tests' max_tokens.
 """
 
+# the parameters of a get_weather tool, shared by the tool-call tests
+WEATHER_ARGS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "units": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "days"],
+}
+
 S = {"type": "string", "maxLength": 6}
 INT = {"type": "integer", "minimum": -5, "maximum": 500}
 
