@@ -50,11 +50,13 @@ def fused_recurrent_gated_delta_rule(
     decay, beta, v = g.float().exp(), beta.float(), v.float()
     S = state[state_indices].float()  # [B, HV, K, V]
     o = []
+    # plain batched matmuls: at decode sizes each op's dispatch costs more than its arithmetic
     for t in range(q.shape[1]):
+        kt = k[:, t, :, None, :]  # [B, HV, 1, K]
         S = S * decay[:, t, :, None, None]
-        delta = (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t])) * beta[:, t, :, None]
-        S = S + k[:, t, :, :, None] * delta[..., None, :]
-        o.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+        delta = (v[:, t, :, None, :] - kt @ S) * beta[:, t, :, None, None]  # [B, HV, 1, V]
+        S = S + kt.transpose(-1, -2) @ delta
+        o.append((q[:, t, :, None, :] @ S)[:, :, 0])
         if intermediate_states is not None:
             intermediate_states[:, t] = S.to(intermediate_states.dtype)
     state[state_indices] = S.to(state.dtype)

@@ -6,7 +6,6 @@ Legend: T = tokens, H/HV = key/value heads, K/V = their head dims, C = conv chan
 import torch
 from qwen35_kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
 from qwen35_kernels.gdn import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
-from qwen35_kernels.gdn.naive import l2norm
 from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
@@ -72,11 +71,9 @@ class GatedDeltaNet(nn.Module):
         v = v.view(T, self.HV, self.V)
         g, beta = gdn_gating(a, b, self.A_log, self.dt_bias)
         if batch.is_decode:
-            if q.is_cuda:
-                return fused_recurrent_gated_delta_rule(
-                    q, k, v, g, beta, recurrent_state, batch.state_indices
-                )
-            return recurrent_step(q, k, v, g, beta, recurrent_state, batch.state_indices)
+            return fused_recurrent_gated_delta_rule(
+                q, k, v, g, beta, recurrent_state, batch.state_indices
+            )
         return chunk_gated_delta_rule(
             q,
             k,
@@ -88,28 +85,3 @@ class GatedDeltaNet(nn.Module):
             batch.state_indices,
             batch.has_initial_state,
         )
-
-
-def recurrent_step(
-    q: torch.Tensor,  # [B, H, K]
-    k: torch.Tensor,  # [B, H, K]
-    v: torch.Tensor,  # [B, HV, V]
-    g: torch.Tensor,  # [B, HV] log decay
-    beta: torch.Tensor,  # [B, HV]
-    state: torch.Tensor,  # [S, HV, K, V] fp32 slots, updated in place
-    state_indices: torch.Tensor,  # [B]
-) -> torch.Tensor:
-    """One decode token per sequence on CPU: the math of fused_recurrent_gated_delta_rule
-    (L2-normalised q and k, q scaled by K^-0.5) in a few batched matmuls, since at decode sizes
-    each op's dispatch costs more than its arithmetic. Returns o [B, HV, V] in v's dtype."""
-    B, H, K = k.shape
-    G = v.shape[1] // H
-    q, k = l2norm(q.float()) * K**-0.5, l2norm(k.float())
-    q = q.repeat_interleave(G, dim=1)[:, :, None, :]  # [B, HV, 1, K]
-    k = k.repeat_interleave(G, dim=1)[:, :, None, :]
-    S = state[state_indices]  # [B, HV, K, V], a copy
-    S.mul_(g.float().exp()[:, :, None, None])
-    delta = (v.float()[:, :, None, :] - k @ S) * beta.float()[:, :, None, None]  # [B, HV, 1, V]
-    S.add_(k.transpose(-1, -2) @ delta)
-    state[state_indices] = S
-    return (q @ S)[:, :, 0].to(v.dtype)

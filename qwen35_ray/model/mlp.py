@@ -10,22 +10,6 @@ from torch import nn
 
 from qwen35_ray.model.config import ModelConfig
 
-# T * E at or below which the CPU path runs every expert on every token (decode): with few tokens
-# the per-expert loop costs more than the wasted arithmetic
-DENSE_MAX_TOKEN_EXPERTS = 1024
-
-
-def dense_experts(x, w_gate_up, w_down, topk_weights, topk_ids) -> torch.Tensor:
-    """Every expert on every token, unchosen ones weighted 0; [T, H]. The down projection is a
-    batched matmul over experts on the stored [E, H, I] weights, which a flat matmul over E * I
-    would first have to copy into [E * I, H]."""
-    T, H = x.shape
-    E, two_i, _ = w_gate_up.shape
-    gate, up = F.linear(x, w_gate_up.view(E * two_i, H)).view(T, E, two_i).chunk(2, dim=-1)
-    weights = x.new_zeros(T, E).scatter_(1, topk_ids, topk_weights.to(x.dtype))
-    h = F.silu(gate) * up * weights[..., None]  # [T, E, I]
-    return torch.bmm(h.transpose(0, 1), w_down.transpose(1, 2)).sum(0)  # [E, T, H] -> [T, H]
-
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
@@ -66,10 +50,6 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         weights, ids = topk_softmax(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
-        w_gate_up, w_down = self.experts.gate_up_proj, self.experts.down_proj
-        if not x.is_cuda and x.shape[0] * w_gate_up.shape[0] <= DENSE_MAX_TOKEN_EXPERTS:
-            routed = dense_experts(x, w_gate_up, w_down, weights, ids)
-        else:
-            routed = fused_moe(x, w_gate_up, w_down, weights, ids)
+        routed = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return routed + shared

@@ -1,20 +1,19 @@
-"""The model's CPU decode paths against the kernels they stand in for, on odd shapes.
-
-Each path does the kernel's math in fewer ops; a decode batch of sequences of different
-lengths must give the kernel's answer and leave the same state behind.
+"""The fast CPU decode paths, on odd shapes: the attention layer's gathered decode against
+paged_attention, and the kernels' CPU paths for the recurrent step and the dense experts
+against their fp32 references. Each must give the same answer and leave the same state.
 """
 
 import pytest
 import torch
 from qwen35_kernels.attention import paged_attention
 from qwen35_kernels.gdn import fused_recurrent_gated_delta_rule
+from qwen35_kernels.gdn.naive import naive_recurrent_gated_delta_rule
 from qwen35_kernels.moe import fused_moe, topk_softmax
+from qwen35_kernels.moe.naive import naive_moe
 
 from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.batch import ForwardBatch, SeqChunk
-from qwen35_ray.model.gdn import recurrent_step
 from qwen35_ray.model.loader import load_model
-from qwen35_ray.model.mlp import dense_experts
 
 BLOCK = 16
 
@@ -52,7 +51,9 @@ def test_decode_attention_matches_paged_attention(lengths):
     torch.testing.assert_close(got, expected)
 
 
-def test_recurrent_step_matches_fused_recurrent():
+def test_recurrent_decode_cpu_path_matches_the_reference():
+    """The CPU path of fused_recurrent_gated_delta_rule (batched matmuls) against the fp32
+    per-sequence reference, slots updated in place."""
     g = gen()
     B, H, HV, K, V, S = 5, 2, 4, 32, 32, 7
     q, k = torch.randn(B, H, K, generator=g), torch.randn(B, H, K, generator=g)
@@ -62,19 +63,25 @@ def test_recurrent_step_matches_fused_recurrent():
     state = torch.randn(S, HV, K, V, generator=g)
     slots = torch.tensor([6, 0, 3, 2, 5])
     expected_state = state.clone()
-    expected = fused_recurrent_gated_delta_rule(q, k, v, decay, beta, expected_state, slots)
-    got = recurrent_step(q, k, v, decay, beta, state, slots)
-    torch.testing.assert_close(got, expected)
+    expected = []
+    for b, slot in enumerate(slots.tolist()):
+        one = (x[b : b + 1] for x in (q, k, v, decay, beta))
+        o, final = naive_recurrent_gated_delta_rule(*one, initial_state=state[slot])
+        expected.append(o[0])
+        expected_state[slot] = final
+    got = fused_recurrent_gated_delta_rule(q, k, v, decay, beta, state, slots)
+    torch.testing.assert_close(got, torch.stack(expected))
     torch.testing.assert_close(state, expected_state)
 
 
 @pytest.mark.parametrize("T", [1, 13])
-def test_dense_experts_match_fused_moe(T):
+def test_dense_experts_match_the_reference(T):
+    """fused_moe's dense CPU path (few tokens: every expert, unchosen ones weighted 0)."""
     g = gen()
     E, I, H = 16, 64, 128
     w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
     w_down = torch.randn(E, H, I, generator=g) / I**0.5
     x = torch.randn(T, H, generator=g)
     weights, ids = topk_softmax(torch.randn(T, E, generator=g), 4)
-    expected = fused_moe(x, w_gate_up, w_down, weights, ids)
-    torch.testing.assert_close(dense_experts(x, w_gate_up, w_down, weights, ids), expected)
+    expected = naive_moe(x, w_gate_up, w_down, weights, ids)
+    torch.testing.assert_close(fused_moe(x, w_gate_up, w_down, weights, ids), expected)
