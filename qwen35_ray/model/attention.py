@@ -11,6 +11,7 @@ from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.decode_kv import DecodeKV
 from qwen35_ray.model.norm import RMSNorm
 
 
@@ -31,7 +32,6 @@ class GatedAttention(nn.Module):
             "inv_freq", rope_inv_freq(config.rotary_dim, config.rope_theta), persistent=False
         )
         self.scale = self.D**-0.5
-        self._kv_buf = torch.empty(0)
 
     def forward(
         self,
@@ -39,6 +39,7 @@ class GatedAttention(nn.Module):
         batch: ForwardBatch,
         key_cache: torch.Tensor,  # [N, P, Hkv, D] this layer's blocks
         value_cache: torch.Tensor,
+        decode_kv: DecodeKV | None = None,  # CPU decode reads K/V from here
     ) -> torch.Tensor:
         T = x.shape[0]
         q, gate = self.q_proj(x).view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
@@ -47,62 +48,59 @@ class GatedAttention(nn.Module):
         k = apply_rope(k, batch.positions, self.inv_freq)
         v = self.v_proj(x).view(T, self.Hkv, self.D)
         write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
-        parts = [
-            self._decode(q_part, key_cache, value_cache, p)
-            if p.max_q_len == 1 and not q.is_cuda
-            else paged_attention(
-                q_part,
-                key_cache,
-                value_cache,
-                p.block_tables,
-                p.cu_seqlens,
-                p.seq_lens,
-                self.scale,
-                p.max_q_len,
+        parts = []
+        for p, (q_part, k_part, v_part) in self._split((q, k, v), batch):
+            if p.max_q_len == 1 and decode_kv is not None:
+                parts.append(self._decode(q_part, k_part, v_part, p, key_cache, value_cache,
+                                          decode_kv))  # fmt: skip
+                continue
+            if decode_kv is not None:
+                decode_kv.invalidate(p.state_indices.tolist())
+            parts.append(
+                paged_attention(
+                    q_part,
+                    key_cache,
+                    value_cache,
+                    p.block_tables,
+                    p.cu_seqlens,
+                    p.seq_lens,
+                    self.scale,
+                    p.max_q_len,
+                )
             )
-            for p, q_part in self._split(q, batch)
-        ]
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(o)
 
-    def _decode(self, q, key_cache, value_cache, batch: ForwardBatch) -> torch.Tensor:
-        """CPU decode, one query per sequence: per KV head, all sequences' keys and values
-        gathered at once (the slots of batch.decode_kv) into contiguous [B, n, D] buffers, then
-        one masked matmul for the head's G query heads."""
+    def _decode(self, q, k, v, batch: ForwardBatch, key_cache, value_cache, decode_kv: DecodeKV):
+        """CPU decode, one query per sequence, over the contiguous copies of DecodeKV: one
+        masked matmul per step for all sequences and heads, nothing gathered. Rows run by
+        state slot up to the highest one in the batch; slots not in the batch compute rows
+        nobody reads."""
         B, Hkv, D = q.shape[0], self.Hkv, self.D
-        slots, mask = batch.decode_kv  # [B * n], [B, 1, n]
-        buf = self._buffer(2 * Hkv * slots.shape[0] * D, key_cache.dtype)
-        buf = buf[: 2 * Hkv * slots.shape[0] * D].view(2, Hkv, slots.shape[0], D)
-        qg = q.view(B, Hkv, -1, D)  # [B, Hkv, G, D]
-        mask = mask.to(q.dtype)
-        out = []
-        for h in range(Hkv):
-            k = torch.index_select(key_cache.view(-1, Hkv, D)[:, h], 0, slots, out=buf[0, h])
-            v = torch.index_select(value_cache.view(-1, Hkv, D)[:, h], 0, slots, out=buf[1, h])
-            k, v = k.view(B, -1, D).to(q.dtype), v.view(B, -1, D).to(q.dtype)
-            scores = torch.baddbmm(mask, qg[:, h], k.transpose(1, 2), alpha=self.scale)
-            out.append(scores.float().softmax(-1).to(q.dtype) @ v)  # [B, G, D]
-        return torch.stack(out, dim=1).view(B, self.Hq, D)
-
-    def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """The decode gather buffer, reused across steps: a fresh multi-MiB tensor per layer
-        and step costs more in page faults than the gather itself."""
-        buf = self._kv_buf
-        # a buffer made under inference mode cannot be written outside it, and the reverse
-        if (
-            buf.numel() < numel
-            or buf.dtype != dtype
-            or buf.is_inference() != torch.is_inference_mode_enabled()
-        ):
-            self._kv_buf = buf = torch.empty(numel, dtype=dtype, device=self.inv_freq.device)
-        return buf
+        slots = batch.state_indices.tolist()
+        n = decode_kv.append(
+            k, v, slots, batch.positions.tolist(), batch.block_tables, key_cache, value_cache
+        )
+        rows = max(slots) + 1
+        K, V = decode_kv.key[:rows, :, :n], decode_kv.value[:rows, :, :n]  # [R, Hkv, n, D]
+        qs = q.new_zeros(rows, Hkv, self.Hq // Hkv, D)
+        qs[batch.state_indices] = q.view(B, Hkv, -1, D).to(qs.dtype)
+        # -inf past each sequence's end; rows of other slots see everything (finite values)
+        lengths = torch.full((rows,), n)
+        lengths[batch.state_indices] = batch.seq_lens.to(lengths.dtype)
+        mask = torch.zeros(rows, 1, 1, n).masked_fill_(
+            torch.arange(n)[None, None, None, :] >= lengths[:, None, None, None], float("-inf")
+        )
+        scores = torch.matmul(qs, K.to(q.dtype).transpose(-1, -2)) * self.scale + mask
+        o = scores.float().softmax(-1).to(q.dtype) @ V.to(q.dtype)  # [R, Hkv, G, D]
+        return o[batch.state_indices].reshape(B, self.Hq, D)
 
     @staticmethod
-    def _split(q: torch.Tensor, batch: ForwardBatch):
+    def _split(tensors: tuple[torch.Tensor, ...], batch: ForwardBatch):
         decode, prefill = batch.parts
         D = decode.num_seqs if decode is not None else 0
         if decode is not None:
-            yield decode, q[:D]
+            yield decode, tuple(t[:D] for t in tensors)
         if prefill is not None:
-            yield prefill, q[D:]
+            yield prefill, tuple(t[D:] for t in tensors)

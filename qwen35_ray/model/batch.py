@@ -72,22 +72,6 @@ class ForwardBatch:
             block_size=self.block_size,
         )
 
-    @cached_property
-    def decode_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For decode attention: the flat KV slot of every (sequence, position) pair up to the
-        longest sequence [B * n], and an additive mask [B, 1, n], -inf past a sequence's end.
-        Built once per step and shared by the attention layers. Positions past the end read the
-        sequence's first slot: always written, so never NaN, and a masked weight of 0 times a
-        finite value is 0."""
-        P = self.block_size
-        n = -(-int(self.seq_lens.max()) // P) * P
-        pos = torch.arange(n, device=self.positions.device)
-        valid = pos[None, :] < self.seq_lens[:, None]  # [B, n]
-        pos = torch.where(valid, pos[None, :], 0)
-        slots = self.block_tables.gather(1, pos // P) * P + pos % P
-        mask = torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf"))
-        return slots.view(-1), mask[:, None, :]
-
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, device="cpu") -> "ForwardBatch":
         positions, slots, cu = [], [], [0]

@@ -6,11 +6,12 @@ keep K and V per token in a paged cache of blocks. Who owns which slot and block
 above the model (the engine); the model only reads and writes what a ForwardBatch names.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.decode_kv import DecodeKV
 
 
 @dataclass
@@ -20,6 +21,11 @@ class HybridCache:
     key: torch.Tensor  # [n_attn, N, P, Hkv, D]; the MTP layers' caches come last
     value: torch.Tensor  # [n_attn, N, P, Hkv, D]
     block_size: int
+    # CPU only: each attention layer's contiguous K/V copy for decode (decode_kv.py)
+    decode_kv: list[DecodeKV] = field(default_factory=list)
+
+    def decode_kv_of(self, layer: int) -> DecodeKV | None:
+        return self.decode_kv[layer] if self.decode_kv else None
 
     @property
     def num_slots(self) -> int:
@@ -57,7 +63,9 @@ class HybridCache:
         n_gdn = len(config.gdn_layers)
         n_attn = len(config.attention_layers) + (config.mtp_num_hidden_layers if with_mtp else 0)
         W = config.linear_conv_kernel_dim
-        kv_shape = (n_attn, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        Hkv, D = config.num_key_value_heads, config.head_dim
+        kv_shape = (n_attn, num_blocks, block_size, Hkv, D)
+        on_cpu = torch.device(device).type == "cpu"
         return cls(
             conv=torch.zeros(n_gdn, num_slots, config.conv_dim, W - 1, dtype=dtype, device=device),
             recurrent=torch.zeros(
@@ -72,10 +80,12 @@ class HybridCache:
             key=torch.zeros(kv_shape, dtype=dtype, device=device),
             value=torch.zeros(kv_shape, dtype=dtype, device=device),
             block_size=block_size,
+            decode_kv=[DecodeKV(num_slots, Hkv, D, dtype) for _ in range(n_attn)] if on_cpu else [],
         )
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Copy the GDN states (conv and recurrent, every layer) of slot src into slot dst."""
+        self._stale(dst)
         self.conv[:, dst] = self.conv[:, src]
         self.recurrent[:, dst] = self.recurrent[:, src]
 
@@ -96,6 +106,7 @@ class HybridCache:
         """The inverse of read(): place a sequence's states and K/V into slot and blocks."""
         P = self.block_size
         n_attn, L = tensors["key"].shape[:2]
+        self._stale(slot)
         self.conv[:, slot] = tensors["conv"].to(self.conv)
         self.recurrent[:, slot] = tensors["recurrent"].to(self.recurrent)
         pos = torch.arange(L, device=self.key.device)
@@ -103,3 +114,8 @@ class HybridCache:
         flat = table[pos // P] * P + pos % P
         for name, cache in (("key", self.key), ("value", self.value)):
             cache[:n_attn].flatten(1, 2)[:, flat] = tensors[name].to(cache)
+
+    def _stale(self, slot: int) -> None:
+        """The slot's contents change outside a decode step: its DecodeKV copies are stale."""
+        for d in self.decode_kv:
+            d.invalidate([slot])

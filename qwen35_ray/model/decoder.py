@@ -6,6 +6,7 @@ from torch import nn
 from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.decode_kv import DecodeKV
 from qwen35_ray.model.gdn import GatedDeltaNet
 from qwen35_ray.model.mlp import MLP, SparseMoE
 from qwen35_ray.model.norm import RMSNorm
@@ -32,11 +33,12 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
         cache_a: torch.Tensor,  # conv state slots (GDN) or key blocks (attention)
         cache_b: torch.Tensor,  # recurrent state slots (GDN) or value blocks (attention)
+        decode_kv: DecodeKV | None = None,  # attention: the CPU decode copy of K/V
     ) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, batch, cache_a, cache_b)
         else:
-            h = self.self_attn(h, batch, cache_a, cache_b)
+            h = self.self_attn(h, batch, cache_a, cache_b, decode_kv)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))

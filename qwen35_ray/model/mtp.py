@@ -39,5 +39,6 @@ class MultiTokenPredictor(nn.Module):
         x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], -1)
         x = self.fc(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, cache.key[first_kv + i], cache.value[first_kv + i])
+            j = first_kv + i
+            x = layer(x, batch, cache.key[j], cache.value[j], cache.decode_kv_of(j))
         return self.norm(x)

@@ -45,7 +45,7 @@ class Qwen35ForCausalLM(nn.Module):
             if layer.layer_type == "linear_attention":
                 x = layer(x, batch, cache.conv[idx], cache.recurrent[idx])
             else:
-                x = layer(x, batch, cache.key[idx], cache.value[idx])
+                x = layer(x, batch, cache.key[idx], cache.value[idx], cache.decode_kv_of(idx))
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The fast CPU decode paths, on odd shapes: the attention layer's gathered decode against
+"""The fast CPU decode paths, on odd shapes: the attention layer's decode over DecodeKV against
 paged_attention, and the kernels' CPU paths for the recurrent step and the dense experts
 against their fp32 references. Each must give the same answer and leave the same state.
 """
@@ -13,6 +13,8 @@ from qwen35_kernels.moe.naive import naive_moe
 
 from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.batch import ForwardBatch, SeqChunk
+from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.decode_kv import DecodeKV
 from qwen35_ray.model.loader import load_model
 
 BLOCK = 16
@@ -24,6 +26,9 @@ def gen() -> torch.Generator:
 
 @pytest.mark.parametrize("lengths", [[1], [63, 1, 130, 17, 16]])
 def test_decode_attention_matches_paged_attention(lengths):
+    """The attention layer's CPU decode over DecodeKV against paged_attention, for three steps:
+    the first refills every slot from its blocks, the next ones only append. Slots are out of
+    order and leave gaps, whose rows nobody reads."""
     g = gen()
     config = load_model("qwen35-tiny", dtype="float32", progress=False)[1]
     attn = GatedAttention(config)
@@ -32,23 +37,46 @@ def test_decode_attention_matches_paged_attention(lengths):
     k_cache = torch.full((64, BLOCK, Hkv, D), float("nan"))
     v_cache = torch.full((64, BLOCK, Hkv, D), float("nan"))
     blocks = torch.randperm(64, generator=g).tolist()
-    chunks = []
-    for slot, n in enumerate(lengths):
-        table = [blocks.pop() for _ in range(-(-n // BLOCK))]
-        chunks.append(SeqChunk(n - 1, 1, slot, table))
-        for p in range(n):
-            k_cache[table[p // BLOCK], p % BLOCK] = torch.randn(Hkv, D, generator=g)
-            v_cache[table[p // BLOCK], p % BLOCK] = torch.randn(Hkv, D, generator=g)
-    batch = ForwardBatch.build(chunks, BLOCK)
-    q = torch.randn(len(lengths), config.num_attention_heads, D, generator=g)
-    expected = paged_attention(
-        q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens, batch.seq_lens, attn.scale, 1
-    )
-    with torch.inference_mode():
-        got = attn._decode(q, k_cache, v_cache, batch)
-    # again outside inference mode: the reused buffer must follow the mode
-    torch.testing.assert_close(attn._decode(q, k_cache, v_cache, batch), expected)
-    torch.testing.assert_close(got, expected)
+    slots = [7, 2, 0, 5, 3][: len(lengths)]
+    tables = [[blocks.pop() for _ in range(-(-(n + 2) // BLOCK))] for n in lengths]
+    decode_kv = DecodeKV(8, Hkv, D, torch.float32)
+    for step in range(3):
+        chunks, new_k, new_v = [], [], []
+        for n, slot, table in zip(lengths, slots, tables):
+            n += step
+            chunks.append(SeqChunk(n - 1, 1, slot, table))
+            for p in range(n - 1 if step else 0, n):
+                k_cache[table[p // BLOCK], p % BLOCK] = torch.randn(Hkv, D, generator=g)
+                v_cache[table[p // BLOCK], p % BLOCK] = torch.randn(Hkv, D, generator=g)
+            new_k.append(k_cache[table[(n - 1) // BLOCK], (n - 1) % BLOCK])
+            new_v.append(v_cache[table[(n - 1) // BLOCK], (n - 1) % BLOCK])
+        batch = ForwardBatch.build(chunks, BLOCK)
+        q = torch.randn(len(lengths), config.num_attention_heads, D, generator=g)
+        expected = paged_attention(
+            q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens, batch.seq_lens,
+            attn.scale, 1,
+        )  # fmt: skip
+        k, v = torch.stack(new_k), torch.stack(new_v)
+        # the first step under inference mode, the next ones outside: the copies follow
+        with torch.inference_mode(step == 0):
+            got = attn._decode(q, k, v, batch, k_cache, v_cache, decode_kv)
+        torch.testing.assert_close(got, expected)
+        assert [decode_kv.length[s] for s in slots] == [n + step for n in lengths]
+
+
+def test_decode_kv_copy_goes_stale_when_the_slot_changes_hands():
+    """A slot reused by another sequence of the same length must not read the old copy: a
+    restored or imported state (HybridCache.copy_slot / write) marks the slot stale."""
+    config = load_model("qwen35-tiny", dtype="float32", progress=False)[1]
+    cache = HybridCache.allocate(config, num_slots=4, num_blocks=8, block_size=BLOCK,
+                                 dtype=torch.float32)  # fmt: skip
+    for d in cache.decode_kv:
+        d.length[1] = d.length[2] = 20
+    cache.copy_slot(3, 1)
+    n_attn = len(cache.decode_kv)
+    state = cache.read(0, [0, 1], 20, n_attn)
+    cache.write(2, [4, 5], state)
+    assert all(d.length[1] == d.length[2] == -1 for d in cache.decode_kv)
 
 
 def test_recurrent_decode_cpu_path_matches_the_reference():
