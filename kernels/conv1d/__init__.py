@@ -1,5 +1,9 @@
 """Depthwise causal conv1d over the q, k, v channels of Gated DeltaNet, with state slots."""
 
-from qwen35_kernels.conv1d.causal_conv1d import causal_conv1d_update, causal_conv1d_varlen
+from qwen35_kernels.conv1d.causal_conv1d import (
+    causal_conv1d_step,
+    causal_conv1d_update,
+    causal_conv1d_varlen,
+)
 
-__all__ = ["causal_conv1d_update", "causal_conv1d_varlen"]
+__all__ = ["causal_conv1d_step", "causal_conv1d_update", "causal_conv1d_varlen"]

@@ -52,7 +52,17 @@ def causal_conv1d_update(
         from qwen35_kernels.conv1d.causal_conv1d_triton import causal_conv1d_update_triton
 
         return causal_conv1d_update_triton(x, weight, conv_state, state_indices)
-    xx = torch.cat([conv_state[state_indices], x[:, :, None].to(conv_state.dtype)], dim=2)
-    conv_state[state_indices] = xx[:, :, 1:]
+    y, conv_state[state_indices] = causal_conv1d_step(x, weight, conv_state[state_indices])
+    return y
+
+
+def causal_conv1d_step(
+    x: torch.Tensor,  # [B, C] one new token per sequence
+    weight: torch.Tensor,  # [C, W]
+    state: torch.Tensor,  # [B, C, W-1] each sequence's last inputs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch single-token step without slots: (silu(conv) [B, C] in x's dtype, the new
+    state [B, C, W-1]). Nothing is written, so a compiled decode step can use it."""
+    xx = torch.cat([state, x[:, :, None].to(state.dtype)], dim=2)
     y = (xx.to(weight.dtype) * weight).sum(-1)
-    return F.silu(y).to(x.dtype)
+    return F.silu(y).to(x.dtype), xx[:, :, 1:]

@@ -9,6 +9,8 @@ from qwen35_kernels.gdn.chunk_triton import chunk_gated_delta_rule_triton
 from qwen35_kernels.gdn.fused_recurrent import (
     fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_with_gating,
+    gated_delta_step,
+    prepare_qk,
 )
 from qwen35_kernels.gdn.fused_recurrent_triton import fused_recurrent_gated_delta_rule_triton
 from qwen35_kernels.gdn.gating import gdn_gating
@@ -20,5 +22,7 @@ __all__ = [
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_triton",
     "fused_recurrent_gated_delta_rule_with_gating",
+    "gated_delta_step",
     "gdn_gating",
+    "prepare_qk",
 ]

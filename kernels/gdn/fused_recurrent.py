@@ -39,29 +39,53 @@ def fused_recurrent_gated_delta_rule(
     out_dtype = v.dtype
     if one_token:
         q, k, v, g, beta = (x.unsqueeze(1) for x in (q, k, v, g, beta))
-    H, K = k.shape[2:]
-    HV = v.shape[2]
-    scale = K**-0.5 if scale is None else scale
-    q, k = q.float(), k.float()
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    q = q.repeat_interleave(HV // H, dim=2) * scale
-    k = k.repeat_interleave(HV // H, dim=2)
+    q, k = prepare_qk(q, k, v.shape[2], scale, use_qk_l2norm)
     decay, beta, v = g.float().exp(), beta.float(), v.float()
     S = state[state_indices].float()  # [B, HV, K, V]
     o = []
-    # plain batched matmuls: at decode sizes each op's dispatch costs more than its arithmetic
     for t in range(q.shape[1]):
-        kt = k[:, t, :, None, :]  # [B, HV, 1, K]
-        S = S * decay[:, t, :, None, None]
-        delta = (v[:, t, :, None, :] - kt @ S) * beta[:, t, :, None, None]  # [B, HV, 1, V]
-        S = S + kt.transpose(-1, -2) @ delta
-        o.append((q[:, t, :, None, :] @ S)[:, :, 0])
+        ot, S = gated_delta_step(q[:, t], k[:, t], v[:, t], decay[:, t], beta[:, t], S)
+        o.append(ot)
         if intermediate_states is not None:
             intermediate_states[:, t] = S.to(intermediate_states.dtype)
     state[state_indices] = S.to(state.dtype)
     o = torch.stack(o, dim=1).to(out_dtype)
     return o[:, 0] if one_token else o
+
+
+def prepare_qk(
+    q: torch.Tensor,  # [..., H, K]
+    k: torch.Tensor,  # [..., H, K]
+    num_v_heads: int,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the recurrence takes them: fp32, L2-normalised, each key head repeated for
+    its value heads ([..., HV, K]), q scaled."""
+    H, K = k.shape[-2:]
+    scale = K**-0.5 if scale is None else scale
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q.repeat_interleave(num_v_heads // H, dim=-2) * scale
+    return q, k.repeat_interleave(num_v_heads // H, dim=-2)
+
+
+def gated_delta_step(
+    q: torch.Tensor,  # [B, HV, K] fp32, from prepare_qk
+    k: torch.Tensor,  # [B, HV, K] fp32, from prepare_qk
+    v: torch.Tensor,  # [B, HV, V] fp32
+    decay: torch.Tensor,  # [B, HV] exp(g)
+    beta: torch.Tensor,  # [B, HV]
+    S: torch.Tensor,  # [B, HV, K, V] fp32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the recurrence for a batch, without slots: (o [B, HV, V], S'). Plain
+    batched matmuls: at decode sizes each op's dispatch costs more than its arithmetic."""
+    kt = k[:, :, None, :]  # [B, HV, 1, K]
+    S = S * decay[:, :, None, None]
+    delta = (v[:, :, None, :] - kt @ S) * beta[:, :, None, None]  # [B, HV, 1, V]
+    S = S + kt.transpose(-1, -2) @ delta
+    return (q[:, :, None, :] @ S)[:, :, 0], S
 
 
 def fused_recurrent_gated_delta_rule_with_gating(

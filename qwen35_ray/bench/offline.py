@@ -46,11 +46,15 @@ def workload(num_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run_ours(path, prompts, new_tokens, concurrency, dtype) -> dict:
+def run_ours(path, prompts, new_tokens, concurrency, dtype, compile_decode=False) -> dict:
     from qwen35_ray.engine.llm_engine import LLMEngine
     from qwen35_ray.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine.from_pretrained(str(path), dtype=dtype, max_num_seqs=concurrency)
+    start = time.perf_counter()
+    engine = LLMEngine.from_pretrained(
+        str(path), dtype=dtype, max_num_seqs=concurrency, compile_decode=compile_decode
+    )
+    startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     with PeakRSS() as mem:
         start = time.perf_counter()
@@ -63,6 +67,7 @@ def run_ours(path, prompts, new_tokens, concurrency, dtype) -> dict:
         "seconds": seconds,
         "tokens_per_s": len(prompts) * new_tokens / seconds,
         "peak_extra_mib": mem.extra_mib,
+        "startup_s": startup,
     }
 
 
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 1])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument(
+        "--no-compile", action="store_true", help="skip the run with compile_decode=True"
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     path = resolve_model(args.model)
@@ -119,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         row = {"concurrency": c, "num_prompts": len(subset), "new_tokens": args.new_tokens}
         print(f"[bench offline] ours, concurrency {c}, {len(subset)} prompts ...", flush=True)
         row["ours"] = run_ours(path, subset, args.new_tokens, c, args.dtype)
+        if not args.no_compile:
+            print(f"[bench offline] ours with compile_decode, concurrency {c} ...", flush=True)
+            row["ours_compiled"] = run_ours(path, subset, args.new_tokens, c, args.dtype, True)
         if not args.skip_transformers:
             print(f"[bench offline] transformers, concurrency {c} ...", flush=True)
             row["transformers"] = run_transformers(path, subset, args.new_tokens, c, args.dtype)
-            row["speedup"] = row["ours"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+            hf = row["transformers"]["tokens_per_s"]
+            row["speedup"] = row["ours"]["tokens_per_s"] / hf
+            if "ours_compiled" in row:
+                row["speedup_compiled"] = row["ours_compiled"]["tokens_per_s"] / hf
         results.append(row)
         print(_line(row), flush=True)
     report = {
@@ -145,10 +159,18 @@ def _line(row: dict) -> str:
         f"concurrency {row['concurrency']:>3}: ours {ours['tokens_per_s']:8.1f} tok/s "
         f"(+{ours['peak_extra_mib']:.0f} MiB)"
     )
+    if "ours_compiled" in row:
+        comp = row["ours_compiled"]
+        text += (
+            f", compiled {comp['tokens_per_s']:8.1f} tok/s (+{comp['peak_extra_mib']:.0f} MiB, "
+            f"start-up {comp['startup_s']:.0f} s)"
+        )
     if "transformers" in row:
         hf = row["transformers"]
         text += (
             f", transformers {hf['tokens_per_s']:8.1f} tok/s "
             f"(+{hf['peak_extra_mib']:.0f} MiB), x{row['speedup']:.2f}"
         )
+        if "speedup_compiled" in row:
+            text += f" (compiled x{row['speedup_compiled']:.2f})"
     return text

@@ -16,6 +16,8 @@ class EngineConfig:
     num_snapshot_slots: int | None = None  # None: as many as max_num_seqs
     # GDN state memory (running slots + snapshots); None: max_num_seqs (+ snapshots) slots
     state_memory_bytes: int | None = None
+    # CPU: run steps of pure decodes as one torch.compile graph (compiled at start-up)
+    compile_decode: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

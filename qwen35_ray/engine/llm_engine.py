@@ -10,6 +10,7 @@ import torch
 from qwen35_ray.engine.block_manager import CacheManager
 from qwen35_ray.engine.cache_sizing import size_cache
 from qwen35_ray.engine.config import EngineConfig
+from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
@@ -53,7 +54,13 @@ class LLMEngine:
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
         self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(model, self.cache, device, self.structured)
+        compiled = None
+        if ec.compile_decode:
+            if torch.device(device).type != "cpu":
+                raise ValueError("compile_decode is for CPU engines")
+            compiled = CompiledDecode(model, self.cache)
+            compiled.warmup()
+        self.runner = ModelRunner(model, self.cache, device, self.structured, compiled)
         self.generation_defaults = defaults.sampling
         self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}

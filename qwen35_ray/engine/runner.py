@@ -5,6 +5,7 @@ Legend: T = tokens in the step, B = scheduled sequences.
 
 import torch
 
+from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.sampler import sample
 from qwen35_ray.engine.scheduler import Scheduled
 from qwen35_ray.engine.structured import StructuredOutputs, apply_bitmask
@@ -14,12 +15,18 @@ from qwen35_ray.model.cache import HybridCache
 
 class ModelRunner:
     def __init__(
-        self, model, cache: HybridCache, device="cpu", structured: StructuredOutputs | None = None
+        self,
+        model,
+        cache: HybridCache,
+        device="cpu",
+        structured: StructuredOutputs | None = None,
+        compiled_decode: CompiledDecode | None = None,
     ):
         self.model = model
         self.cache = cache
         self.device = device
         self.structured = structured
+        self.compiled_decode = compiled_decode
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> dict[int, tuple[int, dict | None]]:
@@ -36,11 +43,17 @@ class ModelRunner:
         seqs = [scheduled[i].seq for i in sampling]
         # grammar masks depend only on tokens already sampled: filled while the model runs
         masks = self.structured.start_fill([s.grammar for s in seqs]) if self.structured else None
-        hidden = self.model(torch.tensor(ids, device=self.device), batch, self.cache)
+        input_ids = torch.tensor(ids, device=self.device)
+        if self.compiled_decode is not None and batch.num_decodes == batch.num_seqs:
+            logits = self.compiled_decode(input_ids, batch)[torch.tensor(sampling)]
+        else:
+            hidden = self.model(input_ids, batch, self.cache)
+            if not sampling:
+                return {}
+            rows = batch.last_token_indices[torch.tensor(sampling, device=self.device)]
+            logits = self.model.compute_logits(hidden[rows]).cpu()
         if not sampling:
             return {}
-        rows = batch.last_token_indices[torch.tensor(sampling, device=self.device)]
-        logits = self.model.compute_logits(hidden[rows]).cpu()
         allowed = apply_bitmask(logits, masks.result()) if masks is not None else None
         tokens, logprobs = sample(logits, seqs, allowed)
         return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}

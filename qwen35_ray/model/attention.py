@@ -42,11 +42,7 @@ class GatedAttention(nn.Module):
         decode_kv: DecodeKV | None = None,  # CPU decode reads K/V from here
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, gate = self.q_proj(x).view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
-        q = apply_rope(self.q_norm(q), batch.positions, self.inv_freq)
-        k = self.k_norm(self.k_proj(x).view(T, self.Hkv, self.D))
-        k = apply_rope(k, batch.positions, self.inv_freq)
-        v = self.v_proj(x).view(T, self.Hkv, self.D)
+        q, gate, k, v = self._project(x, batch.positions)
         write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
         parts = []
         for p, (q_part, k_part, v_part) in self._split((q, k, v), batch):
@@ -69,32 +65,69 @@ class GatedAttention(nn.Module):
                 )
             )
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
-        o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
-        return self.o_proj(o)
+        return self.o_proj(o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1)))
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """(q [T, Hq, D], gate [T, Hq, D], k, v [T, Hkv, D]): normed and rotated q and k."""
+        T = x.shape[0]
+        q, gate = self.q_proj(x).view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
+        q = apply_rope(self.q_norm(q), positions, self.inv_freq)
+        k = self.k_norm(self.k_proj(x).view(T, self.Hkv, self.D))
+        k = apply_rope(k, positions, self.inv_freq)
+        return q, gate, k, self.v_proj(x).view(T, self.Hkv, self.D)
+
+    def decode_step(
+        self,
+        x: torch.Tensor,  # [B, hidden] one token per sequence
+        positions: torch.Tensor,  # [B]
+        K: torch.Tensor,  # [R, Hkv, n, D] earlier keys by state slot (DecodeKV)
+        V: torch.Tensor,
+        rows: torch.Tensor,  # [B] state slot of each sequence
+        lengths: torch.Tensor,  # [R] earlier tokens of each slot
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward() for one decode token per sequence without writing any cache: (out
+        [B, hidden], the new k and v [B, Hkv, D] for the caller to store)."""
+        B = x.shape[0]
+        q, gate, k, v = self._project(x, positions)
+        o = self.decode_attend(q, k, v, K, V, rows, lengths)
+        return self.o_proj(o.reshape(B, -1) * torch.sigmoid(gate.reshape(B, -1))), k, v
 
     def _decode(self, q, k, v, batch: ForwardBatch, key_cache, value_cache, decode_kv: DecodeKV):
-        """CPU decode, one query per sequence, over the contiguous copies of DecodeKV: one
-        masked matmul per step for all sequences and heads, nothing gathered. Rows run by
-        state slot up to the highest one in the batch; slots not in the batch compute rows
-        nobody reads."""
+        """CPU decode, one query per sequence, over the contiguous copies of DecodeKV: nothing
+        gathered from the blocks unless a copy is stale."""
+        slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
+        decode_kv.refill(slots, positions, batch.block_tables, key_cache, value_cache)
+        rows, lengths, n = decode_rows(slots, positions)
+        K, V = decode_kv.key[:rows, :, :n], decode_kv.value[:rows, :, :n]
+        o = self.decode_attend(q, k, v, K, V, batch.state_indices, lengths)
+        decode_kv.append(k, v, slots, positions)
+        return o
+
+    def decode_attend(
+        self,
+        q: torch.Tensor,  # [B, Hq, D] one query per sequence
+        k: torch.Tensor,  # [B, Hkv, D] its own key and value
+        v: torch.Tensor,
+        K: torch.Tensor,  # [R, Hkv, n, D] earlier keys, one row per state slot
+        V: torch.Tensor,
+        rows: torch.Tensor,  # [B] each sequence's row in K and V
+        lengths: torch.Tensor,  # [R] earlier tokens of each row
+    ) -> torch.Tensor:
+        """Attention of each new token over its sequence's earlier tokens and itself, [B, Hq, D]:
+        one masked matmul for all rows and heads. Rows of slots outside the batch compute
+        values nobody reads. Nothing is written, so a compiled decode step can use it."""
         B, Hkv, D = q.shape[0], self.Hkv, self.D
-        slots = batch.state_indices.tolist()
-        n = decode_kv.append(
-            k, v, slots, batch.positions.tolist(), batch.block_tables, key_cache, value_cache
-        )
-        rows = max(slots) + 1
-        K, V = decode_kv.key[:rows, :, :n], decode_kv.value[:rows, :, :n]  # [R, Hkv, n, D]
-        qs = q.new_zeros(rows, Hkv, self.Hq // Hkv, D)
-        qs[batch.state_indices] = q.view(B, Hkv, -1, D).to(qs.dtype)
-        # -inf past each sequence's end; rows of other slots see everything (finite values)
-        lengths = torch.full((rows,), n)
-        lengths[batch.state_indices] = batch.seq_lens.to(lengths.dtype)
-        mask = torch.zeros(rows, 1, 1, n).masked_fill_(
-            torch.arange(n)[None, None, None, :] >= lengths[:, None, None, None], float("-inf")
-        )
-        scores = torch.matmul(qs, K.to(q.dtype).transpose(-1, -2)) * self.scale + mask
-        o = scores.float().softmax(-1).to(q.dtype) @ V.to(q.dtype)  # [R, Hkv, G, D]
-        return o[batch.state_indices].reshape(B, self.Hq, D)
+        R, n = K.shape[0], K.shape[2]
+        qs = q.new_zeros(R, Hkv, self.Hq // Hkv, D).index_copy(0, rows, q.view(B, Hkv, -1, D))
+        kn = k.new_zeros(R, Hkv, 1, D).index_copy(0, rows, k[:, :, None])
+        vn = v.new_zeros(R, Hkv, 1, D).index_copy(0, rows, v[:, :, None])
+        past = torch.arange(n, device=q.device) < lengths[:, None, None, None]  # [R, 1, 1, n]
+        old = (qs @ K.to(q.dtype).transpose(-1, -2)) * self.scale
+        old = old.masked_fill(~past, float("-inf"))  # [R, Hkv, G, n]
+        new = (qs @ kn.transpose(-1, -2)) * self.scale  # [R, Hkv, G, 1]
+        p = torch.cat([old, new], dim=-1).float().softmax(-1).to(q.dtype)
+        o = p[..., :n] @ V.to(q.dtype) + p[..., n:] * vn  # [R, Hkv, G, D]
+        return o.index_select(0, rows).reshape(B, self.Hq, D)
 
     @staticmethod
     def _split(tensors: tuple[torch.Tensor, ...], batch: ForwardBatch):
@@ -104,3 +137,13 @@ class GatedAttention(nn.Module):
             yield decode, tuple(t[:D] for t in tensors)
         if prefill is not None:
             yield prefill, tuple(t[D:] for t in tensors)
+
+
+def decode_rows(slots: list[int], positions: list[int]) -> tuple[int, torch.Tensor, int]:
+    """For decode_attend over DecodeKV: the rows to read (up to the highest slot), the earlier
+    tokens of each row (the slot's position; rows outside the batch see all n) and n, the
+    longest (at least 1)."""
+    rows, n = max(slots) + 1, max(max(positions), 1)
+    lengths = torch.full((rows,), n)
+    lengths[slots] = torch.tensor(positions)
+    return rows, lengths, n

@@ -31,19 +31,17 @@ class DecodeKV:
         for s in slots:
             self.length[s] = -1
 
-    def append(
+    def refill(
         self,
-        k: torch.Tensor,  # [B, Hkv, D] the new token of each sequence
-        v: torch.Tensor,
         slots: list[int],  # [B] state slot of each sequence
-        positions: list[int],  # [B] position of the new token
-        block_tables: torch.Tensor,  # [B, M] for refilling stale slots
+        positions: list[int],  # [B] position of each sequence's new token
+        block_tables: torch.Tensor,  # [B, M]
         key_cache: torch.Tensor,  # [N, P, Hkv, D] this layer's paged blocks
         value_cache: torch.Tensor,
-    ) -> int:
-        """Bring every slot up to date and add the new tokens; returns the longest length."""
-        n = max(positions) + 1
-        self._reserve(n)
+    ) -> None:
+        """Make each slot hold exactly its sequence's tokens before the new one, copying the
+        stale ones from their blocks."""
+        self.reserve(max(positions) + 1)
         P, Hkv, D = key_cache.shape[1:]
         for i, (s, p) in enumerate(zip(slots, positions)):
             if self.length[s] != p:
@@ -51,13 +49,24 @@ class DecodeKV:
                 flat = block_tables[i, pos // P] * P + pos % P
                 self.key[s, :, :p] = key_cache.view(-1, Hkv, D)[flat].transpose(0, 1)
                 self.value[s, :, :p] = value_cache.view(-1, Hkv, D)[flat].transpose(0, 1)
-            self.length[s] = p + 1
+                self.length[s] = p
+
+    def append(
+        self,
+        k: torch.Tensor,  # [B, Hkv, D] the new token of each sequence
+        v: torch.Tensor,
+        slots: list[int],
+        positions: list[int],
+    ) -> None:
+        """Add the new tokens after refill() and the step that attended to them."""
         rows, cols = torch.tensor(slots), torch.tensor(positions)
         self.key[rows, :, cols] = k.to(self.key.dtype)
         self.value[rows, :, cols] = v.to(self.value.dtype)
-        return n
+        for s, p in zip(slots, positions):
+            self.length[s] = p + 1
 
-    def _reserve(self, n: int) -> None:
+    def reserve(self, n: int) -> None:
+        """Room for n tokens per slot."""
         cap = self.key.shape[2]
         if n <= cap:
             return

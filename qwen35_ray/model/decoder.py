@@ -42,3 +42,15 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, batch, cache_a, cache_b, decode_kv)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_step(self, x, positions, rows, lengths, state_a, state_b):
+        """forward() for one decode token per sequence on states passed in and returned (see
+        GatedDeltaNet.decode_step and GatedAttention.decode_step): (x, new_a, new_b)."""
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h, new_a, new_b = self.linear_attn.decode_step(h, state_a, state_b)
+        else:
+            h, new_a, new_b = self.self_attn.decode_step(h, positions, state_a, state_b, rows,
+                                                         lengths)  # fmt: skip
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_a, new_b

@@ -4,8 +4,14 @@ Legend: T = tokens, H/HV = key/value heads, K/V = their head dims, C = conv chan
 """
 
 import torch
-from qwen35_kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
-from qwen35_kernels.gdn import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from qwen35_kernels.conv1d import causal_conv1d_step, causal_conv1d_update, causal_conv1d_varlen
+from qwen35_kernels.gdn import (
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    gated_delta_step,
+    gdn_gating,
+    prepare_qk,
+)
 from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
@@ -85,3 +91,23 @@ class GatedDeltaNet(nn.Module):
             batch.state_indices,
             batch.has_initial_state,
         )
+
+    def decode_step(
+        self,
+        x: torch.Tensor,  # [B, hidden] one token per sequence
+        conv: torch.Tensor,  # [B, C, W-1] each sequence's conv state
+        recurrent: torch.Tensor,  # [B, HV, K, V] fp32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward() for one decode token per sequence, on states passed in and returned
+        instead of slots written: (out [B, hidden], conv', recurrent'). For the compiled
+        decode step, which must not write its inputs."""
+        B = x.shape[0]
+        qkv, conv = causal_conv1d_step(self.in_proj_qkv(x), self.conv1d.weight[:, 0, :], conv)
+        q, k, v = qkv.split([self.H * self.K, self.H * self.K, self.HV * self.V], dim=-1)
+        q, k = q.view(B, self.H, self.K), k.view(B, self.H, self.K)
+        v = v.view(B, self.HV, self.V)
+        g, beta = gdn_gating(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
+        q, k = prepare_qk(q, k, self.HV)
+        o, recurrent = gated_delta_step(q, k, v.float(), g.exp(), beta, recurrent.float())
+        o = self.norm(o.to(v.dtype), self.in_proj_z(x).view(B, self.HV, self.V))
+        return self.out_proj(o.reshape(B, -1)), conv, recurrent

@@ -48,6 +48,34 @@ class Qwen35ForCausalLM(nn.Module):
                 x = layer(x, batch, cache.key[idx], cache.value[idx], cache.decode_kv_of(idx))
         return self.norm(x)
 
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,  # [B] one token per sequence
+        positions: torch.Tensor,  # [B]
+        rows: torch.Tensor,  # [B] state slot of each sequence
+        lengths: torch.Tensor,  # [R] earlier tokens of each slot's sequence
+        conv: torch.Tensor,  # [n_gdn, B, C, W-1] the sequences' GDN states
+        recurrent: torch.Tensor,  # [n_gdn, B, HV, K, V]
+        keys: list[torch.Tensor],  # per attention layer [R, Hkv, n, D] earlier K (DecodeKV)
+        values: list[torch.Tensor],
+    ):
+        """forward() + compute_logits() for a batch of decodes without writing the cache, so it
+        can be compiled into one graph: (logits [B, vocab] fp32, conv', recurrent', the new
+        keys and values [n_attn, B, Hkv, D]). The caller stores the states."""
+        x = self.embed_tokens(input_ids)
+        new_conv, new_rec, new_k, new_v = [], [], [], []
+        for layer, idx in zip(self.layers, self._cache_index):
+            if layer.layer_type == "linear_attention":
+                x, c, r = layer.decode_step(x, positions, rows, lengths, conv[idx], recurrent[idx])
+                new_conv.append(c)
+                new_rec.append(r)
+            else:
+                x, k, v = layer.decode_step(x, positions, rows, lengths, keys[idx], values[idx])
+                new_k.append(k)
+                new_v.append(v)
+        logits = self.compute_logits(self.norm(x))
+        return logits, *(torch.stack(t) for t in (new_conv, new_rec, new_k, new_v))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
         weight = (

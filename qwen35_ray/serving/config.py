@@ -45,6 +45,9 @@ class EngineArgs(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
     state_memory_bytes: int | None = Field(None, ge=1)
+    compile_decode: bool = Field(
+        False, description="CPU: decode steps as one torch.compile graph, compiled at start-up"
+    )
 
 
 class DisaggregationConfig(BaseModel):

@@ -1,0 +1,119 @@
+"""CompiledDecode: a step of pure decodes on CPU as one torch.compile graph.
+
+In eager PyTorch a decode step of a small model is hundreds of small ops, each costing more to
+dispatch than to compute. `Qwen35ForCausalLM.decode_step` runs the same layers on states passed
+in and returned, writing nothing, so Inductor compiles the whole step, logits included, into
+one graph of fused C++ kernels and matmuls. This class gathers the batch's states before the
+graph and stores what it returns after: GDN states into their slots, the new K/V into the
+paged blocks and DecodeKV.
+
+Shapes are dynamic (sequences, slots, context length). Batches of one sequence are padded to
+two rows, so one graph serves every batch instead of PyTorch specialising size 1.
+"""
+
+import itertools
+import logging
+import time
+import types
+
+import torch
+import torch.fx.experimental._config as fx_config
+from qwen35_kernels.attention import write_kv
+
+from qwen35_ray.model.attention import decode_rows
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.cache import HybridCache
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 2
+
+
+class CompiledDecode:
+    def __init__(self, model, cache: HybridCache):
+        if not cache.decode_kv:
+            raise ValueError("the compiled decode step runs on CPU caches (with DecodeKV)")
+        self.cache = cache
+        self.n_attn = len(model.config.attention_layers)
+        self.steps = 0  # decode steps run through the graph
+        # guards on the inputs only: checking each weight on every call costs more than a
+        # small model's step, and the weights of a loaded model do not change
+        self.fn = torch.compile(
+            _own_copy(model.decode_step),
+            dynamic=True,
+            fullgraph=True,
+            options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
+        )
+
+    def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B, vocab] fp32 of a batch of decodes (ForwardBatch.is_decode); the cache is
+        updated as the eager forward would."""
+        cache, B = self.cache, batch.num_seqs
+        self.steps += 1
+        slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
+        kv = cache.decode_kv[: self.n_attn]
+        for j, d in enumerate(kv):
+            d.refill(slots, positions, batch.block_tables, cache.key[j], cache.value[j])
+        idx, pos = batch.state_indices, batch.positions
+        if B < MIN_ROWS:  # a copy of the first row; its outputs are dropped
+            pad = [0] * (MIN_ROWS - B)
+            input_ids, idx, pos = (torch.cat([t, t[pad]]) for t in (input_ids, idx, pos))
+        logits, conv, rec, k, v = self._graph(input_ids, idx, pos, slots, positions)
+        cache.conv[:, idx[:B]] = conv[:, :B]
+        cache.recurrent[:, idx[:B]] = rec[:, :B]
+        for j, d in enumerate(kv):
+            write_kv(k[j, :B], v[j, :B], cache.key[j], cache.value[j], batch.slot_mapping)
+            d.append(k[j, :B], v[j, :B], slots, positions)
+        return logits[:B]
+
+    def _graph(self, input_ids, idx, pos, slots, positions):
+        cache = self.cache
+        kv = cache.decode_kv[: self.n_attn]
+        rows, lengths, n = decode_rows(slots, positions)
+        # at least MIN_ROWS rows and tokens, so no size is 1
+        rows, n = min(max(rows, MIN_ROWS), cache.num_slots), max(n, MIN_ROWS)
+        lengths = torch.cat([lengths, lengths.new_full((rows - len(lengths),), n)])
+        for d in kv:
+            d.reserve(n)
+        return self.fn(
+            input_ids,
+            pos,
+            idx,
+            lengths,
+            cache.conv[:, idx],
+            cache.recurrent[:, idx],
+            [d.key[:rows, :, :n] for d in kv],
+            [d.value[:rows, :, :n] for d in kv],
+        )
+
+    def warmup(self) -> float:
+        """Compile now rather than at the first request: one dummy step that writes nothing.
+        Returns the seconds it took."""
+        start = time.perf_counter()
+        log.info("compiling the decode step (torch.compile, CPU) ...")
+        # sizes unlike each other and any fixed dimension, so none is specialised or tied
+        # (slots repeat when there are fewer than 5: nothing is written)
+        slots = [s % self.cache.num_slots for s in (0, 2, 4)]
+        positions = [37, 20, 11]
+        # inference tensors like the engine's; duck shaping would give equal sizes one symbol,
+        # tying the batch to fixed dimensions
+        with torch.inference_mode(), fx_config.patch(use_duck_shape=False):
+            t = torch.tensor(slots)
+            self._graph(torch.zeros_like(t), t, torch.tensor(positions), slots, positions)
+        seconds = time.perf_counter() - start
+        log.info("decode step compiled in %.1f s", seconds)
+        return seconds
+
+
+def _own_copy(method):
+    """The bound method with a code object of its own. Dynamo keeps compiled graphs per code
+    object, and with guards on the inputs only, a second model (another engine in the process)
+    would otherwise run the first one's graph."""
+    func = method.__func__
+    code = func.__code__.replace(co_name=f"{func.__name__}_{next(_copies)}")
+    copy = types.FunctionType(code, func.__globals__, code.co_name, func.__defaults__,
+                              func.__closure__)  # fmt: skip
+    return types.MethodType(copy, method.__self__)
+
+
+_copies = itertools.count()
