@@ -2,7 +2,6 @@
 batched generate on the same checkpoint; tokens/s of each, their ratio, peak memory."""
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -101,7 +100,7 @@ def run_transformers(path, prompts, new_tokens, concurrency, dtype) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qwen35_ray.bench.timing import machine_info
+    from qwen35_ray.bench.timing import machine_info, write_report
     from qwen35_ray.model.config import ModelConfig
     from qwen35_ray.model.source import resolve_model
 
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "command": "qwen35-ray bench offline " + " ".join(argv or []),
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     return 0
 
 

@@ -8,7 +8,6 @@ Modes alternate over --repeats rounds; the median of each is reported (a shared 
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def run(engine, prompts, new_tokens, structured) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qwen35_ray.bench.timing import machine_info
+    from qwen35_ray.bench.timing import machine_info, write_report
     from qwen35_ray.engine.llm_engine import LLMEngine
 
     p = argparse.ArgumentParser(prog="qwen35-ray bench structured", description=__doc__)
@@ -106,7 +105,5 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": ratio,
         "command": "qwen35-ray bench structured " + " ".join(argv or []),
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     return 0

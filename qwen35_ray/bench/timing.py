@@ -1,8 +1,10 @@
 """Wall-clock timing of one call and a description of the machine it ran on."""
 
+import json
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -66,3 +68,10 @@ def gpu_peak(name: str) -> dict | None:
         if key in name:
             return peak
     return None
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    """A benchmark's results as JSON at path (its folder made), if a path was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")

@@ -17,6 +17,7 @@ import pytest
 import ray
 import requests
 import torch
+from json_schemas import WEATHER_ARGS
 from ray import cloudpickle
 from serve_fixtures import running_apps
 
@@ -230,15 +231,7 @@ def test_prefill_routing_follows_the_prefix(urls):
 def test_structured_outputs_follow_the_request_to_decode(urls):
     """The grammar state moves with the request: a JSON-schema answer and a forced tool call,
     prefilled on one pool and decoded on the other, validate and equal the collocated ones."""
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 12},
-            "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            "tags": {"type": "array", "items": {"enum": ["sun", "rain"]}, "maxItems": 3},
-        },
-        "required": ["city", "days"],
-    }
+    schema = WEATHER_ARGS
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
     messages = [{"role": "user", "content": "What is the weather in Paris this week?"}]
     common = dict(
