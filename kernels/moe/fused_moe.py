@@ -1,8 +1,11 @@
 """Routed expert MLP: token copies sorted by expert, one GEMM pair per expert that has tokens.
 
-CUDA tensors go to the Triton grouped GEMMs of fused_moe_triton.py. On CPU, a small batch
-(decode) runs every expert densely in two batched matmuls instead: with few tokens the cost is
-the per-expert Python loop, not the arithmetic, and unchosen experts get weight zero.
+CUDA tensors go to the Triton grouped GEMMs of fused_moe_triton.py. On CPU, small batches
+(decode) avoid the per-expert Python loop, whose cost is the loop, not the arithmetic:
+- at most 2E (token, expert) pairs: each pair's weights are gathered and the pairs run as two
+  batched matrix-vector products, reading only the chosen experts (one sequence reads k of E);
+- up to DENSE_MAX_TOKEN_EXPERTS token x expert: every expert runs densely in two batched
+  matmuls and unchosen experts get weight zero.
 """
 
 import torch
@@ -11,6 +14,22 @@ from qwen35_kernels.utils import use_triton
 
 # T * E at or below which the CPU path computes every expert for every token
 DENSE_MAX_TOKEN_EXPERTS = 1024
+
+
+def gathers_experts(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether the CPU path gathers the chosen experts' weights per (token, expert) pair."""
+    return num_tokens * top_k <= 2 * num_experts
+
+
+def _gathered(x, w_gate_up, w_down, topk_weights, topk_ids):
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    pairs = topk_ids.reshape(-1)  # [T*k]
+    rows = x[:, None].expand(T, k, H).reshape(T * k, 1, H)
+    gate, up = torch.bmm(rows, w_gate_up[pairs].transpose(1, 2)).chunk(2, dim=-1)
+    h = F.silu(gate) * up * topk_weights.reshape(-1, 1, 1).to(x.dtype)  # [T*k, 1, I]
+    y = torch.bmm(h, w_down[pairs].transpose(1, 2))  # [T*k, 1, H]
+    return y.view(T, k, H).sum(1)
 
 
 def _dense(x, w_gate_up, w_down, topk_weights, topk_ids):
@@ -39,6 +58,8 @@ def fused_moe(
         return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids)
     T, k = topk_ids.shape
     E = w_gate_up.shape[0]
+    if gathers_experts(T, k, E):
+        return _gathered(x, w_gate_up, w_down, topk_weights, topk_ids)
     if T * E <= DENSE_MAX_TOKEN_EXPERTS:
         return _dense(x, w_gate_up, w_down, topk_weights, topk_ids)
     flat_ids = topk_ids.reshape(-1)

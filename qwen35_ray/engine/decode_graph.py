@@ -8,7 +8,10 @@ graph and stores what it returns after: GDN states into their slots, the new K/V
 paged blocks and DecodeKV.
 
 Shapes are dynamic (sequences, slots, context length). Batches of one sequence are padded to
-two rows, so one graph serves every batch instead of PyTorch specialising size 1.
+two rows, so one graph serves every batch instead of PyTorch specialising size 1. The graph
+guards on its inputs only, so the MoE's CPU path chosen by batch size is fixed when a graph is
+traced: an MoE model gets a second graph for batches above `gathers_experts`, and this class
+picks the graph by batch size.
 """
 
 import itertools
@@ -19,6 +22,7 @@ import types
 import torch
 import torch.fx.experimental._config as fx_config
 from qwen35_kernels.attention import write_kv
+from qwen35_kernels.moe import gathers_experts
 
 from qwen35_ray.model.attention import decode_rows
 from qwen35_ray.model.batch import ForwardBatch
@@ -35,21 +39,23 @@ class CompiledDecode:
             raise ValueError("the compiled decode step runs on CPU caches (with DecodeKV)")
         self.cache = cache
         self.n_attn = len(model.config.attention_layers)
-        self.steps = 0  # decode steps run through the graph
-        # guards on the inputs only: checking each weight on every call costs more than a
-        # small model's step, and the weights of a loaded model do not change
-        self.fn = torch.compile(
-            _own_copy(model.decode_step),
-            dynamic=True,
-            fullgraph=True,
-            options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
-        )
+        config = model.config
+        moe = any(config.moe_layers)
+        self.top_k, self.num_experts = config.num_experts_per_tok, config.num_experts
+        # batch sizes of the graph traced with gathered experts; larger ones use the other
+        self.max_gathered = 0
+        if moe:
+            while gathers_experts(self.max_gathered + 1, self.top_k, self.num_experts):
+                self.max_gathered += 1
+        # the large-batch graph only where the slots allow such a batch
+        n_graphs = 2 if moe and cache.num_slots > max(self.max_gathered, MIN_ROWS) else 1
+        self.fns = [_compile(model.decode_step) for _ in range(n_graphs)]
+        self.steps = [0] * n_graphs  # decode steps run through each graph
 
     def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] fp32 of a batch of decodes (ForwardBatch.is_decode); the cache is
         updated as the eager forward would."""
         cache, B = self.cache, batch.num_seqs
-        self.steps += 1
         slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
         kv = cache.decode_kv[: self.n_attn]
         for j, d in enumerate(kv):
@@ -75,7 +81,9 @@ class CompiledDecode:
         lengths = torch.cat([lengths, lengths.new_full((rows - len(lengths),), n)])
         for d in kv:
             d.reserve(n)
-        return self.fn(
+        g = len(self.fns) - 1 if len(input_ids) > self.max_gathered else 0
+        self.steps[g] += 1
+        return self.fns[g](
             input_ids,
             pos,
             idx,
@@ -87,22 +95,39 @@ class CompiledDecode:
         )
 
     def warmup(self) -> float:
-        """Compile now rather than at the first request: one dummy step that writes nothing.
-        Returns the seconds it took."""
+        """Compile now rather than at the first request: one dummy step per graph, writing
+        nothing. Returns the seconds it took."""
         start = time.perf_counter()
         log.info("compiling the decode step (torch.compile, CPU) ...")
+        S = self.cache.num_slots
         # sizes unlike each other and any fixed dimension, so none is specialised or tied
-        # (slots repeat when there are fewer than 5: nothing is written)
-        slots = [s % self.cache.num_slots for s in (0, 2, 4)]
-        positions = [37, 20, 11]
+        # (slots repeat when there are fewer than 5: nothing is written); the large-batch
+        # graph traces a batch of every slot
+        small = max(MIN_ROWS, min(3, self.max_gathered)) if self.max_gathered else 3
+        batches = [([s % S for s in (0, 2, 4)][:small], [37, 20, 11][:small])]
+        if len(self.fns) == 2:
+            batches.append((list(range(S)), [13 + 7 * i for i in range(S)]))
         # inference tensors like the engine's; duck shaping would give equal sizes one symbol,
         # tying the batch to fixed dimensions
         with torch.inference_mode(), fx_config.patch(use_duck_shape=False):
-            t = torch.tensor(slots)
-            self._graph(torch.zeros_like(t), t, torch.tensor(positions), slots, positions)
+            for slots, positions in batches:
+                t = torch.tensor(slots)
+                self._graph(torch.zeros_like(t), t, torch.tensor(positions), slots, positions)
+        self.steps = [0] * len(self.fns)  # the dummy steps do not count
         seconds = time.perf_counter() - start
         log.info("decode step compiled in %.1f s", seconds)
         return seconds
+
+
+def _compile(method):
+    # guards on the inputs only: checking each weight on every call costs more than a small
+    # model's step, and the weights of a loaded model do not change
+    return torch.compile(
+        _own_copy(method),
+        dynamic=True,
+        fullgraph=True,
+        options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
+    )
 
 
 def _own_copy(method):

@@ -102,9 +102,11 @@ def test_recurrent_decode_cpu_path_matches_the_reference():
     torch.testing.assert_close(state, expected_state)
 
 
-@pytest.mark.parametrize("T", [1, 13])
-def test_dense_experts_match_the_reference(T):
-    """fused_moe's dense CPU path (few tokens: every expert, unchosen ones weighted 0)."""
+@pytest.mark.parametrize("T", [1, 4, 5, 13])
+def test_small_batch_experts_match_the_reference(T):
+    """fused_moe's small-batch CPU paths: up to E (token, expert) pairs (T <= 4 here) the
+    chosen experts' weights gathered per pair, above that every expert with unchosen ones
+    weighted 0."""
     g = gen()
     E, I, H = 16, 64, 128
     w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
