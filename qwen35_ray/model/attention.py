@@ -12,6 +12,7 @@ from torch import nn
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decode_kv import DecodeKV
+from qwen35_ray.model.linear import fuse_rows, project
 from qwen35_ray.model.norm import RMSNorm
 
 
@@ -32,6 +33,10 @@ class GatedAttention(nn.Module):
             "inv_freq", rope_inv_freq(config.rotary_dim, config.rope_theta), persistent=False
         )
         self.scale = self.D**-0.5
+        self.register_buffer("qkv_fused", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        self.qkv_fused = fuse_rows([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -70,11 +75,11 @@ class GatedAttention(nn.Module):
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """(q [T, Hq, D], gate [T, Hq, D], k, v [T, Hkv, D]): normed and rotated q and k."""
         T = x.shape[0]
-        q, gate = self.q_proj(x).view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
+        q, k, v = project(x, self.qkv_fused, [self.q_proj, self.k_proj, self.v_proj])
+        q, gate = q.view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
         q = apply_rope(self.q_norm(q), positions, self.inv_freq)
-        k = self.k_norm(self.k_proj(x).view(T, self.Hkv, self.D))
-        k = apply_rope(k, positions, self.inv_freq)
-        return q, gate, k, self.v_proj(x).view(T, self.Hkv, self.D)
+        k = apply_rope(self.k_norm(k.view(T, self.Hkv, self.D)), positions, self.inv_freq)
+        return q, gate, k, v.view(T, self.Hkv, self.D)
 
     def decode_step(
         self,

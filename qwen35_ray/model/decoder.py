@@ -27,6 +27,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def fuse_projections(self) -> None:
+        (
+            self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+        ).fuse_projections()
+        self.mlp.fuse_projections()
+
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]

@@ -16,6 +16,7 @@ from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.linear import fuse_rows, project
 from qwen35_ray.model.norm import GatedRMSNorm
 
 
@@ -36,6 +37,18 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.HV))
         self.norm = GatedRMSNorm(self.V, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.HV * self.V, hidden, bias=False)
+        self.register_buffer("in_proj_fused", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        self.in_proj_fused = fuse_rows(self._in_projs())
+
+    def _in_projs(self):
+        return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
+
+    def _project(self, x: torch.Tensor):
+        """(qkv [T, C], z [T, HV, V], b, a [T, HV])"""
+        qkv, z, b, a = project(x, self.in_proj_fused, self._in_projs())
+        return qkv, z.view(-1, self.HV, self.V), b, a
 
     def forward(
         self,
@@ -45,7 +58,7 @@ class GatedDeltaNet(nn.Module):
         recurrent_state: torch.Tensor,  # [S, HV, K, V]
     ) -> torch.Tensor:
         T = x.shape[0]
-        qkv, a, b = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x)
+        qkv, z, b, a = self._project(x)
         decode, prefill = batch.parts
         D = decode.num_seqs if decode is not None else 0
         parts = []
@@ -54,7 +67,7 @@ class GatedDeltaNet(nn.Module):
         if prefill is not None:
             parts.append(self._mix(qkv[D:], a[D:], b[D:], prefill, conv_state, recurrent_state))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
-        o = self.norm(o, self.in_proj_z(x).view(T, self.HV, self.V))
+        o = self.norm(o, z)
         return self.out_proj(o.reshape(T, -1))
 
     def _mix(self, qkv, a, b, batch: ForwardBatch, conv_state, recurrent_state):
@@ -102,12 +115,13 @@ class GatedDeltaNet(nn.Module):
         instead of slots written: (out [B, hidden], conv', recurrent'). For the compiled
         decode step, which must not write its inputs."""
         B = x.shape[0]
-        qkv, conv = causal_conv1d_step(self.in_proj_qkv(x), self.conv1d.weight[:, 0, :], conv)
+        qkv, z, b, a = self._project(x)
+        qkv, conv = causal_conv1d_step(qkv, self.conv1d.weight[:, 0, :], conv)
         q, k, v = qkv.split([self.H * self.K, self.H * self.K, self.HV * self.V], dim=-1)
         q, k = q.view(B, self.H, self.K), k.view(B, self.H, self.K)
         v = v.view(B, self.HV, self.V)
-        g, beta = gdn_gating(self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias)
+        g, beta = gdn_gating(a, b, self.A_log, self.dt_bias)
         q, k = prepare_qk(q, k, self.HV)
         o, recurrent = gated_delta_step(q, k, v.float(), g.exp(), beta, recurrent.float())
-        o = self.norm(o.to(v.dtype), self.in_proj_z(x).view(B, self.HV, self.V))
+        o = self.norm(o.to(v.dtype), z)
         return self.out_proj(o.reshape(B, -1)), conv, recurrent

@@ -48,4 +48,5 @@ def load_model(
             m.inv_freq = rope_inv_freq(config.rotary_dim, config.rope_theta).to(device)
     with torch.no_grad():
         load_weights(net, config, path, with_mtp=with_mtp, progress=progress)
+        net.fuse_projections()
     return net.eval().requires_grad_(False), config, path

@@ -9,6 +9,7 @@ from qwen35_kernels.moe import fused_moe, topk_softmax
 from torch import nn
 
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.linear import fuse_rows, project
 
 
 class MLP(nn.Module):
@@ -17,9 +18,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.register_buffer("gate_up_fused", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        self.gate_up_fused = fuse_rows([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_up_fused, [self.gate_proj, self.up_proj])
+        return self.down(gate, up)
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):
@@ -47,9 +56,18 @@ class SparseMoE(nn.Module):
         self.experts = Experts(config)
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.register_buffer("in_fused", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        # the shared expert's own gate/up stay unfused: this covers them
+        self.in_fused = fuse_rows(self._in_projs())
+
+    def _in_projs(self):
+        s = self.shared_expert
+        return [self.gate, self.shared_expert_gate, s.gate_proj, s.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        weights, ids = topk_softmax(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        logits, shared_gate, gate, up = project(x, self.in_fused, self._in_projs())
+        weights, ids = topk_softmax(logits, self.top_k, self.renormalize)
         routed = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        return routed + torch.sigmoid(shared_gate) * self.shared_expert.down(gate, up)

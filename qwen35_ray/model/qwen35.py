@@ -36,6 +36,13 @@ class Qwen35ForCausalLM(nn.Module):
         kinds = config.layer_types
         self._cache_index = [kinds[:i].count(kinds[i]) for i in range(len(kinds))]
 
+    def fuse_projections(self) -> None:
+        """After loading: each layer's projections of one input become one matmul
+        (model/linear.py)."""
+        for layer in self.modules():
+            if isinstance(layer, DecoderLayer):
+                layer.fuse_projections()
+
     def forward(
         self, input_ids: torch.Tensor, batch: ForwardBatch, cache: HybridCache
     ) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Our model against the transformers reference on the same saved checkpoint, in fp32."""
 
+import copy
+
 import pytest
 import torch
 from hf_reference import hf_model, save
@@ -8,7 +10,11 @@ from model_driver import Driver
 from qwen35_ray.model.loader import load_model
 
 KINDS = ["qwen3_5_moe", "qwen3_5", "qwen3_next"]
-TOL = 1e-4
+# Both sides round in fp32, in different orders (our projections are fused, model/linear.py):
+# the gap between them is the sum of two rounding errors, up to 1.3e-4 measured (MoE, 200
+# tokens). test_prefill_logits_match also holds ours to the reference run in fp64: within twice
+# the reference's own fp32 error (measured: 0.6x to 1.4x).
+TOL = 2e-4
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -17,6 +23,14 @@ def pair(request, tmp_path_factory):
     path = save(ref, tmp_path_factory.mktemp(request.param))
     ours, config, _ = load_model(path, dtype="float32", progress=False)
     return ref, ours, config
+
+
+@pytest.fixture(scope="module")
+def ref64(pair):
+    ref = copy.deepcopy(pair[0]).double()
+    if hasattr(ref, "set_experts_implementation"):
+        ref.set_experts_implementation("eager")  # the grouped-mm experts take no fp64
+    return ref
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -29,11 +43,16 @@ def ref_logits(ref, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
-def test_prefill_logits_match(pair, n):
+def test_prefill_logits_match(pair, ref64, n):
     ref, ours, config = pair
     ids = prompt(n, seed=n)
     logits, _, _ = Driver(ours, config).step({0: ids})
-    torch.testing.assert_close(logits[0], ref_logits(ref, ids), atol=TOL, rtol=0)
+    expected = ref_logits(ref, ids)
+    torch.testing.assert_close(logits[0], expected, atol=TOL, rtol=0)
+    exact = ref64(torch.tensor([ids])).logits[0]
+    ours_err = (logits[0].double() - exact).abs().max().item()
+    ref_err = (expected.double() - exact).abs().max().item()
+    assert ours_err <= 2 * ref_err + 1e-6, (ours_err, ref_err)
 
 
 def test_flat_batch_of_different_lengths(pair):

@@ -75,11 +75,17 @@ def test_transformers_loads_it_and_agrees_with_us(tiny):
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 2
     ours, config, _ = load_model(path, dtype="float32", progress=False)
     logits, _, _ = Driver(ours, config).step({0: ids})
-    expected = ref(torch.tensor([ids])).logits[0]
-    # this checks the format end to end; the 1e-4 numerical bar is test_equivalence's. Eight
-    # layers of random weights amplify fp32 rounding (same order of error in both
-    # implementations against an fp64 recurrence) to a few 1e-4 here.
-    torch.testing.assert_close(logits[0], expected, atol=1e-3, rtol=0)
+    expected = ref(torch.tensor([ids])).logits[0].double()
+    ref = ref.double()
+    if hasattr(ref, "set_experts_implementation"):
+        ref.set_experts_implementation("eager")  # the grouped-mm experts take no fp64
+    exact = ref(torch.tensor([ids])).logits[0]
+    # this checks the format end to end; the tight numerical bar is test_equivalence's. Eight
+    # layers of random weights amplify fp32 rounding to about 1e-3 here, in the reference's
+    # own fp32 run against its fp64 run: ours must be within twice that of the fp64 run.
+    ours_err = (logits[0].double() - exact).abs().max().item()
+    ref_err = (expected - exact).abs().max().item()
+    assert ours_err <= 2 * ref_err, (ours_err, ref_err)
 
 
 def test_embedded_name_is_generated_once_into_the_cache(monkeypatch, tmp_path):
