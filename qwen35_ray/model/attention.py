@@ -36,7 +36,10 @@ class GatedAttention(nn.Module):
         self.register_buffer("qkv_fused", None, persistent=False)
 
     def fuse_projections(self) -> None:
-        self.qkv_fused = fuse_rows([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv_fused = fuse_rows(self._in_projs())
+
+    def _in_projs(self):
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(
         self,
@@ -75,7 +78,7 @@ class GatedAttention(nn.Module):
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """(q [T, Hq, D], gate [T, Hq, D], k, v [T, Hkv, D]): normed and rotated q and k."""
         T = x.shape[0]
-        q, k, v = project(x, self.qkv_fused, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = project(x, self.qkv_fused, self._in_projs())
         q, gate = q.view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
         q = apply_rope(self.q_norm(q), positions, self.inv_freq)
         k = apply_rope(self.k_norm(k.view(T, self.Hkv, self.D)), positions, self.inv_freq)

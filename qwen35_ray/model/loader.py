@@ -7,6 +7,7 @@ from qwen35_kernels.rope import rope_inv_freq
 
 from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.linear import column_major
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
 from qwen35_ray.model.source import resolve_model
 from qwen35_ray.model.weights import load_weights
@@ -48,5 +49,10 @@ def load_model(
             m.inv_freq = rope_inv_freq(config.rotary_dim, config.rope_theta).to(device)
     with torch.no_grad():
         load_weights(net, config, path, with_mtp=with_mtp, progress=progress)
+        if torch.device(device).type == "cpu":
+            # every matrix but the embedding, whose rows are looked up (model/linear.py)
+            for p in net.parameters():
+                if p.dim() == 2 and p is not net.embed_tokens.weight:
+                    p.data = column_major(p.data)
         net.fuse_projections()
     return net.eval().requires_grad_(False), config, path
