@@ -14,6 +14,6 @@ def naive_attention(
     k = k.float().repeat_interleave(Hq // Hkv, dim=1)
     v = v.float().repeat_interleave(Hq // Hkv, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    q_pos = torch.arange(L - Lq, L)[:, None]
-    scores = scores.masked_fill(torch.arange(L)[None, :] > q_pos, float("-inf"))
+    q_pos = torch.arange(L - Lq, L, device=q.device)[:, None]
+    scores = scores.masked_fill(torch.arange(L, device=q.device)[None, :] > q_pos, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
