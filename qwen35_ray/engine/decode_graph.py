@@ -41,12 +41,11 @@ class CompiledDecode:
         self.n_attn = len(model.config.attention_layers)
         config = model.config
         moe = any(config.moe_layers)
-        self.top_k, self.num_experts = config.num_experts_per_tok, config.num_experts
+        k, E = config.num_experts_per_tok, config.num_experts
         # batch sizes of the graph traced with gathered experts; larger ones use the other
         self.max_gathered = 0
-        if moe:
-            while gathers_experts(self.max_gathered + 1, self.top_k, self.num_experts):
-                self.max_gathered += 1
+        while moe and gathers_experts(self.max_gathered + 1, k, E):
+            self.max_gathered += 1
         # the large-batch graph only where the slots allow such a batch
         n_graphs = 2 if moe and cache.num_slots > max(self.max_gathered, MIN_ROWS) else 1
         self.fns = [_compile(model.decode_step) for _ in range(n_graphs)]
