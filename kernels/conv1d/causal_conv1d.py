@@ -49,8 +49,8 @@ def causal_conv1d_varlen(
         y.addcmul_(buf[w : w + n], weight[:, w])
     out = F.silu(y[first]).to(x.dtype)
     # the new state: the last P rows of each sequence's part of the buffer
-    conv_state[state_indices] = buf[prev_rows + lengths[:, None]].transpose(1, 2).to(
-        conv_state.dtype
+    conv_state[state_indices] = (
+        buf[prev_rows + lengths[:, None]].transpose(1, 2).to(conv_state.dtype)
     )
     return out
 
