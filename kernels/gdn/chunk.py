@@ -3,7 +3,8 @@
 Within a chunk of C tokens the C rank-one delta updates collapse into one triangular solve
 (the WY representation), so the sequential work is one small matmul step per chunk instead of
 one per token. The PyTorch path below runs the in-chunk algebra for every chunk of the batch at
-once and then carries the states chunk by chunk, all sequences together; CUDA tensors go to the
+once and then carries the states chunk by chunk, all sequences together; the q.k and k.k
+products are formed once per key head for the value heads it serves. CUDA tensors go to the
 Triton kernels of chunk_triton.py.
 """
 
@@ -11,6 +12,10 @@ import torch
 from qwen35_kernels.gdn.gating import gdn_gating
 from qwen35_kernels.gdn.naive import l2norm
 from qwen35_kernels.utils import use_triton
+
+# The PyTorch path's elementwise work per token grows with the chunk and its sequential steps
+# shrink with it; on a 2-core CPU with head dims of 32, 32 beat 64 and 16 (docs/bench/offline.md)
+CPU_CHUNK_SIZE = 32
 
 
 def _chunk_layout(cu_seqlens: torch.Tensor, C: int):
@@ -33,37 +38,47 @@ def _chunk_layout(cu_seqlens: torch.Tensor, C: int):
 
 
 def _chunk_torch(q, k, v, g, beta, cu_seqlens, h0, chunk_size):
-    """q, k: [T, HV, K] fp32 (normalised, q scaled); v: [T, HV, V]; g, beta: [T, HV];
+    """q, k: [T, H, K] fp32 (normalised, q scaled); v: [T, HV, V]; g, beta: [T, HV];
     h0: [B, HV, K, V] fp32. Returns (o [T, HV, V] fp32, final states [B, HV, K, V])."""
-    T, HV, K = k.shape
-    C = chunk_size
+    T, H, K = k.shape
+    HV, Vd = v.shape[1:]
+    G, C = HV // H, chunk_size
     tok, steps = _chunk_layout(cu_seqlens, C)
-    # one zero row at index T stands for the padding: beta = 0 and g = 0 make it a no-op
-    q, k, v, g, beta = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q, k, v, g, beta))
-    # [NT, HV, C, D]: every matmul below is batched over (chunk, head)
-    q, k, v = (x[tok].transpose(1, 2).contiguous() for x in (q, k, v))
-    g, beta = (x[tok].transpose(1, 2) for x in (g, beta))
-    gc = g.cumsum(-1)  # [NT, HV, C] log decay from chunk start to each position
+    NT = tok.shape[0]
+    # Padding positions (index T) read token T-1 instead: with beta = 0 and g = 0 they write
+    # nothing and decay nothing, and they come after every real position of their chunk, so
+    # no real position reads them; their own outputs are dropped.
+    valid = tok < T
+    src = tok.clamp(max=T - 1)
+    # [NT, H, C, K] per key head, [NT, HV, C, *] per value head; a key head's products serve
+    # its G value heads through a [NT, H, G, ...] view
+    q, k = (x[src].transpose(1, 2).contiguous() for x in (q, k))
+    v = v[src].transpose(1, 2)
+    g, beta = (
+        torch.where(valid[..., None], x[src], 0.0).transpose(1, 2).contiguous() for x in (g, beta)
+    )
+    gc = g.cumsum(-1).view(NT, H, G, C)  # log decay from the chunk start to each position
+    beta = beta.reshape(NT, H, G, C)
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # decay[i, j] = exp(gc_i - gc_j) for j <= i; masked before exp so it cannot overflow
+    # decay[i, j] = exp(gc_i - gc_j) for j <= i, else 0; masked before exp so it cannot overflow
     decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(~lower, float("-inf")).exp()
-    kb = k * beta[..., None]
-    # one matmul gives both beta_i k_i.k_j and q_i.k_j
-    scores = torch.cat([kb, q], dim=-2) @ k.transpose(-1, -2)
-    # (I + tril(beta_i k_i.k_j decay_ij, -1)) W = [beta v, beta k exp(gc)]
-    system = torch.tril(scores[..., :C, :] * decay, -1) + torch.eye(C, device=q.device)
-    rhs = torch.cat([v * beta[..., None], kb * gc.exp()[..., None]], dim=-1)
+    kk, qk = k @ k.transpose(-1, -2), q @ k.transpose(-1, -2)  # [NT, H, C, C]
+    # (I + tril(beta_i k_i.k_j decay_ij, -1)) W = [beta v, beta k exp(gc)]; the solve reads
+    # the strictly lower triangle only (unitriangular), so the diagonal needs no masking
+    system = (kk[:, :, None] * decay * beta[..., None]).view(NT, HV, C, C)
+    kdecay = (k[:, :, None] * (beta * gc.exp())[..., None]).view(NT, HV, C, K)
+    rhs = torch.cat([v * beta.view(NT, HV, C, 1), kdecay], dim=-1)
     w = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    Vd = v.shape[-1]
-    attn = scores[..., C:, :] * decay  # causal within the chunk
-    k_to_end = (k * (gc[..., -1:] - gc).exp()[..., None]).transpose(-1, -2)  # [NT, HV, K, C]
+    attn = (qk[:, :, None] * decay).view(NT, HV, C, C)  # causal within the chunk
+    gc_last = gc[..., -1:]
+    k_to_end = (k[:, :, None] * (gc_last - gc).exp()[..., None]).view(NT, HV, C, K)
     # With v_new = u - kdecay S (w = [u, kdecay]), the chunk's output and next state are affine
     # in its start state S: o = attn u + (q exp(gc) - attn kdecay) S and S' = A S + k_to_end u
     # with A = exp(gc_last) I - k_to_end kdecay. All but the chain S -> S' is batched here.
-    attn_w, end_w = attn @ w, k_to_end @ w
+    attn_w, end_w = attn @ w, k_to_end.transpose(-1, -2) @ w
     o = attn_w[..., :Vd]
-    q_eff = q * gc.exp()[..., None] - attn_w[..., Vd:]
-    A = torch.eye(K, device=q.device) * gc[..., -1].exp()[..., None, None] - end_w[..., Vd:]
+    q_eff = (q[:, :, None] * gc.exp()[..., None]).view(NT, HV, C, K) - attn_w[..., Vd:]
+    A = torch.eye(K, device=q.device) * gc_last.exp().view(NT, HV, 1, 1) - end_w[..., Vd:]
     Bu = end_w[..., :Vd].contiguous()
     starts = torch.empty_like(Bu)  # [NT, HV, K, V] state at each chunk's start
     state = h0.clone()
@@ -78,10 +93,9 @@ def _chunk_torch(q, k, v, g, beta, cu_seqlens, h0, chunk_size):
             state = S.view_as(state)
         else:
             state[seqs] = S.view(len(seqs), *state.shape[1:])
-    o = o + q_eff @ starts
-    valid = tok < T
-    out = o.new_empty(T, HV, v.shape[-1])
-    out[tok[valid]] = o.transpose(1, 2)[valid]
+    o = torch.baddbmm(o.flatten(0, 1), q_eff.flatten(0, 1), starts.flatten(0, 1))
+    out = o.new_empty(T, HV, Vd)
+    out[tok[valid]] = o.view(NT, HV, C, Vd).transpose(1, 2)[valid]
     return out, state
 
 
@@ -97,27 +111,28 @@ def chunk_gated_delta_rule(
     has_initial_state: torch.Tensor,  # [B] bool: start from the slot (else from zeros)
     scale: float | None = None,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Returns o [T, HV, V] in v's dtype; writes each sequence's final state to its slot."""
+    """Returns o [T, HV, V] in v's dtype; writes each sequence's final state to its slot.
+    chunk_size defaults to 64 on CUDA and CPU_CHUNK_SIZE on CPU."""
     if use_triton(q):
         from qwen35_kernels.gdn.chunk_triton import chunk_gated_delta_rule_triton
 
         return chunk_gated_delta_rule_triton(
             q, k, v, g, beta, cu_seqlens, state, state_indices, has_initial_state,
-            scale, use_qk_l2norm, chunk_size,
+            scale, use_qk_l2norm, chunk_size or 64,
         )  # fmt: skip
-    H, K = k.shape[1:]
-    HV = v.shape[1]
+    chunk_size = chunk_size or CPU_CHUNK_SIZE
+    K = k.shape[-1]
     scale = K**-0.5 if scale is None else scale
     qf, kf = q.float(), k.float()
     if use_qk_l2norm:
         qf, kf = l2norm(qf), l2norm(kf)
-    qf = qf.repeat_interleave(HV // H, dim=1) * scale
-    kf = kf.repeat_interleave(HV // H, dim=1)
     h0 = state[state_indices].float()
     h0 = torch.where(has_initial_state.to(h0.device)[:, None, None, None], h0, 0.0)
-    o, h = _chunk_torch(qf, kf, v.float(), g.float(), beta.float(), cu_seqlens, h0, chunk_size)
+    o, h = _chunk_torch(
+        qf * scale, kf, v.float(), g.float(), beta.float(), cu_seqlens, h0, chunk_size
+    )
     state[state_indices] = h.to(state.dtype)
     return o.to(v.dtype)
 
@@ -136,7 +151,7 @@ def chunk_gated_delta_rule_with_gating(
     has_initial_state: torch.Tensor,  # [B] bool
     scale: float | None = None,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """chunk_gated_delta_rule with gdn_gating fused in: g and beta never reach memory on GPU."""
     if use_triton(q):
@@ -144,7 +159,7 @@ def chunk_gated_delta_rule_with_gating(
 
         return chunk_gated_delta_rule_triton(
             q, k, v, None, None, cu_seqlens, state, state_indices, has_initial_state,
-            scale, use_qk_l2norm, chunk_size, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
+            scale, use_qk_l2norm, chunk_size or 64, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
         )  # fmt: skip
     g, beta = gdn_gating(a, b, A_log, dt_bias)
     return chunk_gated_delta_rule(

@@ -62,11 +62,14 @@ def _args(x, state):
     return (x["cu_seqlens"], state, x["state_indices"], x["has_initial_state"])
 
 
+@pytest.mark.parametrize("chunk_size", [None, 64, 16], ids=["cpu-default", "C64", "C16"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_chunk_gated_delta_rule(dtype):
+def test_chunk_gated_delta_rule(dtype, chunk_size):
+    """The PyTorch path at its CPU default chunk (32), at the Triton one and below both."""
     x = _inputs(dtype, "cpu")
     state = x["state"].clone()
-    o = chunk_gated_delta_rule(*(x[n] for n in ("q", "k", "v", "g", "beta")), *_args(x, state))
+    qkv = (x[n] for n in ("q", "k", "v", "g", "beta"))
+    o = chunk_gated_delta_rule(*qkv, *_args(x, state), chunk_size=chunk_size)
     _check(x, o, state, dtype)
 
 
