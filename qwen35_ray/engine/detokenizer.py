@@ -10,6 +10,13 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        # a fast tokenizer without space clean-up decodes exactly as its Rust backend does;
+        # calling the backend skips transformers' per-call argument handling (twice a token)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=self.skip)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=self.skip)
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the window decoded for context
         self.read_offset = 0  # tokens up to here have been emitted as text
@@ -17,7 +24,7 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes (may be empty)."""
         self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        decode = self._decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         full = decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):

@@ -15,7 +15,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is an entity: identity, not field-by-field equality
 class Sequence:
     request_id: str
     index: int  # which of the request's n outputs
