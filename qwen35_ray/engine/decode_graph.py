@@ -3,9 +3,10 @@
 In eager PyTorch a decode step of a small model is hundreds of small ops, each costing more to
 dispatch than to compute. `Qwen35ForCausalLM.decode_step` runs the same layers on states passed
 in and returned, writing nothing, so Inductor compiles the whole step, logits included, into
-one graph of fused C++ kernels and matmuls. This class gathers the batch's states before the
-graph and stores what it returns after: GDN states into their slots, the new K/V into the
-paged blocks and DecodeKV.
+one graph of fused C++ kernels and matmuls. The graph reads the batch's GDN states from their
+slots (the whole slot tensors are its inputs, so no gathered copy is made before it); this
+class stores what it returns: GDN states into their slots, the new K/V into the paged blocks
+and DecodeKV.
 
 Shapes are dynamic (sequences, slots, context length). Batches of one sequence are padded to
 two rows, so one graph serves every batch instead of PyTorch specialising size 1. The graph
@@ -87,8 +88,8 @@ class CompiledDecode:
             pos,
             idx,
             lengths,
-            cache.conv[:, idx],
-            cache.recurrent[:, idx],
+            cache.conv,
+            cache.recurrent,
             [d.key[:rows, :, :n] for d in kv],
             [d.value[:rows, :, :n] for d in kv],
         )

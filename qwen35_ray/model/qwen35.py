@@ -61,19 +61,22 @@ class Qwen35ForCausalLM(nn.Module):
         positions: torch.Tensor,  # [B]
         rows: torch.Tensor,  # [B] state slot of each sequence
         lengths: torch.Tensor,  # [R] earlier tokens of each slot's sequence
-        conv: torch.Tensor,  # [n_gdn, B, C, W-1] the sequences' GDN states
-        recurrent: torch.Tensor,  # [n_gdn, B, HV, K, V]
+        conv: torch.Tensor,  # [n_gdn, S, C, W-1] the GDN state slots
+        recurrent: torch.Tensor,  # [n_gdn, S, HV, K, V]
         keys: list[torch.Tensor],  # per attention layer [R, Hkv, n, D] earlier K (DecodeKV)
         values: list[torch.Tensor],
     ):
         """forward() + compute_logits() for a batch of decodes without writing the cache, so it
-        can be compiled into one graph: (logits [B, vocab] fp32, conv', recurrent', the new
-        keys and values [n_attn, B, Hkv, D]). The caller stores the states."""
+        can be compiled into one graph: (logits [B, vocab] fp32, conv', recurrent' [n_gdn, B,
+        ...] of the batch's sequences, the new keys and values [n_attn, B, Hkv, D]). The
+        caller stores the states. The slots are read here, by `rows`, so a compiled graph
+        reads them where they are instead of from a gathered copy."""
         x = self.embed_tokens(input_ids)
         new_conv, new_rec, new_k, new_v = [], [], [], []
         for layer, idx in zip(self.layers, self._cache_index):
             if layer.layer_type == "linear_attention":
-                x, c, r = layer.decode_step(x, positions, rows, lengths, conv[idx], recurrent[idx])
+                c, r = conv[idx][rows], recurrent[idx][rows]
+                x, c, r = layer.decode_step(x, positions, rows, lengths, c, r)
                 new_conv.append(c)
                 new_rec.append(r)
             else:
