@@ -14,7 +14,9 @@ from qwen35_kernels.gdn.naive import l2norm
 from qwen35_kernels.utils import use_triton
 
 # The PyTorch path's elementwise work per token grows with the chunk and its sequential steps
-# shrink with it; on a 2-core CPU with head dims of 32, 32 beat 64 and 16 (docs/bench/offline.md)
+# shrink with it. On a 2-core CPU with head dims of 32, 32 beat 64 at every size measured and
+# 16 at 2048-token batches; 16 won on short prompts alone, 240 tokens or less
+# (docs/bench/offline.md)
 CPU_CHUNK_SIZE = 32
 
 

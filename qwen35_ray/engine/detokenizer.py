@@ -8,7 +8,6 @@ tokens rather than the whole output each step.
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         # a fast tokenizer without space clean-up decodes exactly as its Rust backend does;
         # calling the backend skips transformers' per-call argument handling (twice a token)
