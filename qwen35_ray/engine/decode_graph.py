@@ -8,8 +8,9 @@ slots (the whole slot tensors are its inputs, so no gathered copy is made before
 class stores what it returns: GDN states into their slots, the new K/V into the paged blocks
 and DecodeKV.
 
-Shapes are dynamic (sequences, slots, context length). Batches of one sequence are padded to
-two rows, so one graph serves every batch instead of PyTorch specialising size 1. The graph
+Shapes are dynamic (sequences, slots, context length), traced size-obliviously: PyTorch would
+otherwise specialise sizes of 1, and a batch of one sequence would need a graph of its own or
+padding to two rows (which doubled the MoE's gathered work at one sequence). The graph
 guards on its inputs only, so the MoE's CPU path chosen by batch size is fixed when a graph is
 traced: an MoE model gets a second graph for batches above `gathers_experts`, and this class
 picks the graph by batch size.
@@ -32,8 +33,6 @@ from qwen35_ray.model.cache import HybridCache
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS = 2
-
 
 class CompiledDecode:
     def __init__(self, model, cache: HybridCache):
@@ -49,37 +48,31 @@ class CompiledDecode:
         while moe and gathers_experts(self.max_gathered + 1, k, E):
             self.max_gathered += 1
         # the large-batch graph only where the slots allow such a batch
-        n_graphs = 2 if moe and cache.num_slots > max(self.max_gathered, MIN_ROWS) else 1
+        n_graphs = 2 if moe and cache.num_slots > self.max_gathered else 1
         self.fns = [_compile(model.decode_step) for _ in range(n_graphs)]
         self.steps = [0] * n_graphs  # decode steps run through each graph
 
     def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] fp32 of a batch of decodes (ForwardBatch.is_decode); the cache is
         updated as the eager forward would."""
-        cache, B = self.cache, batch.num_seqs
+        cache = self.cache
         slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
         kv = cache.decode_kv[: self.n_attn]
         for j, d in enumerate(kv):
             d.refill(slots, positions, batch.block_tables, cache.key[j], cache.value[j])
-        idx, pos = batch.state_indices, batch.positions
-        if B < MIN_ROWS:  # a copy of the first row; its outputs are dropped
-            pad = [0] * (MIN_ROWS - B)
-            input_ids, idx, pos = (torch.cat([t, t[pad]]) for t in (input_ids, idx, pos))
-        logits, conv, rec, k, v = self._graph(input_ids, idx, pos, slots, positions)
-        cache.conv[:, idx[:B]] = conv[:, :B]
-        cache.recurrent[:, idx[:B]] = rec[:, :B]
+        idx = batch.state_indices
+        logits, conv, rec, k, v = self._graph(input_ids, idx, batch.positions, slots, positions)
+        cache.conv[:, idx] = conv
+        cache.recurrent[:, idx] = rec
         for j, d in enumerate(kv):
-            write_kv(k[j, :B], v[j, :B], cache.key[j], cache.value[j], batch.slot_mapping)
-            d.append(k[j, :B], v[j, :B], slots, positions)
-        return logits[:B]
+            write_kv(k[j], v[j], cache.key[j], cache.value[j], batch.slot_mapping)
+            d.append(k[j], v[j], slots, positions)
+        return logits
 
     def _graph(self, input_ids, idx, pos, slots, positions):
         cache = self.cache
         kv = cache.decode_kv[: self.n_attn]
         rows, lengths, n = decode_rows(slots, positions)
-        # at least MIN_ROWS rows and tokens, so no size is 1
-        rows, n = min(max(rows, MIN_ROWS), cache.num_slots), max(n, MIN_ROWS)
-        lengths = torch.cat([lengths, lengths.new_full((rows - len(lengths),), n)])
         for d in kv:
             d.reserve(n)
         g = len(self.fns) - 1 if len(input_ids) > self.max_gathered else 0
@@ -104,7 +97,7 @@ class CompiledDecode:
         # sizes unlike each other and any fixed dimension, so none is specialised or tied
         # (slots repeat when there are fewer than 5: nothing is written); the large-batch
         # graph traces a batch of every slot
-        small = max(MIN_ROWS, min(3, self.max_gathered)) if self.max_gathered else 3
+        small = min(3, self.max_gathered) if self.max_gathered else 3
         batches = [([s % S for s in (0, 2, 4)][:small], [37, 20, 11][:small])]
         if len(self.fns) == 2:
             batches.append((list(range(S)), [13 + 7 * i for i in range(S)]))
@@ -112,8 +105,9 @@ class CompiledDecode:
         # tying the batch to fixed dimensions. Float attributes (norm eps, attention scale)
         # become constants: unspecialised, each would be a 0-d tensor built on every call
         # and passed in, about a third of the time Dynamo spends around the graph.
-        patches = fx_config.patch(use_duck_shape=False), dynamo_config.patch(specialize_float=True)
-        with torch.inference_mode(), patches[0], patches[1]:
+        shapes = fx_config.patch(use_duck_shape=False, backed_size_oblivious=True)
+        floats = dynamo_config.patch(specialize_float=True)
+        with torch.inference_mode(), shapes, floats:
             for slots, positions in batches:
                 t = torch.tensor(slots)
                 self._graph(torch.zeros_like(t), t, torch.tensor(positions), slots, positions)

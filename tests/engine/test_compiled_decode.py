@@ -25,8 +25,8 @@ def tokens(done):
 
 
 def test_compiled_decode_equals_eager_and_transformers(setup):
-    """Six requests ending at different steps, so the batch shrinks to one sequence (padded
-    to two rows); the longest grows its copy past the first GROW tokens. The checkpoint has 8
+    """Six requests ending at different steps, so the batch shrinks to one sequence; the
+    longest grows its copy past the first GROW tokens. The checkpoint has 8
     experts, top 3: batches of up to 5 run the graph with gathered experts, 6 the other one."""
     ref, path, tok, compiled = setup
     lengths = [1, 9, 30, 77, GROW - 3, 140]
@@ -62,6 +62,18 @@ def test_compiled_decode_after_prefix_hits_and_slot_reuse(setup):
         assert tokens(done) == tokens(run(eager, requests))
         hits += [out.num_cached_tokens for out in done.values()]
     assert hits[0] == 0 and min(hits[1:]) > 0
+    assert compiled.cache_manager.is_empty
+
+
+def test_compiled_decode_of_one_token_prompt_alone(setup):
+    """Every size at 1: one sequence (in slot 0, so one row of DecodeKV) decoding its second
+    token, with one earlier token. The graphs were traced with none of these sizes at 1."""
+    ref, path, tok, compiled = setup
+    requests = {"one": ([7], SamplingParams(max_tokens=5, **GREEDY))}
+    before = sum(compiled.runner.compiled_decode.steps)
+    got = tokens(run(compiled, requests))
+    assert sum(compiled.runner.compiled_decode.steps) - before == 4
+    assert got["one"] == hf_greedy(ref, [7], 5)
     assert compiled.cache_manager.is_empty
 
 
