@@ -66,13 +66,16 @@ def test_compiled_decode_after_prefix_hits_and_slot_reuse(setup):
 
 
 def test_compiled_decode_of_one_token_prompt_alone(setup):
-    """Every size at 1: one sequence (in slot 0, so one row of DecodeKV) decoding its second
-    token, with one earlier token. The graphs were traced with none of these sizes at 1."""
-    ref, path, tok, compiled = setup
+    """Every size at 1: one sequence in a fresh engine's slot 0 (one row of DecodeKV) decoding
+    its second token, with one earlier token. Its graph was traced with 3 sequences, 5 rows and
+    37 earlier tokens."""
+    ref, path, tok, _ = setup
+    compiled = make_engine(path, tok, max_num_seqs=4, compile_decode=True)
     requests = {"one": ([7], SamplingParams(max_tokens=5, **GREEDY))}
-    before = sum(compiled.runner.compiled_decode.steps)
     got = tokens(run(compiled, requests))
-    assert sum(compiled.runner.compiled_decode.steps) - before == 4
+    assert (
+        compiled.runner.compiled_decode.steps[0] == sum(compiled.runner.compiled_decode.steps) == 4
+    )
     assert got["one"] == hf_greedy(ref, [7], 5)
     assert compiled.cache_manager.is_empty
 
