@@ -1,7 +1,8 @@
 """compile_decode: steps of pure decodes as one torch.compile graph (CPU). It must produce what
 the eager engine and transformers produce, through each way a slot's DecodeKV copy goes stale:
 a new sequence in the slot, a restored prefix-cache snapshot, a copy that grows past its room.
-One engine compiles once for the module (tens of seconds on 2 cores)."""
+Most tests share one compiled engine; compiling takes tens of seconds on 2 cores, a few from
+Inductor's cache."""
 
 import pytest
 from engine_fixtures import checkpoint, hf_greedy, make_engine, prompt, run, tiny_tokenizer
