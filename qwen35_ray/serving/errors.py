@@ -16,11 +16,18 @@ class OpenAIError(Exception):
     """An error a client sees with its status; raised anywhere, rendered by the ingress."""
 
     def __init__(
-        self, message: str, status: int = 400, type: str | None = None, param: str | None = None
+        self,
+        message: str,
+        status: int = 400,
+        type: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
         self.type = type or TYPES.get(status, "invalid_request_error")
+        # e.g. Retry-After on a 503
+        self.headers = headers
 
     def body(self) -> dict:
         return {
@@ -33,4 +40,11 @@ class OpenAIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class Overloaded(OpenAIError):
+    """503 with Retry-After: a bounded queue is full, or the replica cannot take work now."""
+
+    def __init__(self, message: str, retry_after_s: int = 1, type: str = "server_overloaded"):
+        super().__init__(message, 503, type, headers={"Retry-After": str(retry_after_s)})
