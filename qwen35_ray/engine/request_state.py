@@ -1,16 +1,17 @@
 """RequestState: a request in flight, moved between engines (prefill pool -> decode pool).
 
 Wire format: one safetensors blob. Its metadata holds a JSON header (format version, model
-fingerprint, request fields, sampling params); its tensors are the request's GDN conv and
-recurrent states for every GDN layer, the K and V of its computed tokens for every
-full-attention layer (real tokens only, no block padding), and the sampler's RNG state.
-Import checks version, fingerprint, shapes and dtypes, and refuses any mismatch.
+fingerprint, request fields, sampling params, the logprobs of the tokens generated so far); its
+tensors are the request's GDN conv and recurrent states for every GDN layer, the K and V of its
+computed tokens for every full-attention layer (real tokens only, no block padding), and the
+sampler's RNG state. Import checks version, fingerprint (architecture, cache dtype and weights),
+token counts, vocabulary, logprobs, RNG state, shapes and dtypes, and refuses any mismatch.
 """
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load, save
@@ -18,14 +19,18 @@ from safetensors.torch import load, save
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 
-VERSION = 1
+VERSION = 2
+# the state tensor of a CPU torch.Generator (mt19937): uint8 [5056]
+RNG_STATE_NUMEL = torch.Generator().get_state().numel()
 
 
-def model_fingerprint(config: ModelConfig, dtype: torch.dtype) -> str:
-    """Hash of everything that shapes or interprets the cached states."""
+def model_fingerprint(config: ModelConfig, dtype: torch.dtype, weights: str) -> str:
+    """`<architecture>-<weights>`: a hash of everything that shapes or interprets the cached
+    states, then the checkpoint's weights fingerprint (model/weights.py)."""
     facts = dataclasses.asdict(config) | {"cache_dtype": str(dtype)}
     facts.pop("dtype"), facts.pop("weight_prefix")
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    arch = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{arch}-{weights}"
 
 
 def state_nbytes(config: ModelConfig, dtype: torch.dtype, num_tokens: int) -> int:
@@ -51,6 +56,8 @@ class RequestState:
     tensors: dict[str, torch.Tensor]  # conv, recurrent, key, value
     rng_state: torch.Tensor  # the sequence's torch.Generator state
     prompt: str | None = None
+    # one {token id: logprob} per output token when params.logprobs is set, else empty
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -66,6 +73,7 @@ class RequestState:
             "num_computed": self.num_computed,
             "params": dataclasses.asdict(self.params),
             "prompt": self.prompt,
+            "output_logprobs": self.output_logprobs,
         }
         tensors = {
             **{k: v.contiguous().cpu() for k, v in self.tensors.items()},
@@ -75,34 +83,109 @@ class RequestState:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "RequestState":
-        tensors = load(blob)
-        header = json.loads(_metadata(blob)["qwen35_ray_request_state"])
-        if header["version"] != VERSION:
+        """Parse a wire blob; anything malformed is a ValueError saying what."""
+        try:
+            tensors = load(blob)
+            header = json.loads(_metadata(blob)["qwen35_ray_request_state"])
+        except Exception as e:
+            raise ValueError(f"not a RequestState blob ({type(e).__name__}: {e})") from e
+        if header.get("version") != VERSION:
             raise ValueError(
-                f"RequestState version {header['version']} is not {VERSION}; "
+                f"RequestState version {header.get('version')} is not {VERSION}; "
                 "prefill and decode replicas must run the same qwen35-ray"
             )
+        rid = header.get("request_id")
+        try:
+            params = SamplingParams(**header["params"])
+        except TypeError as e:
+            raise ValueError(f"RequestState of request {rid!r}: params has {e}") from e
+        except ValueError as e:
+            raise ValueError(f"RequestState of request {rid!r}: params: {e}") from e
+        if "rng_state" not in tensors:
+            raise ValueError(f"RequestState of request {rid!r} has no rng_state tensor")
         rng = tensors.pop("rng_state")
-        return cls(
-            header["request_id"],
-            header["fingerprint"],
-            header["prompt_token_ids"],
-            header["output_token_ids"],
-            header["num_computed"],
-            SamplingParams(**header["params"]),
-            tensors,
-            rng,
-            header["prompt"],
+        try:
+            logprobs = [{int(t): float(v) for t, v in d.items()} for d in header["output_logprobs"]]
+            state = cls(
+                str(rid),
+                str(header["fingerprint"]),
+                _token_ids("prompt_token_ids", header["prompt_token_ids"]),
+                _token_ids("output_token_ids", header["output_token_ids"]),
+                _integer("num_computed", header["num_computed"]),
+                params,
+                tensors,
+                rng,
+                header["prompt"],
+                logprobs,
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"RequestState of request {rid!r} has a malformed header: {e}") from e
+        return state
+
+    def check(self, config: ModelConfig, dtype: torch.dtype, fingerprint: str) -> None:
+        """Refuse a state this engine cannot continue, naming what differs. `fingerprint` is
+        this engine's model_fingerprint."""
+        self._check_fingerprint(fingerprint)
+        rid, p, out = self.request_id, self.prompt_token_ids, self.output_token_ids
+        if self.params.n != 1:
+            raise ValueError(f"RequestState of request {rid!r} has n={self.params.n}; must be 1")
+        if not p or not out:
+            raise ValueError(
+                f"RequestState of request {rid!r} has {len(p)} prompt and {len(out)} output "
+                "tokens; a moved request has at least one of each"
+            )
+        # every token is computed but the last sampled one, which the next step feeds
+        if self.num_computed != len(p) + len(out) - 1:
+            raise ValueError(
+                f"RequestState of request {rid!r} has num_computed={self.num_computed}; with "
+                f"{len(p)} prompt and {len(out)} output tokens it must be {len(p) + len(out) - 1}"
+            )
+        for name, ids in (("prompt_token_ids", p), ("output_token_ids", out)):
+            if bad := [t for t in ids if not 0 <= t < config.vocab_size]:
+                raise ValueError(
+                    f"RequestState of request {rid!r}: {name} holds token id {bad[0]}, outside "
+                    f"this model's vocabulary of {config.vocab_size}"
+                )
+        want = len(out) if self.params.logprobs is not None else 0
+        if len(self.output_logprobs) != want:
+            raise ValueError(
+                f"RequestState of request {rid!r} has {len(self.output_logprobs)} logprobs "
+                f"entries for {len(out)} output tokens with logprobs={self.params.logprobs}; "
+                f"expected {want}"
+            )
+        self._check_rng()
+        self._check_tensors(config, dtype)
+
+    def _check_fingerprint(self, want: str) -> None:
+        if self.fingerprint == want:
+            return
+        got_arch, _, _ = self.fingerprint.partition("-")
+        if got_arch == want.partition("-")[0]:
+            what, fix = "another checkpoint of this architecture", "load the same weights"
+        else:
+            what, fix = "another model or cache dtype", "serve the same model and dtype"
+        raise ValueError(
+            f"RequestState of request {self.request_id!r} comes from {what} (fingerprint "
+            f"{self.fingerprint}, here {want}); prefill and decode replicas must {fix}"
         )
 
-    def check(self, config: ModelConfig, dtype: torch.dtype) -> None:
-        """Refuse a state this engine cannot continue, naming what differs."""
-        want = model_fingerprint(config, dtype)
-        if self.fingerprint != want:
+    def _check_rng(self) -> None:
+        r = self.rng_state
+        if r.dtype != torch.uint8 or tuple(r.shape) != (RNG_STATE_NUMEL,):
             raise ValueError(
-                f"RequestState of request {self.request_id!r} comes from another "
-                f"model or cache dtype (fingerprint {self.fingerprint}, here {want})"
+                f"RequestState of request {self.request_id!r}: rng_state is {r.dtype} "
+                f"{tuple(r.shape)}, expected torch.uint8 ({RNG_STATE_NUMEL},)"
             )
+        # set_state also checks the mt19937 contents, so import cannot fail on it later
+        try:
+            torch.Generator().set_state(r.cpu())
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"RequestState of request {self.request_id!r}: rng_state is not a valid "
+                f"torch.Generator state ({e})"
+            ) from e
+
+    def _check_tensors(self, config: ModelConfig, dtype: torch.dtype) -> None:
         c, L = config, self.num_computed
         shapes = {
             "conv": (len(c.gdn_layers), c.conv_dim, c.linear_conv_kernel_dim - 1),
@@ -123,6 +206,18 @@ class RequestState:
                 raise ValueError(
                     f"RequestState tensor {name}: expected {shape} {dtypes[name]}, got {got}"
                 )
+
+
+def _integer(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _token_ids(name: str, value) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"{name} must be a list of token ids")
+    return [_integer(name, t) for t in value]
 
 
 def _metadata(blob: bytes) -> dict:

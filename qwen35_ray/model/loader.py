@@ -10,7 +10,7 @@ from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.linear import column_major
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
 from qwen35_ray.model.source import resolve_model
-from qwen35_ray.model.weights import load_weights
+from qwen35_ray.model.weights import load_weights, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,4 +55,6 @@ def load_model(
                 if p.dim() == 2 and p is not net.embed_tokens.weight:
                     p.data = column_major(p.data)
         net.fuse_projections()
+    # read by the engine for its RequestState fingerprint: decode must continue on these weights
+    net.weights_fingerprint = weights_fingerprint(path)
     return net.eval().requires_grad_(False), config, path

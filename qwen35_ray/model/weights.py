@@ -7,6 +7,7 @@ an error naming it, and so is any parameter left unfilled. FP8 block-quantised w
 dequantised with their `weight_scale_inv` first.
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -86,6 +87,46 @@ def checkpoint_files(path: Path) -> list[Path]:
     if single.exists():
         return [single]
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+# bytes read from each checkpoint file for its fingerprint: the header, then evenly spaced samples
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 16, 4096
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A 16-hex hash that tells checkpoints apart without reading them whole: the index, and
+    per file its name, size, safetensors header (names, shapes, dtypes, offsets) and 16
+    evenly spaced 4 KiB samples of its data. Two trainings of one architecture differ in
+    every sample; a change confined to a few tensors can go unseen."""
+    h = hashlib.sha256()
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        h.update(index.read_bytes())
+    for file in checkpoint_files(path):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(n))
+            start = 8 + n
+            step = max((size - start) // FINGERPRINT_SAMPLES, 1)
+            for k in range(FINGERPRINT_SAMPLES):
+                f.seek(min(start + k * step, size))
+                h.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def tensor_fingerprint(model: nn.Module) -> str:
+    """For a model built in memory (no checkpoint files): a hash of each parameter's name,
+    shape, dtype and up to 256 evenly spaced values, so it costs little for a big model too."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        # gathered by index: no copy of the whole tensor, whatever its layout or device
+        flat = torch.linspace(0, p.numel() - 1, min(p.numel(), 256), device=p.device).long()
+        sample = p.detach()[torch.unravel_index(flat, p.shape)]
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
