@@ -10,6 +10,10 @@ Conditional disaggregation: a prompt shorter than `min_prefill_tokens`, a reques
 or any prompt while this ingress already waits on `max_prefill_queue` prefills, is prefilled
 on the decode replica itself (the collocated path), where moving it would cost more than it
 saves.
+
+Admission: a decode replica admits an import (or answers 503 when its queue is full) before it
+fetches the state, and the ingress sends the client the first token only once it has, so an
+overloaded decode pool is a plain HTTP 503 rather than an error after the first token.
 """
 
 import asyncio
@@ -47,7 +51,7 @@ class PrefillServer(LLMServer):
     async def prefill(self, prompt_token_ids: list[int], params: dict, request_id: str) -> dict:
         """Returns {"step": the first delta, "handoff": where the state is (None when the
         request already finished), "replica": this replica}."""
-        sp = self._params(prompt_token_ids, params)
+        sp = await self._params(prompt_token_ids, params)
         self.counters["requests_total"] += 1
         last = None
 
@@ -67,6 +71,8 @@ class PrefillServer(LLMServer):
             handoff = transfer.send(last.request_state, self.backend)
             o = last.outputs[0]
             handoff["seen"] = {0: (len(o.token_ids), len(o.text))}
+            # the decode replica admits the import on this before it fetches the state
+            handoff["num_prompt_tokens"] = len(prompt_token_ids)
             self.counters["transfer_bytes_total"] += handoff["nbytes"]
             self.counters["transfer_send_seconds_total"] += handoff["send_s"]
         return {"step": step, "handoff": handoff, "replica": _replica_id()}
@@ -91,20 +97,29 @@ class DecodeServer(LLMServer):
 
     async def decode(self, handoff: dict) -> AsyncIterator[dict]:
         """Import the handed-off state and yield the deltas after the ones already sent.
-        The first item also says which replica decodes and how long the fetch took."""
-        state, seconds = await transfer.receive(handoff)
+        The first item, {"admitted": True, "replica"}, comes at once: this replica took the
+        import (else a 503 before the state is fetched). The next also says how long the
+        fetch took."""
+        self._admit(handoff["num_prompt_tokens"])
+        yield {"admitted": True, "replica": _replica_id()}
+        try:
+            state, seconds = await transfer.receive(handoff)
+        except ValueError as e:
+            raise OpenAIError(f"the handed-off request state is unusable: {e}", 400) from e
         self.counters["imports_total"] += 1
         self.counters["transfer_receive_seconds_total"] += seconds
+        # again: other imports may have been admitted during the fetch; from here nothing
+        # awaits until the import is queued, so a burst cannot pass the bound together
+        self._admit(len(state.prompt_token_ids))
+        first = True
         try:
-            stream = self.engine.import_state(state)
+            async for step in self._deltas(self.engine.import_state(state), handoff["seen"]):
+                if first:
+                    step["receive_s"], first = seconds, False
+                yield step
+        # the engine refused the state (RequestState.check): another model, counts, vocabulary
         except ValueError as e:
             raise OpenAIError(str(e), status=400) from e
-        first = True
-        async for step in self._deltas(stream, handoff["seen"]):
-            if first:
-                step |= {"replica": _replica_id(), "receive_s": seconds}
-                first = False
-            yield step
 
 
 class Disaggregator:
@@ -141,16 +156,23 @@ class Disaggregator:
         finally:
             self.prefills_in_flight -= 1
         self.counters["prefill_seconds_total"] += time.perf_counter() - t0
-        yield first["step"]
         handoff = first["handoff"]
         if handoff is None:  # finished at its first token
+            yield first["step"]
             return
         self.counters["transfers_total"] += 1
         self.counters["transfer_bytes_total"] += handoff["nbytes"]
         self.counters["transfer_wire_bytes_total"] += handoff["wire_bytes"]
         self.counters["transfer_seconds_total"] += handoff["send_s"]
         stream = lambda: self.decode.options(stream=True).decode.remote(handoff)  # noqa: E731
-        async for step in self._on_decode(stream):
+        decoded = self._on_decode(stream)
+        # the first token waits for a decode replica to admit the import, so that an
+        # overloaded decode pool is a clean 503 before any output, not an error mid-stream
+        await anext(decoded)
+        yield first["step"]
+        async for step in decoded:
+            if "admitted" in step:  # from a retry on another replica
+                continue
             if "receive_s" in step:
                 self.counters["transfer_seconds_total"] += step.pop("receive_s")
             yield step
@@ -178,7 +200,8 @@ class Disaggregator:
                 async for step in make_stream():
                     if "replica" in step:
                         self.decode_replicas[step.pop("replica")] += 1
-                    sent = True
+                    # an import's admission is no output: losing the replica after it is retried
+                    sent = sent or "admitted" not in step
                     yield step
                 return
             except REPLICA_LOST as e:

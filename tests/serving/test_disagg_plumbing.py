@@ -60,3 +60,76 @@ def test_retries_run_out():
     with pytest.raises(OpenAIError):
         run(d, streams([LOST], [LOST]))
     assert d.counters["decode_replica_failures_total"] == 2
+
+
+def test_lost_after_admission_before_output_is_retried():
+    """A decode replica's admission of an import is no output: losing it after is retried."""
+    d = Disaggregator(None, None, DisaggregationConfig(retries=1))
+    admitted = {"admitted": True, "replica": "a"}
+    out = run(d, streams([admitted, LOST], [{**admitted, "replica": "b"}, {"outputs": [2]}]))
+    assert out == [{"admitted": True}, {"admitted": True}, {"outputs": [2]}]
+    assert d.counters["decode_retries_total"] == 1
+
+
+class Remote:
+    """A Serve handle method's `.remote`: awaitable, or a stream with stream=True."""
+
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class Pool:
+    def __init__(self, **methods):
+        for name, fn in methods.items():
+            setattr(self, name, Remote(fn))
+
+    def options(self, stream=False):
+        return self
+
+
+FIRST = {"outputs": [{"index": 0, "token_ids": [7]}], "num_cached_tokens": 0}
+# every prompt of these tests is moved
+PD = DisaggregationConfig(retries=1, min_prefill_tokens=1)
+HANDOFF = {"nbytes": 10, "wire_bytes": 20, "send_s": 0.0, "num_prompt_tokens": 30}
+
+
+def prefill_pool():
+    async def prefill(ids, params, request_id):
+        return {"step": FIRST, "handoff": HANDOFF, "replica": "p"}
+
+    return Pool(prefill=prefill)
+
+
+def generate(d: Disaggregator, got: list | None = None) -> list:
+    """The steps of one moved request, also appended to `got` as they come."""
+    got = [] if got is None else got
+
+    async def main():
+        async for step in d.generate(list(range(30)), {}):
+            got.append(step)
+
+    asyncio.run(main())
+    return got
+
+
+def test_an_overloaded_decode_pool_is_a_503_before_the_first_token():
+    async def decode(handoff):
+        raise OpenAIError("the server is overloaded; retry later", status=503)
+        yield
+
+    d = Disaggregator(prefill_pool(), Pool(decode=decode), PD)
+    got = []
+    with pytest.raises(OpenAIError) as e:
+        generate(d, got)
+    # the ingress waits for the first step, so the client gets a plain HTTP 503
+    assert e.value.status == 503 and got == []
+
+
+def test_an_admitted_import_streams_the_first_token_then_the_decode():
+    async def decode(handoff):
+        yield {"admitted": True, "replica": "d"}
+        yield {"outputs": [{"index": 0, "token_ids": [8]}], "receive_s": 0.5}
+
+    d = Disaggregator(prefill_pool(), Pool(decode=decode), PD)
+    assert generate(d) == [FIRST, {"outputs": [{"index": 0, "token_ids": [8]}]}]
+    assert d.decode_replicas == {"d": 1} and d.counters["transfer_seconds_total"] == 0.5

@@ -159,6 +159,61 @@ def test_chat_streaming_equals_collocated(urls):
     assert out[0] == out[1] and out[0]
 
 
+def close_logprobs(got: dict, want: dict) -> bool:
+    return got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-5 for t in want)
+
+
+def test_logprobs_follow_the_request_to_decode(urls):
+    """A moved request returns one logprob entry per token, with its top alternatives, equal
+    to the collocated app's: completions (streamed) and chat (not streamed)."""
+    name = "qwen35_ray_requests_disaggregated_total"
+    before = metrics(urls[1])
+    ids = prompt_ids(40, 7)
+    runs = []
+    for base in urls:
+        tokens, lps, tops = [], [], []
+        for ev in client(base).completions.create(
+            model=MODEL,
+            prompt=ids,
+            logprobs=3,
+            stream=True,
+            temperature=0,
+            max_tokens=8,
+            extra_body={"ignore_eos": True},
+        ):
+            for ch in ev.choices:
+                tokens += ch.logprobs.tokens
+                lps += ch.logprobs.token_logprobs
+                tops += ch.logprobs.top_logprobs
+        assert len(tokens) == len(lps) == len(tops) == 8
+        runs.append((tokens, lps, tops))
+    (co_tok, co_lp, co_top), (pd_tok, pd_lp, pd_top) = runs
+    assert pd_tok == co_tok
+    assert all(abs(a - b) < 1e-5 for a, b in zip(pd_lp, co_lp))
+    assert all(close_logprobs(a, b) for a, b in zip(pd_top, co_top))
+
+    messages = [{"role": "user", "content": "Plan a three-day trip to Kyoto, day by day."}]
+    chats = []
+    for base in urls:
+        r = client(base).chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            logprobs=True,
+            top_logprobs=2,
+            temperature=0,
+            max_tokens=10,
+            extra_body={"ignore_eos": True},
+        )
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens == 10
+        chats.append(
+            [(c.token, c.logprob, {t.token: t.logprob for t in c.top_logprobs}) for c in content]
+        )
+    for (t0, lp0, top0), (t1, lp1, top1) in zip(*chats):
+        assert t0 == t1 and abs(lp0 - lp1) < 1e-5 and close_logprobs(top1, top0)
+    assert metrics(urls[1])[name] - before.get(name, 0) == 2
+
+
 def test_32_concurrent_streams_use_both_decode_replicas(urls):
     before = metrics(urls[1])
     jobs = [
