@@ -6,15 +6,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "vocab*", "merges*"]
+# what the tokenizer, chat template, config and generation defaults are read from
+TOKENIZER_FILES = ["*.json", "*.jinja", "*.txt", "tokenizer*", "vocab*", "merges*"]
+HUB_FILES = [*TOKENIZER_FILES, "*.safetensors"]
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("QWEN35_RAY_CACHE", Path.home() / ".cache" / "qwen35-ray"))
 
 
-def resolve_model(model: str) -> Path:
-    """Return a local checkpoint directory for `model`.
+def resolve_model(model: str, weights: bool = True) -> Path:
+    """Return a local checkpoint directory for `model`; weights=False fetches only the small
+    files (config, tokenizer, template) of a hub model, for processes that never load weights.
 
     An embedded name (`qwen35-tiny`, `qwen35-tiny-dense`) is generated into the cache on first
     use; an existing directory is used as is; anything else is a hub id fetched with
@@ -40,7 +43,11 @@ def resolve_model(model: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
     log.info("fetching %s from the Hugging Face hub%s", model, " cache" if offline else "")
     try:
-        path = snapshot_download(model, allow_patterns=HUB_FILES, local_files_only=offline)
+        path = snapshot_download(
+            model,
+            allow_patterns=HUB_FILES if weights else TOKENIZER_FILES,
+            local_files_only=offline,
+        )
         return Path(path)
     except Exception as e:
         hint = " (HF_HUB_OFFLINE is set and it is not in the local hub cache)" if offline else ""

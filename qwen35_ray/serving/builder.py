@@ -28,18 +28,26 @@ def parse_args(args: dict | None) -> AppConfig:
         raise ValueError("invalid qwen35-ray app args:\n" + "\n".join(lines)) from None
 
 
+def _without_key(cfg: AppConfig) -> dict:
+    """The engine replicas' args: they check no key, and the dashboard shows init args. The
+    ingress gets the key as a SecretStr (masked in reprs); api_key_env / api_key_file keep it
+    out of the args altogether."""
+    return cfg.model_dump(exclude={"api_key"})
+
+
 def build_app(args: dict | None = None) -> serve.Application:
     cfg = parse_args(args)
-    raw = cfg.model_dump()
-    llm = serve.deployment(LLMServer, name="LLMServer", **cfg.llm_server.options()).bind(raw)
+    llm = serve.deployment(LLMServer, name="LLMServer", **cfg.llm_server.options()).bind(
+        _without_key(cfg)
+    )
     return serve.deployment(OpenAIIngress, name="OpenAIIngress", **cfg.ingress.options()).bind(
-        llm, raw
+        llm, cfg.model_dump()
     )
 
 
 def build_pd_app(args: dict | None = None) -> serve.Application:
     cfg = parse_args(args)
-    raw = cfg.model_dump()
+    raw = _without_key(cfg)
     prefill_router = RequestRouterConfig(
         request_router_class=PrefixAffinityRouter,
         request_router_kwargs={
@@ -65,5 +73,5 @@ def build_pd_app(args: dict | None = None) -> serve.Application:
         **cfg.decode_server.options(),
     ).bind(raw)
     return serve.deployment(OpenAIIngress, name="OpenAIIngress", **cfg.ingress.options()).bind(
-        decode, raw, prefill
+        decode, cfg.model_dump(), prefill
     )

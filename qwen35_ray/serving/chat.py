@@ -4,26 +4,34 @@ import json
 import time
 import uuid
 
+from qwen35_ray.serving import limits
 from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.parsers import ReasoningParser, ToolCallParser, prompt_ends_in_reasoning
-from qwen35_ray.serving.protocol import ChatCompletionRequest
+from qwen35_ray.serving.protocol import ChatCompletionRequest, ChatInput
+from qwen35_ray.serving.request_body import scan
 
 
-def render_prompt(tokenizer, req: ChatCompletionRequest) -> str:
+def render_prompt(tokenizer, req: ChatInput, add_generation_prompt: bool = True) -> str:
+    """The chat template applied to a validated request (a chat completion or /tokenize).
+    Blocking: the ingress calls it in a worker thread with a time budget."""
     messages = [_normalise(m) for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    kwargs = dict(req.chat_template_kwargs or {})
+    # present only when the operator trusts request templates (checks.chat_template)
+    if req.chat_template is not None:
+        kwargs["chat_template"] = req.chat_template
     try:
         return tokenizer.apply_chat_template(
             messages,
             tools=tools,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             tokenize=False,
-            **(req.chat_template_kwargs or {}),
+            **kwargs,
         )
     except Exception as e:  # the template's own checks (roles, order, content parts)
         raise OpenAIError(
             f"messages could not be rendered by the chat template: {e}", param="messages"
-        ) from e
+        ) from None
 
 
 def _normalise(message: dict) -> dict:
@@ -36,11 +44,17 @@ def _normalise(message: dict) -> dict:
         fn = dict(call.get("function") or {})
         if isinstance(fn.get("arguments"), str):
             try:
-                fn["arguments"] = json.loads(fn["arguments"] or "{}")
-            except json.JSONDecodeError as e:
+                fn["arguments"] = json.loads(fn["arguments"] or "{}", parse_constant=float)
+            except (ValueError, RecursionError) as e:
                 raise OpenAIError(
                     f"tool call arguments are not valid JSON: {e}", param="messages"
-                ) from e
+                ) from None
+            # the body's own checks, for the JSON inside this string
+            if scan(fn["arguments"], limits.MAX_JSON_DEPTH)[0] is not None:
+                raise OpenAIError(
+                    "tool call arguments nest too deeply or hold a lone surrogate",
+                    param="messages",
+                )
         fixed.append({**call, "function": fn})
     return {**message, "tool_calls": fixed}
 

@@ -1,8 +1,10 @@
 """AppConfig: the `args` of a Serve YAML, validated with readable errors."""
 
+import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class DeploymentConfig(BaseModel):
@@ -87,7 +89,23 @@ class AppConfig(BaseModel):
     decode_server: DeploymentConfig = DeploymentConfig()
     disaggregation: DisaggregationConfig = DisaggregationConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5)
-    api_key: str | None = Field(None, description="if set, Bearer token required on /v1 routes")
+    api_key: SecretStr | None = Field(
+        None,
+        description="if set, Bearer token required on /v1 routes; local use only: Ray's "
+        "dashboard shows the app's args, prefer api_key_env or api_key_file",
+    )
+    api_key_env: str | None = Field(
+        None, description="name of an environment variable holding the API key"
+    )
+    api_key_file: str | None = Field(
+        None, description="path of a file holding the API key (a mounted Kubernetes Secret)"
+    )
+    trust_request_chat_template: bool = Field(
+        False, description="let requests bring their own chat template (runs their Jinja)"
+    )
+    render_timeout_s: float = Field(
+        10.0, gt=0, description="time budget for rendering and tokenizing one request's prompt"
+    )
     max_waiting_requests: int | None = Field(
         None, ge=0, description="queued prompts beyond which requests get 503 (4 x max_num_seqs)"
     )
@@ -96,6 +114,38 @@ class AppConfig(BaseModel):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    def resolve_api_key(self) -> str | None:
+        """The key from whichever of api_key, api_key_env and api_key_file is set."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"api_key_env={self.api_key_env!r} names an environment variable that is "
+                    "unset or empty on this replica; set it or drop api_key_env"
+                )
+            return key
+        if self.api_key_file is not None:
+            try:
+                key = Path(self.api_key_file).read_text().strip()
+            except OSError as e:
+                raise ValueError(
+                    f"api_key_file={self.api_key_file!r} cannot be read ({e.strerror}); "
+                    "mount the file or drop api_key_file"
+                ) from None
+            if not key:
+                raise ValueError(f"api_key_file={self.api_key_file!r} is empty")
+            return key
+        return None
+
+    @model_validator(mode="after")
+    def _one_key_source(self):
+        given = [k for k in ("api_key", "api_key_env", "api_key_file") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"set one of {', '.join(given)}, not several")
+        return self
 
     @model_validator(mode="after")
     def _gpu_needs_cuda(self):

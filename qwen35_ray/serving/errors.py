@@ -6,6 +6,7 @@ TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     503: "server_overloaded",
     500: "internal_error",
@@ -25,7 +26,8 @@ class OpenAIError(Exception):
     ):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
-        self.type = type or TYPES.get(status, "invalid_request_error")
+        fallback = "internal_error" if status >= 500 else "invalid_request_error"
+        self.type = type or TYPES.get(status, fallback)
         # e.g. Retry-After on a 503
         self.headers = headers
 

@@ -6,20 +6,23 @@ reached through a Serve handle.
 """
 
 import asyncio
-import json
+import hmac
 import logging
 import time
 import uuid
 
-import pydantic
 import transformers
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from ray import serve
+from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
 
+from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.source import resolve_model
+from qwen35_ray.serving import limits
 from qwen35_ray.serving.chat import (
     ChoiceParser,
     chat_logprobs,
@@ -30,7 +33,9 @@ from qwen35_ray.serving.chat import (
 from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.disagg import Disaggregator
 from qwen35_ray.serving.errors import OpenAIError
+from qwen35_ray.serving.fanout import collect_all, start_all
 from qwen35_ray.serving.metrics import render, replica_stats, samples
+from qwen35_ray.serving.openapi import request_body
 from qwen35_ray.serving.parsers import prompt_ends_in_reasoning
 from qwen35_ray.serving.protocol import (
     ChatCompletionRequest,
@@ -38,7 +43,8 @@ from qwen35_ray.serving.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from qwen35_ray.serving.streams import collect, merge, primed, sse, usage
+from qwen35_ray.serving.request_body import parse_object, read_capped, validate
+from qwen35_ray.serving.streams import merge, sse, usage
 from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -48,6 +54,18 @@ app = FastAPI(title="qwen35-ray", docs_url=None, redoc_url=None)
 @app.exception_handler(OpenAIError)
 async def _openai_error(_, exc: OpenAIError):
     return exc.response()
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_, exc: HTTPException):
+    """Starlette's own answers (404 unknown route, 405 wrong method) as OpenAI errors."""
+    return OpenAIError(str(exc.detail), status=exc.status_code, headers=exc.headers).response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_, exc: RequestValidationError):
+    # routes validate their own bodies; this covers any FastAPI-level parameter
+    return OpenAIError(f"invalid request: {exc.errors()[0].get('msg')}").response()
 
 
 @app.exception_handler(Exception)
@@ -64,9 +82,16 @@ class OpenAIIngress:
         self.cfg = AppConfig.model_validate(config)
         self.llm = llm
         self.pd = None if prefill is None else Disaggregator(prefill, llm, self.cfg.disaggregation)
-        path = resolve_model(self.cfg.model)
+        # the tokenizer, template and config: a hub model's weights stay on the hub
+        path = resolve_model(self.cfg.model, weights=False)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         model_config = ModelConfig.from_hf(path)
+        self.context = {
+            "vocab_size": model_config.vocab_size,
+            "trust_request_chat_template": self.cfg.trust_request_chat_template,
+        }
+        key = self.cfg.resolve_api_key()
+        self.authorization = None if key is None else f"Bearer {key}".encode()
         self.max_model_len = min(
             self.cfg.engine.max_model_len or 10**9, model_config.max_position_embeddings
         )
@@ -74,33 +99,18 @@ class OpenAIIngress:
         self.created = int(time.time())
 
     def _check_key(self, request: Request) -> None:
-        if self.cfg.api_key is None:
+        if self.authorization is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.cfg.api_key}":
+        # Starlette decodes headers as latin-1, so this gives back the bytes sent
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(given, self.authorization):
             raise OpenAIError("invalid or missing API key (Authorization: Bearer ...)", 401)
 
     async def _body(self, request: Request, model_cls):
         self._check_key(request)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.cfg.max_request_bytes:
-            raise OpenAIError(f"request body over {self.cfg.max_request_bytes} bytes", 413)
-        raw = await request.body()
-        if len(raw) > self.cfg.max_request_bytes:
-            raise OpenAIError(f"request body over {self.cfg.max_request_bytes} bytes", 413)
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError(f"the body is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise OpenAIError("the body must be a JSON object")
-        try:
-            req = model_cls.model_validate(data)
-        except pydantic.ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"]) or None
-            raise OpenAIError(
-                f"{where}: {first['msg']}" if where else first["msg"], param=where
-            ) from e
+        raw = await read_capped(request, self.cfg.max_request_bytes)
+        data = await asyncio.to_thread(parse_object, raw)
+        req = validate(model_cls, data, self.context)
         model = getattr(req, "model", None)
         if model is not None and model != self.cfg.model_name:
             raise OpenAIError(
@@ -109,6 +119,40 @@ class OpenAIIngress:
                 param="model",
             )
         return req
+
+    async def _off_loop(self, fn, *args):
+        """fn(*args) in a worker thread, within render_timeout_s: templates and tokenizers
+        are CPU work a request controls, which must not hold the event loop."""
+        budget = self.cfg.render_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), budget)
+        except TimeoutError:
+            raise OpenAIError(
+                f"the prompt took more than render_timeout_s={budget:g} s to render and "
+                "tokenize; shorten it (or raise render_timeout_s in the app config)"
+            ) from None
+
+    def _chat_prompt(self, req, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        prompt = render_prompt(self.tokenizer, req, add_generation_prompt)
+        return prompt, self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _params(self, req, max_tokens: int, logprobs: int | None, structured) -> dict:
+        """The params dict for the LLM servers, checked here so that a request with several
+        prompts is refused before any of them starts."""
+        params = req.sampling(max_tokens, logprobs, self.defaults)
+        try:
+            params["structured"] = structured()
+        except OpenAIError:
+            raise
+        # a schema the grammar builder cannot read is the request's fault
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            param = "tools" if getattr(req, "tools", None) else "response_format"
+            raise OpenAIError(f"{param}: the schema cannot be used: {e}", param=param) from None
+        try:
+            SamplingParams(**params)
+        except (TypeError, ValueError) as e:
+            raise OpenAIError(str(e)) from None
+        return params
 
     def _max_tokens(self, given: int | None, prompt_len: int) -> int:
         if prompt_len >= self.max_model_len:
@@ -165,43 +209,41 @@ class OpenAIIngress:
                     found += samples(stats, {"pool": pool, "replica": stats.pop("replica")})
         return PlainTextResponse(render(found), media_type="text/plain; version=0.0.4")
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
     async def tokenize(self, request: Request):
         req = await self._body(request, TokenizeRequest)
         if req.messages is not None:
-            chat = ChatCompletionRequest(model=self.cfg.model_name, messages=req.messages)
-            text = render_prompt(self.tokenizer, chat)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            _, ids = await self._off_loop(self._chat_prompt, req, req.add_generation_prompt)
         else:
-            ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+            ids = await self._off_loop(
+                lambda: self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)
+            )
+            ids = ids["input_ids"]
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
     async def detokenize(self, request: Request):
+        # token ids are checked against the vocabulary by the model (validation context)
         req = await self._body(request, DetokenizeRequest)
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise OpenAIError(f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        return {"prompt": await self._off_loop(self.tokenizer.decode, req.tokens)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         req = await self._body(request, ChatCompletionRequest)
-        prompt = render_prompt(self.tokenizer, req)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt, ids = await self._off_loop(self._chat_prompt, req)
         top = req.top_logprobs or 0
-        params = req.sampling(
+        params = self._params(
+            req,
             self._max_tokens(req.max_new_tokens, len(ids)),
             top if req.logprobs else None,
-            self.defaults,
+            lambda: chat_spec(req, prompt_ends_in_reasoning(prompt)),
         )
-        params["structured"] = chat_spec(req, prompt_ends_in_reasoning(prompt))
         parsers = [ChoiceParser(prompt, req) for _ in range(req.n)]
         stream = self._stream(ids, params)
         if req.stream:
-            stream = await primed(stream)
+            (stream,) = await start_all([stream])
             return sse(self._chat_chunks(stream, req, parsers, len(ids)))
-        texts, tokens, lps, reasons = await collect(stream, req.n)
+        ((texts, tokens, lps, reasons),) = await collect_all([stream], req.n)
         choices = []
         for i, p in enumerate(parsers):
             message = p.whole(texts[i])
@@ -277,28 +319,21 @@ class OpenAIIngress:
         if req.stream_options and req.stream_options.include_usage:
             yield chunk(rid, model, created, [], usage=usage(prompt_len, sum(counts)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
-        prompts = []
-        for p in req.prompts():
-            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
-            if not ids:
-                raise OpenAIError("prompt is empty", param="prompt")
-            if any(not isinstance(t, int) or t < 0 for t in ids):
-                raise OpenAIError("token ids must be non-negative integers", param="prompt")
-            prompts.append(ids)
-        streams = []
-        for ids in prompts:
-            params = req.sampling(
-                self._max_tokens(req.max_tokens, len(ids)), req.logprobs, self.defaults
-            )
-            params["structured"] = response_format_spec(req.response_format)
-            streams.append(self._stream(ids, params))
+        # every prompt tokenized and checked before any starts
+        prompts = await self._off_loop(self._completion_prompts, req)
+        spec = lambda: response_format_spec(req.response_format)  # noqa: E731
+        params = [
+            self._params(req, self._max_tokens(req.max_tokens, len(ids)), req.logprobs, spec)
+            for ids in prompts
+        ]
+        streams = [self._stream(ids, p) for ids, p in zip(prompts, params)]
         if req.stream:
-            streams = [await primed(s) for s in streams]
+            streams = await start_all(streams)
             return sse(self._completion_chunks(streams, req, prompts))
-        results = await asyncio.gather(*(collect(s, req.n) for s in streams))
+        results = await collect_all(streams, req.n)
         choices, counts = [], []
         for k, (texts, tokens, lps, reasons) in enumerate(results):
             for i in range(req.n):
@@ -321,6 +356,21 @@ class OpenAIIngress:
             "choices": choices,
             "usage": usage(sum(map(len, prompts)), sum(counts)),
         }
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        prompts = [
+            self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in req.prompts()
+        ]
+        if any(not ids for ids in prompts):
+            raise OpenAIError("prompt is empty", param="prompt")
+        total = sum(map(len, prompts))
+        if total > limits.MAX_TOTAL_PROMPT_TOKENS:
+            raise OpenAIError(
+                f"the prompts have {total} tokens together; one request may bring at most "
+                f"{limits.MAX_TOTAL_PROMPT_TOKENS}; split them over several requests",
+                param="prompt",
+            )
+        return prompts
 
     async def _completion_chunks(self, streams, req, prompts):
         rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.cfg.model_name

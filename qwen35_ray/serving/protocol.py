@@ -1,37 +1,62 @@
 """Request bodies of the OpenAI API (the fields this server honours), validated by pydantic.
 
 Unknown fields are accepted and ignored, as OpenAI's own clients send newer fields freely.
+A field given as null takes its default, as in OpenAI's API. Bounds come from limits.py,
+rules that span a field's values from checks.py.
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from qwen35_ray.serving import checks, limits
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(Body):
     name: str = Field(min_length=1)
     description: str | None = None
+    # the schema's depth and size are bounded by the grammar's own check (TODO(#15): wire
+    # structured.check_schema here once it lands)
     parameters: dict[str, Any] | None = None
 
 
-class Tool(BaseModel):
+class Tool(Body):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedToolChoice(BaseModel):
-    class _Name(BaseModel):
+class NamedToolChoice(Body):
+    class _Name(Body):
         name: str
 
     type: Literal["function"] = "function"
     function: _Name
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(Body):
     model_config = ConfigDict(populate_by_name=True)
 
     name: str | None = None
@@ -41,7 +66,7 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -56,23 +81,41 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class SamplingFields(BaseModel):
+TokenId = Annotated[int, Field(ge=0)]
+Messages = Annotated[
+    list[dict[str, Any]],
+    Field(min_length=1, max_length=limits.MAX_MESSAGES),
+    AfterValidator(checks.messages),
+]
+Tools = Annotated[list[Tool], Field(max_length=limits.MAX_TOOLS)]
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(checks.template_kwargs)]
+ChatTemplate = Annotated[str, AfterValidator(checks.chat_template)]
+
+
+class SamplingFields(Body):
     """Fields shared by chat and completions; extra-body ones follow vLLM's names."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
     model: str
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=limits.MAX_N)
+    best_of: int | None = Field(None, ge=1, le=limits.MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    repetition_penalty: float | None = Field(
+        None, ge=limits.REPETITION_PENALTY_MIN, le=limits.REPETITION_PENALTY_MAX
+    )
+    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
+    stop: Annotated[str | list[str] | None, AfterValidator(checks.stop_strings)] = None
+    stop_token_ids: Annotated[
+        list[TokenId] | None,
+        Field(max_length=limits.MAX_STOP_TOKEN_IDS),
+        AfterValidator(checks.token_ids),
+    ] = None
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(checks.logit_bias)] = None
+    thinking_token_budget: int | None = Field(None, ge=0, le=limits.MAX_THINKING_TOKEN_BUDGET)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
@@ -80,19 +123,36 @@ class SamplingFields(BaseModel):
     user: str | None = None
     response_format: ResponseFormat | None = None
 
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(
+                f"best_of={best_of} is not supported: only best_of equal to n ({n}) or null; "
+                "use n for several outputs"
+            )
+        return best_of
+
     def sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> dict:
         names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        # only when given, so that an engine without the field still takes the rest
+        extra = {
+            k: getattr(self, k)
+            for k in ("logit_bias", "thinking_token_budget")
+            if getattr(self, k) is not None
+        }
         return {
             **defaults,
             **given,
+            **extra,
             "n": self.n,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "seed": self.seed,
             "max_tokens": max_tokens,
-            "stop": stop,
+            "stop": list(self.stop or []),
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
@@ -100,24 +160,31 @@ class SamplingFields(BaseModel):
         }
 
 
-class ChatCompletionRequest(SamplingFields):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+class ChatInput(Body):
+    """What the chat template renders: shared by chat completions and /tokenize."""
+
+    tools: Tools | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+    # vLLM's extra-body field; refused unless the operator trusts request templates
+    chat_template: ChatTemplate | None = None
+
+    @model_validator(mode="after")
+    def _one_template(self):
+        if self.chat_template is not None and "chat_template" in (self.chat_template_kwargs or {}):
+            raise ValueError("give chat_template once, not also in chat_template_kwargs")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields, ChatInput):
+    messages: Messages
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_LOGPROBS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _checks(self):
-        for i, m in enumerate(self.messages):
-            if not isinstance(m.get("role"), str):
-                raise ValueError(f"messages[{i}] needs a string 'role'")
-            content = m.get("content")
-            if content is not None and not isinstance(content, (str, list)):
-                raise ValueError(f"messages[{i}].content must be a string or a list of parts")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -139,31 +206,48 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=limits.MAX_LOGPROBS)
     echo: bool = False
 
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if isinstance(self.prompt, list) and not self.prompt:
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported; leave it false or null")
+        return echo
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt, info: ValidationInfo):
+        if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt is empty")
-        return self
+        prompts = _split(prompt)
+        if len(prompts) > limits.MAX_PROMPTS:
+            raise ValueError(
+                f"at most {limits.MAX_PROMPTS} prompts in one request, got {len(prompts)}; "
+                "split them over several requests"
+            )
+        for k, p in enumerate(prompts):
+            if isinstance(p, list):
+                checks.check_token_ids(p, info, f"prompt[{k}]" if len(prompts) > 1 else "")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+        return _split(self.prompt)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+def _split(p: str | list) -> list[str | list[int]]:
+    if isinstance(p, str):
+        return [p]
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return list(p)
+
+
+class TokenizeRequest(ChatInput):
     model: str | None = None
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: Messages | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
@@ -174,7 +258,6 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+class DetokenizeRequest(Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: Annotated[list[TokenId], AfterValidator(checks.token_ids)]

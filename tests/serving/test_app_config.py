@@ -49,3 +49,33 @@ def test_autoscaling_replaces_a_fixed_replica_count():
     cfg = parse_args({"llm_server": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}})
     options = cfg.llm_server.options()
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_api_key_is_masked_and_kept_from_the_engine_replicas():
+    from qwen35_ray.serving.builder import _without_key
+
+    cfg = parse_args({"api_key": "sk-secret"})
+    assert "sk-secret" not in repr(cfg) and "sk-secret" not in str(cfg.model_dump(mode="json"))
+    assert cfg.resolve_api_key() == "sk-secret"
+    assert "api_key" not in _without_key(cfg)
+
+
+def test_api_key_from_an_environment_variable(monkeypatch):
+    monkeypatch.setenv("QWEN35_TEST_KEY", "sk-env")
+    assert parse_args({"api_key_env": "QWEN35_TEST_KEY"}).resolve_api_key() == "sk-env"
+    monkeypatch.delenv("QWEN35_TEST_KEY")
+    with pytest.raises(ValueError, match="api_key_env='QWEN35_TEST_KEY'"):
+        parse_args({"api_key_env": "QWEN35_TEST_KEY"}).resolve_api_key()
+
+
+def test_api_key_from_a_file(tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("sk-file\n")
+    assert parse_args({"api_key_file": str(secret)}).resolve_api_key() == "sk-file"
+    with pytest.raises(ValueError, match="api_key_file"):
+        parse_args({"api_key_file": str(tmp_path / "missing")}).resolve_api_key()
+
+
+def test_one_source_of_api_key():
+    with pytest.raises(ValueError, match="set one of api_key, api_key_env"):
+        parse_args({"api_key": "a", "api_key_env": "B"})
