@@ -95,12 +95,7 @@ class RequestState:
                 "prefill and decode replicas must run the same qwen35-ray"
             )
         rid = header.get("request_id")
-        try:
-            params = SamplingParams(**header["params"])
-        except TypeError as e:
-            raise ValueError(f"RequestState of request {rid!r}: params has {e}") from e
-        except ValueError as e:
-            raise ValueError(f"RequestState of request {rid!r}: params: {e}") from e
+        params = _params(rid, header.get("params"))
         if "rng_state" not in tensors:
             raise ValueError(f"RequestState of request {rid!r} has no rng_state tensor")
         rng = tensors.pop("rng_state")
@@ -206,6 +201,21 @@ class RequestState:
                 raise ValueError(
                     f"RequestState tensor {name}: expected {shape} {dtypes[name]}, got {got}"
                 )
+
+
+def _params(request_id, fields) -> SamplingParams:
+    where = f"RequestState of request {request_id!r}"
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where} has no params object")
+    if unknown := sorted(set(fields) - {f.name for f in dataclasses.fields(SamplingParams)}):
+        raise ValueError(
+            f"{where}: params has unknown field {unknown[0]!r}; prefill and decode replicas "
+            "must run the same qwen35-ray"
+        )
+    try:
+        return SamplingParams(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: params: {e}") from e
 
 
 def _integer(name: str, value) -> int:
