@@ -1,14 +1,22 @@
 """AsyncEngine: the LLMEngine behind asyncio. A background loop runs steps in a worker thread;
-requests are added, streamed and aborted from coroutines, between steps."""
+requests are added, streamed and aborted from coroutines, between steps.
+
+One request's failure ends only its own stream (errors.RequestError or RequestFailed); a failure
+of the model itself kills the engine, and every open and later stream raises EngineDead.
+"""
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 
+from qwen35_ray.engine.errors import EngineDead, RequestError, request_failure
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.outputs import RequestOutput
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
@@ -18,10 +26,47 @@ class AsyncEngine:
         # ("add", args) / ("import", RequestState) / ("abort", id), applied between steps;
         # an import waits here until a state slot and blocks are free
         self._pending: list[tuple] = []
+        # commands taken from _pending and not yet in the stats snapshot
+        self._applying: list[tuple] = []
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        # the model's failure that killed the engine
         self.errored: BaseException | None = None
+        # replaced whole by the step thread, so a reader never sees a half-updated one
+        self._stats = self._snapshot()
+
+    @property
+    def dead(self) -> bool:
+        return self.errored is not None
+
+    def stats(self) -> dict:
+        """A consistent snapshot of the queues and the cache, safe to call while a step runs.
+        `waiting` and `waiting_prompt_tokens` include adds and imports not yet applied."""
+        with self._lock:
+            stats = dict(self._stats)
+            queued = [c for c in self._pending + self._applying if c[0] != "abort"]
+        for kind, arg in queued:
+            n, prompt = (arg[2].n, arg[1]) if kind == "add" else (1, arg.prompt_token_ids)
+            stats["waiting"] += n
+            stats["waiting_prompt_tokens"] += n * len(prompt)
+        return stats
+
+    def _snapshot(self) -> dict:
+        """Read in the step thread (or before it starts): the scheduler's queues change there."""
+        e, cm = self.engine, self.engine.cache_manager
+        return {
+            "running": len(e.scheduler.running),
+            "waiting": len(e.scheduler.waiting),
+            "waiting_prompt_tokens": sum(len(s.prompt_token_ids) for s in e.scheduler.waiting),
+            "state_slots_total": cm.slots.size,
+            "state_slots_free": cm.slots.num_free,
+            "kv_blocks_total": cm.blocks.size,
+            "kv_blocks_free": cm.blocks.num_free,
+            "preemptions_total": e.scheduler.num_preemptions,
+            "prompt_tokens_computed_total": e.stats["prompt_tokens_computed"],
+            "generation_tokens_total": e.stats["generated_tokens"],
+        }
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -37,10 +82,11 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changes it; the last is finished
         (or, with prefill_only, carries the exported RequestState). Leaving the iteration
-        early (client gone) aborts the request."""
+        early (client gone) aborts the request. Raises RequestError, RequestFailed or
+        EngineDead (engine/errors.py)."""
         self.engine.check_request(prompt_token_ids, params)
         if prefill_only and params.n != 1:
-            raise ValueError("a prefill-only request must have n=1")
+            raise RequestError("a prefill-only request must have n=1")
         args = (request_id, list(prompt_token_ids), params, prompt, prefill_only)
         async for out in self._stream(request_id, ("add", args)):
             yield out
@@ -48,15 +94,18 @@ class AsyncEngine:
     async def import_state(self, state: RequestState) -> AsyncIterator[RequestOutput]:
         """Continue a request another engine prefilled (see LLMEngine.import_request) and
         yield its outputs like generate(). It waits for a free state slot and KV blocks."""
-        self.engine.check_import(state)
+        try:
+            self.engine.check_import(state)
+        except ValueError as e:
+            raise request_failure(state.request_id, e, "being imported") from e
         async for out in self._stream(state.request_id, ("import", state)):
             yield out
 
     async def _stream(self, request_id: str, command: tuple) -> AsyncIterator[RequestOutput]:
         if self.errored is not None:
-            raise RuntimeError("the engine loop has failed") from self.errored
+            raise self._dead_error()
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         with self._lock:
@@ -67,11 +116,12 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await queue.get()
-                if isinstance(item, ValueError):  # import_request refused the state
+                if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if isinstance(item, BaseException):
-                    raise RuntimeError("the engine failed while running this request") from item
+                if item.error is not None:
+                    finished = True
+                    raise item.error
                 finished = item.finished or item.request_state is not None
                 yield item
         finally:
@@ -79,34 +129,53 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def _dead_error(self) -> EngineDead:
+        # a new exception per stream: raising one object in many coroutines tangles tracebacks
+        error = EngineDead("the engine is dead: its model failed; this replica takes no requests")
+        error.__cause__ = self.errored
+        return error
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._pending.append(("abort", request_id))
         self._wake.set()
 
-    def _apply_pending(self) -> list[tuple[str, ValueError]]:
-        """Apply queued commands; return (request id, error) for imports this engine refuses."""
+    def _apply_pending(self) -> list[tuple[str, Exception]]:
+        """Apply queued commands (in the step thread); return (request id, error) for the adds
+        and imports that failed, each failing alone."""
         with self._lock:
             pending, self._pending = self._pending, []
-        waiting, refused = [], []
+            self._applying = pending
+        waiting, failed = [], []
         for kind, arg in pending:
-            if kind == "add":
-                self.engine.add_request(*arg)
-            elif kind == "import":
-                if waiting or not self.engine.can_import(arg):
-                    waiting.append((kind, arg))  # in arrival order, once there is room
-                    continue
-                try:
-                    self.engine.import_request(arg)
-                except ValueError as e:
-                    refused.append((arg.request_id, e))
-            else:
+            if kind == "abort":
                 waiting = [(k, a) for k, a in waiting if a.request_id != arg]
                 self.engine.abort(arg)
-        if waiting:
-            with self._lock:
-                self._pending = waiting + self._pending
-        return refused
+                continue
+            request_id = arg[0] if kind == "add" else arg.request_id
+            when = "being added" if kind == "add" else "being imported"
+            try:
+                if kind == "add":
+                    self.engine.add_request(*arg)
+                elif waiting or not self.engine.can_import(arg):
+                    waiting.append((kind, arg))  # in arrival order, once there is room
+                else:
+                    self.engine.import_request(arg)
+            except Exception as e:
+                failed.append((request_id, request_failure(request_id, e, when)))
+        stats = self._snapshot()
+        with self._lock:
+            self._pending = waiting + self._pending
+            self._applying = []
+            self._stats = stats
+        return failed
+
+    def _step(self) -> list[RequestOutput]:
+        outs = self.engine.step()
+        stats = self._snapshot()
+        with self._lock:
+            self._stats = stats
+        return outs
 
     async def _run(self) -> None:
         try:
@@ -119,12 +188,12 @@ class AsyncEngine:
                     if not self._pending:
                         await self._wake.wait()
                     continue
-                for out in await asyncio.to_thread(self.engine.step):
+                for out in await asyncio.to_thread(self._step):
                     queue = self._streams.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
-        except Exception as e:  # a fault in the engine: fail every open stream, not hang them
+        except Exception as e:  # the model failed (EngineDead) or the engine's own state did
             self.errored = e
+            log.error("the engine is dead; failing %d open streams", len(self._streams), exc_info=e)
             for queue in self._streams.values():
-                queue.put_nowait(e)
-            raise
+                queue.put_nowait(self._dead_error())

@@ -12,6 +12,7 @@ from qwen35_ray.engine.cache_sizing import size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
+from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
 from qwen35_ray.engine.runner import ModelRunner
@@ -22,7 +23,6 @@ from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.loader import load_model
-from qwen35_ray.model.weights import tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ class LLMEngine:
             ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
         )
         self.dtype = dtype = next(model.parameters()).dtype
-        weights = getattr(model, "weights_fingerprint", None) or tensor_fingerprint(model)
-        self.fingerprint = model_fingerprint(config, dtype, weights)
+        self.fingerprint = model_fingerprint(config, dtype)
         size = size_cache(config, ec, dtype, self.max_model_len)
         self.cache = HybridCache.allocate(
             config,
@@ -81,27 +80,36 @@ class LLMEngine:
         return SamplingParams(**{**self.generation_defaults, **overrides})
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError, saying what to change, for a request this engine cannot run."""
+        """Raise RequestError (a ValueError), saying what to change, for a request this engine
+        cannot run."""
         n = len(prompt_token_ids)
         if n == 0:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise RequestError("the prompt is empty; give at least one token")
         if bad := [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]:
-            raise ValueError(
+            raise RequestError(
                 f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size} tokens"
             )
         room = self.max_model_len - n
         if room < 1:
-            raise ValueError(
+            raise RequestError(
                 f"the prompt has {n} tokens; the context of this model is "
                 f"{self.max_model_len}; shorten the prompt"
             )
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
+            raise RequestError(
                 f"max_tokens={params.max_tokens} with a {n}-token prompt exceeds the "
                 f"{self.max_model_len}-token context; lower max_tokens or shorten the prompt"
             )
+        vocab = self.config.vocab_size
+        if bad := [t for t in params.logit_bias or {} if not 0 <= t < vocab]:
+            raise RequestError(
+                f"logit_bias has token id {bad[0]}; token ids must be in [0, {vocab})"
+            )
         if params.structured is not None:
-            self.structured.compile(params.structured)
+            try:
+                self.structured.compile(params.structured)
+            except ValueError as e:
+                raise RequestError(str(e)) from e
 
     def add_request(
         self,
@@ -114,32 +122,52 @@ class LLMEngine:
         """Queue a request. prefill_only: after its first token, export it as a RequestState
         (RequestOutput.request_state) and free its cache here."""
         if prefill_only and params.n != 1:
-            raise ValueError("a prefill-only request must have n=1")
+            raise RequestError("a prefill-only request must have n=1")
         if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
         seqs = []
-        for i in range(params.n):
-            gen = torch.Generator()
-            seed = params.seed + i if params.seed is not None else random.getrandbits(63)
-            gen.manual_seed(seed)
-            seq = Sequence(
-                request_id,
-                i,
-                list(prompt_token_ids),
-                params,
-                gen,
-                arrival=next(self._arrivals),
-                prefill_only=prefill_only,
-            )
-            if params.structured is not None:
-                seq.grammar = self.structured.grammar(params.structured)
-            self._detok[id(seq)] = IncrementalDetokenizer(
-                self.tokenizer, params.skip_special_tokens
-            )
-            seqs.append(seq)
+        try:
+            for i in range(params.n):
+                seqs.append(self._sequence(request_id, i, prompt_token_ids, params, prefill_only))
+        except Exception as e:
+            for seq in seqs:
+                self._detok.pop(id(seq), None)
+            raise request_failure(request_id, e, "being added") from e
+        for seq in seqs:
             self.scheduler.add(seq)
         self._requests[request_id] = (prompt, list(prompt_token_ids), seqs)
+
+    def _sequence(self, request_id, index, prompt_token_ids, params, prefill_only) -> Sequence:
+        gen = torch.Generator()
+        if params.seed is None:
+            gen.manual_seed(random.getrandbits(63))
+        else:
+            # output i of n draws from seed + i, wrapped to the generator's 64 bits
+            gen.manual_seed((params.seed + index) % 2**64)
+        seq = Sequence(
+            request_id,
+            index,
+            list(prompt_token_ids),
+            params,
+            gen,
+            arrival=next(self._arrivals),
+            prefill_only=prefill_only,
+        )
+        if params.structured is not None:
+            seq.grammar = self.structured.grammar(params.structured)
+        self._detok[id(seq)] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        return seq
+
+    def _fail(self, seq: Sequence, e: Exception) -> Exception:
+        """Finish seq's request with an error: seq ends with "error", its unfinished siblings
+        with "abort", and each frees its cache."""
+        error = request_failure(seq.request_id, e, "running")
+        for s in self._requests[seq.request_id][2]:
+            if not s.is_finished:
+                self.scheduler.finish(s, "abort")
+        seq.finish_reason = "error"
+        return error
 
     def abort(self, request_id: str) -> None:
         entry = self._requests.pop(request_id, None)
@@ -155,10 +183,17 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        sampled = self.runner.run(scheduled)
-        touched, exported = {}, {}
+        try:
+            sampled = self.runner.run(scheduled)
+        except Exception as e:
+            # the cache of every sequence in the step is now in doubt
+            raise EngineDead(f"the model failed in a step of {len(scheduled)} sequences") from e
+        touched, exported, failed = {}, {}, {}
         for i, s in enumerate(scheduled):
             seq = s.seq
+            # a sibling failed earlier in this step and took the request down with it
+            if seq.is_finished:
+                continue
             if seq.num_computed < len(seq.prompt_token_ids):
                 self.stats["prompt_tokens_computed"] += min(
                     s.num_new, len(seq.prompt_token_ids) - seq.num_computed
@@ -168,12 +203,26 @@ class LLMEngine:
                 snapshot = self.cache_manager.remember(seq, seq.num_computed)
                 if snapshot is not None:
                     self.cache.copy_slot(seq.slot, snapshot)
-            if i in sampled:
-                self._append(seq, *sampled[i])
-                touched[seq.request_id] = True
+            if i not in sampled:
+                continue
+            touched[seq.request_id] = True
+            try:
+                token, logprobs = sampled[i]
+                if token is None:
+                    raise RequestFailed(
+                        f"request {seq.request_id!r} failed while sampling; "
+                        "the server log has the details"
+                    )
+                # the grammar's accept and the detokenizer run here
+                self._append(seq, token, logprobs)
                 if seq.prefill_only and not seq.is_finished:
                     exported[seq.request_id] = self._export(seq)
-        return [self._output(rid, exported.get(rid)) for rid in touched]
+            except Exception as e:
+                failed[seq.request_id] = self._fail(seq, e)
+        outs = [self._output(rid, exported.get(rid)) for rid in touched]
+        for out in outs:
+            out.error = failed.get(out.request_id)
+        return outs
 
     def _export(self, seq: Sequence) -> RequestState:
         n_attn = len(self.config.attention_layers)
@@ -188,14 +237,13 @@ class LLMEngine:
             tensors,
             seq.generator.get_state(),
             self._requests[seq.request_id][0],
-            list(seq.output_logprobs),
         )
         self.scheduler.remove(seq)
         return state
 
     def check_import(self, state: RequestState) -> None:
         """Raise ValueError for a state this engine can never continue."""
-        state.check(self.config, self.dtype, self.fingerprint)
+        state.check(self.config, self.dtype)
         if state.num_computed + 1 > self.max_model_len:
             raise ValueError(
                 f"request {state.request_id!r} has {state.num_computed + 1} tokens; the "
@@ -227,7 +275,6 @@ class LLMEngine:
             state.params,
             gen,
             output_token_ids=list(state.output_token_ids),
-            output_logprobs=list(state.output_logprobs),
             num_computed=state.num_computed,
             arrival=next(self._arrivals),
             grammar=grammar,

@@ -9,7 +9,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    # "stop", "length", "abort", "error" (see RequestOutput.error) or None while running
+    finish_reason: str | None
 
     @property
     def finished(self) -> bool:
@@ -25,6 +26,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # set when a prefill-only request has sampled its first token and left this engine
     request_state: object | None = None
+    # why the request failed (errors.RequestError or RequestFailed); it is then finished
+    error: Exception | None = None
 
     @property
     def finished(self) -> bool:

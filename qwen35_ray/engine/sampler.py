@@ -4,9 +4,13 @@ generator, so a seeded request samples the same tokens whatever else shares its 
 Legend: B = sequences sampling in this step, V = vocabulary.
 """
 
+import logging
+
 import torch
 
 from qwen35_ray.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -43,33 +47,57 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None = None
-) -> tuple[list[int], list[dict | None]]:
+) -> tuple[list[int | None], list[dict | None]]:
     """logits [B, V] fp32 -> one token per sequence, and its logprobs when asked for.
     allowed: the same logits with the tokens each sequence's grammar forbids at -inf; logprobs
-    still come from the model's own distribution."""
+    still come from the model's own distribution. A row that fails gets the token None (the
+    traceback is logged with its request id) and the other rows are sampled as usual."""
+    picked = logits if allowed is None else allowed
     if all(_plain_greedy(seq.params) for seq in seqs):
         # one argmax for the whole batch instead of a few ops per row
-        picked = logits if allowed is None else allowed
         return picked.argmax(-1).tolist(), [None] * len(seqs)
     tokens, logprobs = [], []
-    for raw, row, seq in zip(logits, logits if allowed is None else allowed, seqs):
-        p = seq.params
-        row = apply_penalties(row.clone(), seq)
-        if p.greedy:
-            token = int(row.argmax())
-        else:
-            row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = row.softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+    for raw, row, seq in zip(logits, picked, seqs):
+        try:
+            token = _sample_row(row.clone(), seq)
+            lp = None if seq.params.logprobs is None else _logprobs(raw, token, seq.params.logprobs)
+        except Exception:
+            log.exception("sampling failed for request %r", seq.request_id)
+            token, lp = None, None
         tokens.append(token)
-        logprobs.append(None if p.logprobs is None else _logprobs(raw, token, p.logprobs))
+        logprobs.append(lp)
     return tokens, logprobs
 
 
+def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
+    """row [V], a copy this function may change."""
+    p = seq.params
+    if p.logit_bias:
+        _add_bias(row, p.logit_bias)
+    # an extreme penalty overflows fp32: inf stays a (huge) finite logit, nan is never picked
+    row = apply_penalties(row, seq).nan_to_num(
+        nan=-torch.inf, posinf=torch.finfo(row.dtype).max, neginf=-torch.inf
+    )
+    if p.greedy:
+        return int(row.argmax())
+    probs = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+    total = probs.sum()
+    if not (probs.isfinite().all() and total > 0):
+        # vLLM's fallback for a distribution that overflowed or was filtered away entirely
+        return int(row.argmax())
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def _add_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    row[ids] += torch.tensor(list(bias.values()), dtype=row.dtype)
+
+
 def _plain_greedy(p) -> bool:
-    """Greedy, no penalty and no logprobs: the token is the row's argmax and nothing else."""
+    """Greedy, no bias, no penalty and no logprobs: the token is the row's argmax."""
     return (
         p.greedy
+        and not p.logit_bias
         and p.logprobs is None
         and p.repetition_penalty == 1.0
         and not p.presence_penalty

@@ -2,6 +2,14 @@
 
 from dataclasses import dataclass, field
 
+# OpenAI's seed is a signed 64-bit integer
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# OpenAI's logit_bias values; -100 bans a token, 100 all but forces it
+LOGIT_BIAS_MAX = 100.0
+# below this temperature sampling is greedy, as in vLLM (_SAMPLING_EPS): dividing by a smaller
+# one overflows the logits
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -22,10 +30,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # a grammar the output must follow, engine/structured.py says which (JSON-serialisable)
     structured: dict | None = None
+    # token id -> added to its logit before sampling (OpenAI semantics)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
         checks = [
             (self.n >= 1, f"n={self.n} must be at least 1"),
             (self.temperature >= 0, f"temperature={self.temperature} must be >= 0"),
@@ -41,6 +53,10 @@ class SamplingParams:
             ),
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
             (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                f"seed={self.seed} must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)",
+            ),
+            (
                 self.structured is None or isinstance(self.structured, dict),
                 "structured must be a dict such as {'type': 'json_object'}",
             ),
@@ -51,4 +67,26 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """Keys as int token ids (a RequestState's JSON makes them strings), values in range."""
+    if not isinstance(bias, dict):
+        raise ValueError("logit_bias must be a map of token id to bias, such as {'42': -100}")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key) if not isinstance(key, (bool, float)) else None
+        except ValueError:
+            token = None
+        if token is None or token < 0:
+            raise ValueError(f"logit_bias key {key!r} must be a token id (an integer >= 0)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"logit_bias[{key}]={value!r} must be a number")
+        if not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
+            raise ValueError(
+                f"logit_bias[{key}]={value} must be in [{-LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
+            )
+        out[token] = float(value)
+    return out
