@@ -1,0 +1,107 @@
+"""One request's failure is its own: the request ends with an error, frees its cache, and the
+engine and every other request go on with the same tokens."""
+
+import pytest
+from engine_fixtures import checkpoint, make_engine, prompt, run, tiny_tokenizer
+
+from qwen35_ray.engine.errors import RequestError, RequestFailed
+from qwen35_ray.engine.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    _, path = checkpoint("qwen3_5_moe", tmp_path_factory)
+    tok = tiny_tokenizer(tmp_path_factory)
+    engine = make_engine(path, tok)
+    greedy = {"g": (prompt(9, 5), SamplingParams(max_tokens=6, **GREEDY))}
+    return engine, greedy, run(engine, greedy)["g"].outputs[0].token_ids
+
+
+def test_extreme_sampling_params_finish_and_leave_greedy_unchanged(setup):
+    engine, greedy, before = setup
+    sampled = dict(max_tokens=4, ignore_eos=True)
+    requests = {
+        "temperature": (prompt(7, 1), SamplingParams(temperature=1e-300, **sampled)),
+        "penalty-low": (prompt(7, 2), SamplingParams(repetition_penalty=1e-300, **sampled)),
+        "penalty-high": (prompt(7, 3), SamplingParams(repetition_penalty=1e300, **sampled)),
+        "seed-max": (prompt(7, 4), SamplingParams(n=2, seed=2**63 - 1, **sampled)),
+        "seed-min": (prompt(7, 4), SamplingParams(n=2, seed=-(2**63), **sampled)),
+        **greedy,
+    }
+    done = run(engine, requests)
+    for rid, out in done.items():
+        assert out.error is None, rid
+        assert [o.finish_reason for o in out.outputs] == ["length"] * len(out.outputs), rid
+    assert done["g"].outputs[0].token_ids == before
+    assert engine.cache_manager.is_empty
+
+
+def test_a_seed_past_64_bits_still_runs(setup):
+    """A seed that slipped past validation wraps to 64 bits instead of failing manual_seed."""
+    engine, greedy, before = setup
+    params = SamplingParams(n=2, temperature=0.8, max_tokens=3, ignore_eos=True)
+    params.seed = 2**64 + 5
+    done = run(engine, {"wide": (prompt(6, 1), params), **greedy})
+    assert done["wide"].error is None and done["wide"].finished
+    assert done["g"].outputs[0].token_ids == before
+
+
+def test_a_request_failing_in_a_step_fails_alone(setup, monkeypatch, caplog):
+    engine, greedy, before = setup
+    engine.add_request("bad", prompt(8, 3), SamplingParams(n=2, max_tokens=6, **GREEDY))
+    engine.add_request("g", *greedy["g"])
+    # the detokenizer of the first of bad's two outputs breaks at its third token
+    detok = engine._detok[id(engine._requests["bad"][2][0])]
+    push = detok.push
+    monkeypatch.setattr(
+        detok, "push", lambda t: push(t) if len(detok.ids) < 2 else 1 / 0, raising=False
+    )
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out
+    bad = done["bad"]
+    assert isinstance(bad.error, RequestFailed) and "'bad'" in str(bad.error)
+    assert "ZeroDivisionError" in caplog.text and "'bad'" in caplog.text
+    assert [o.finish_reason for o in bad.outputs] == ["error", "abort"]
+    assert len(bad.outputs[0].token_ids) == 3
+    assert done["g"].outputs[0].token_ids == before
+    assert engine.cache_manager.is_empty and not engine._requests and not engine._detok
+
+
+def test_a_sampling_row_that_fails_ends_only_its_request(setup):
+    engine, greedy, before = setup
+    # more top logprobs than the vocabulary holds: the sampler's topk raises for this row
+    many = SamplingParams(logprobs=engine.config.vocab_size + 1, max_tokens=4, **GREEDY)
+    done = run(engine, {"many": (prompt(5, 8), many), **greedy})
+    assert isinstance(done["many"].error, RequestFailed)
+    assert done["g"].outputs[0].token_ids == before
+    assert engine.cache_manager.is_empty
+
+
+def test_bad_logit_bias_is_refused_naming_the_range(setup):
+    engine, *_ = setup
+    vocab = engine.config.vocab_size
+    params = SamplingParams(logit_bias={vocab: 5}, max_tokens=2)
+    with pytest.raises(RequestError, match=rf"logit_bias has token id {vocab}; .* \[0, {vocab}\)"):
+        engine.add_request("lb", prompt(5, 1), params)
+    assert not engine.has_unfinished()
+
+
+def test_an_add_that_fails_leaves_nothing_behind(setup, monkeypatch):
+    engine, greedy, before = setup
+    make = engine._sequence
+
+    def second_fails(request_id, index, *args):
+        if index == 1:
+            raise ValueError("Overflow when unpacking long long")
+        return make(request_id, index, *args)
+
+    monkeypatch.setattr(engine, "_sequence", second_fails)
+    with pytest.raises(RequestError, match="'two'.*Overflow"):
+        engine.add_request("two", prompt(5, 1), SamplingParams(n=2, seed=3))
+    assert not engine.has_unfinished() and not engine._detok and "two" not in engine._requests
+    monkeypatch.undo()
+    assert run(engine, greedy)["g"].outputs[0].token_ids == before
