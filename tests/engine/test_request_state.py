@@ -14,8 +14,11 @@ from engine_fixtures import checkpoint, make_engine, prompt, run, tiny_tokenizer
 from hf_reference import hf_model, randomize, save
 from safetensors.torch import save as save_blob
 
+from qwen35_ray.engine.config import EngineConfig
+from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.request_state import RequestState, state_nbytes
 from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.weights import weights_fingerprint
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
@@ -167,6 +170,23 @@ def test_a_copied_checkpoint_has_the_same_fingerprint(setup, tmp_path):
     path, _, _ = setup
     copy = shutil.copytree(path, tmp_path / "copy")
     assert weights_fingerprint(copy) == weights_fingerprint(path)
+
+
+def test_engines_over_models_built_in_memory_tell_weights_apart(setup):
+    """No checkpoint files to hash: the engine samples the parameters themselves."""
+    path, tok, _ = setup
+    engines = []
+    for scale in (1.0, 1.5):
+        model, config, _ = load_model(path, dtype="float32", progress=False)
+        del model.weights_fingerprint
+        model.embed_tokens.weight.mul_(scale)
+        engines.append(LLMEngine(model, config, tok, EngineConfig(), None))
+    here, there = engines
+    state = prefill_and_export(here, prompt(20, 6), SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError, match="another checkpoint"):
+        there.import_request(state)
+    # the same weights in memory continue it
+    assert len(decode_here(here, state).token_ids) == 4
 
 
 @pytest.fixture(scope="module")
