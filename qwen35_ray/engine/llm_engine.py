@@ -23,6 +23,7 @@ from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.loader import load_model
+from qwen35_ray.model.weights import tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class LLMEngine:
             ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
         )
         self.dtype = dtype = next(model.parameters()).dtype
-        self.fingerprint = model_fingerprint(config, dtype)
+        weights = getattr(model, "weights_fingerprint", None) or tensor_fingerprint(model)
+        self.fingerprint = model_fingerprint(config, dtype, weights)
         size = size_cache(config, ec, dtype, self.max_model_len)
         self.cache = HybridCache.allocate(
             config,
@@ -237,13 +239,14 @@ class LLMEngine:
             tensors,
             seq.generator.get_state(),
             self._requests[seq.request_id][0],
+            list(seq.output_logprobs),
         )
         self.scheduler.remove(seq)
         return state
 
     def check_import(self, state: RequestState) -> None:
         """Raise ValueError for a state this engine can never continue."""
-        state.check(self.config, self.dtype)
+        state.check(self.config, self.dtype, self.fingerprint)
         if state.num_computed + 1 > self.max_model_len:
             raise ValueError(
                 f"request {state.request_id!r} has {state.num_computed + 1} tokens; the "
@@ -275,6 +278,7 @@ class LLMEngine:
             state.params,
             gen,
             output_token_ids=list(state.output_token_ids),
+            output_logprobs=list(state.output_logprobs),
             num_computed=state.num_computed,
             arrival=next(self._arrivals),
             grammar=grammar,
