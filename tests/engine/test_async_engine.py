@@ -6,6 +6,7 @@ import pytest
 from engine_fixtures import checkpoint, make_engine, prompt, run, tiny_tokenizer
 
 from qwen35_ray.engine.async_engine import AsyncEngine
+from qwen35_ray.engine.errors import EngineDead, RequestFailed
 from qwen35_ray.engine.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -113,3 +114,116 @@ def test_import_that_can_never_fit_is_refused(setup):
     with pytest.raises(ValueError, match="61 tokens; the context here is 32"):
         asyncio.run(main())
     assert small.engine.cache_manager.is_empty
+
+
+def test_a_failing_add_fails_its_stream_and_the_loop_goes_on(setup, monkeypatch):
+    """Before: an exception in add_request killed the loop, and every later request failed."""
+    path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok))
+    make = engine.engine._sequence
+
+    def fails_for_bad(request_id, *args):
+        if request_id == "bad":
+            raise RuntimeError("a bug while adding")
+        return make(request_id, *args)
+
+    monkeypatch.setattr(engine.engine, "_sequence", fails_for_bad)
+    params = SamplingParams(max_tokens=5, **GREEDY)
+
+    async def tokens(rid):
+        outs = [o async for o in engine.generate(rid, prompt(9, 2), params)]
+        return outs[-1].outputs[0].token_ids
+
+    async def main():
+        got = await asyncio.gather(tokens("a"), tokens("bad"), return_exceptions=True)
+        return got, await tokens("after")
+
+    (a, bad), after = asyncio.run(main())
+    assert isinstance(bad, RequestFailed) and "'bad'" in str(bad)
+    assert a == after and len(a) == 5
+    assert not engine.dead and engine.engine.cache_manager.is_empty
+
+
+def test_extreme_params_through_the_loop_leave_it_serving(setup):
+    path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok))
+    extreme = [
+        dict(temperature=1e-300),
+        dict(repetition_penalty=1e-300),
+        dict(repetition_penalty=1e300),
+        dict(n=2, seed=2**63 - 1),
+        dict(n=2, seed=-(2**63)),
+    ]
+
+    async def last(rid, params):
+        return [o async for o in engine.generate(rid, prompt(9, 2), params)][-1]
+
+    async def main():
+        greedy = SamplingParams(max_tokens=5, **GREEDY)
+        before = await last("before", greedy)
+        outs = await asyncio.gather(
+            *(last(f"x{i}", SamplingParams(max_tokens=3, **p)) for i, p in enumerate(extreme))
+        )
+        return before, outs, await last("after", greedy)
+
+    before, outs, after = asyncio.run(main())
+    assert all(o.finished and o.error is None for o in outs)
+    assert after.outputs[0].token_ids == before.outputs[0].token_ids
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["state_slots_free"] == stats["state_slots_total"]
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_a_model_failure_kills_the_engine_for_every_stream(setup, monkeypatch):
+    path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.engine.runner, "model", broken)
+    params = SamplingParams(max_tokens=5, **GREEDY)
+
+    async def drain(rid):
+        async for _ in engine.generate(rid, prompt(9, 2), params):
+            pass
+
+    async def main():
+        opened = await asyncio.gather(drain("a"), drain("b"), return_exceptions=True)
+        later = await asyncio.gather(drain("c"), return_exceptions=True)
+        return opened + later
+
+    errors = asyncio.run(main())
+    assert all(isinstance(e, EngineDead) for e in errors), errors
+    assert engine.dead
+
+
+def test_stats_count_queued_and_running_requests(setup):
+    path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok, max_num_seqs=1))
+    prompts = {"a": prompt(9, 1), "b": prompt(13, 2), "c": prompt(17, 3)}
+
+    async def main():
+        params = SamplingParams(max_tokens=8, **GREEDY)
+        streams = {r: engine.generate(r, ids, params) for r, ids in prompts.items()}
+        firsts = [asyncio.ensure_future(anext(s)) for s in streams.values()]
+        # the three adds are queued; the loop has not applied them yet
+        await asyncio.sleep(0)
+        queued = engine.stats()
+        await firsts[0]
+        # a runs in the one state slot; b and c wait, still queued or in the scheduler
+        during = engine.stats()
+        await asyncio.gather(*firsts)
+        for stream in streams.values():
+            async for _ in stream:
+                pass
+        return queued, during, engine.stats()
+
+    queued, during, after = asyncio.run(main())
+    assert (queued["waiting"], queued["waiting_prompt_tokens"]) == (3, 39)
+    assert (during["running"], during["waiting"], during["waiting_prompt_tokens"]) == (1, 2, 30)
+    assert after["running"] == after["waiting"] == after["waiting_prompt_tokens"] == 0
+    assert after["state_slots_free"] == after["state_slots_total"] == 1
+    assert after["kv_blocks_free"] == after["kv_blocks_total"]
+    assert after["generation_tokens_total"] == 24
