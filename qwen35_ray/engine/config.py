@@ -18,8 +18,16 @@ class EngineConfig:
     state_memory_bytes: int | None = None
     # CPU: run steps of pure decodes as one torch.compile graph (compiled at start-up)
     compile_decode: bool = False
+    # while others wait to be admitted, one prefill chunk takes at most this many tokens of a
+    # step; None: max(block_size, max_num_batched_tokens // 8); 0: no limit
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if (self.long_prefill_token_threshold or 0) < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 0 "
+                "(0: no limit, None: an eighth of max_num_batched_tokens)"
+            )

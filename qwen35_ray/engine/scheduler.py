@@ -1,9 +1,12 @@
 """Scheduler, pure Python: which sequences run in the next step and how many tokens each.
 
-Running sequences go first (decodes and unfinished prompt chunks), then waiting ones while the
-token budget, state slots and KV blocks allow. A prompt longer than the budget is prefilled in
-chunks across steps. When blocks run out for a running sequence, the most recently arrived one
-is preempted: its slot and blocks are freed and it waits to be recomputed from its tokens.
+Running sequences go first (decodes, then unfinished prompt chunks), then waiting ones while
+the token budget, state slots and KV blocks allow. A prompt longer than the budget is prefilled
+in chunks across steps. While other sequences wait to be admitted, one prefill chunk takes at
+most `long_prefill` tokens of a step (vLLM's long_prefill_token_threshold), so a long prompt
+does not hold admissions back for its whole length; alone, it takes the whole budget. When
+blocks run out for a running sequence, the most recently arrived one is preempted: its slot and
+blocks are freed and it waits to be recomputed from its tokens.
 """
 
 from collections import deque
@@ -26,9 +29,17 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        cache: CacheManager,
+        max_num_batched_tokens: int,
+        long_prefill_token_threshold: int | None = None,
+    ):
         self.cache = cache
         self.budget = max_num_batched_tokens
+        self.long_prefill = long_prefill_limit(
+            long_prefill_token_threshold, max_num_batched_tokens, cache.block_size
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -50,12 +61,13 @@ class Scheduler:
     def schedule(self) -> list[Scheduled]:
         budget = self.budget
         out: list[Scheduled] = []
-        for seq in list(self.running):
+        # decodes before prefill chunks, so a long prompt's chunk cannot take their budget
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1):
             if budget == 0:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            n = self._chunk(seq, budget)
+            n = self._chunk(seq, budget, cap=bool(self.waiting) and self.cache.slots.num_free > 0)
             while not self.cache.can_grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -70,7 +82,7 @@ class Scheduler:
             seq = self.waiting[0]
             hit = self.cache.match(seq) if self.cache.prefix_caching else None
             start = hit.num_tokens if hit else 0
-            n = self._chunk(seq, budget, start)
+            n = self._chunk(seq, budget, start, cap=len(self.waiting) > 1)
             needed = -(-(start + n) // self.cache.block_size) - (len(hit.blocks) if hit else 0)
             # cached blocks nobody holds count as free; adopting them takes them off that count
             needed += sum(self.cache.blocks.ref[b] == 0 for b in hit.blocks) if hit else 0
@@ -88,9 +100,14 @@ class Scheduler:
         out.sort(key=lambda s: not (s.num_new == 1 and s.seq.num_computed > 0))
         return out
 
-    def _chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:
-        """Tokens to compute for seq now; a prefill pauses at each of its snapshot points."""
+    def _chunk(
+        self, seq: Sequence, budget: int, start: int | None = None, cap: bool = False
+    ) -> int:
+        """Tokens to compute for seq now; a prefill pauses at each of its snapshot points.
+        cap: others wait to be admitted, so a chunk takes at most `long_prefill` tokens."""
         start = seq.num_computed if start is None else start
+        if cap and self.long_prefill:
+            budget = min(budget, self.long_prefill)
         n = min(seq.num_tokens - start, budget)
         for point in seq.snapshot_points:
             if start < point:
@@ -117,3 +134,15 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.cache.release(seq)
+
+
+def long_prefill_limit(threshold: int | None, budget: int, block_size: int) -> int:
+    """The most tokens one prefill chunk takes while others wait; 0: no limit. None: an eighth
+    of the step's budget, at least a block (vLLM's default is 4% of the context)."""
+    if threshold is None:
+        return max(block_size, budget // 8)
+    if threshold < 0:
+        raise ValueError(
+            f"long_prefill_token_threshold={threshold} must be >= 0 (0 disables the limit)"
+        )
+    return threshold
