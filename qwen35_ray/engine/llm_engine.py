@@ -53,7 +53,9 @@ class LLMEngine:
         self.cache_manager = CacheManager(
             size.num_blocks, ec.block_size, size.num_slots, size.num_snapshots
         )
-        self.scheduler = Scheduler(self.cache_manager, ec.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.cache_manager, ec.max_num_batched_tokens, ec.long_prefill_token_threshold
+        )
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
         self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_token_ids)

@@ -72,6 +72,12 @@ class DisaggregationConfig(BaseModel):
     prefix_affinity_max_imbalance: int = Field(
         4, ge=0, description="ongoing requests a prefix's replica may exceed the least loaded by"
     )
+    long_prefill_token_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="tokens one prefill chunk may take of a step while other prompts wait; "
+        "None: max(block_size, max_num_batched_tokens // 8), 0: no limit",
+    )
 
 
 class AppConfig(BaseModel):
