@@ -325,7 +325,7 @@ class LLMEngine:
         outs = [
             CompletionOutput(
                 s.index,
-                s.text,
+                _exposed_text(s),
                 list(s.output_token_ids),
                 list(s.output_logprobs) if s.params.logprobs is not None else None,
                 s.finish_reason,
@@ -338,3 +338,19 @@ class LLMEngine:
             for s in seqs:
                 self._detok.pop(id(s), None)
         return out
+
+
+def _exposed_text(seq: Sequence) -> str:
+    """The text an output shows. While it runs, a tail that could still begin a stop string is
+    held back (at most the longest stop less one character), so the text shown only grows and
+    the finished text, cut before its stop string, starts with everything shown before."""
+    text = seq.text
+    if seq.is_finished or not seq.params.stop:
+        return text
+    held = 0
+    for stop in seq.params.stop:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return text[: len(text) - held]
