@@ -19,6 +19,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the window decoded for context
         self.read_offset = 0  # tokens up to here have been emitted as text
+        self.char_open = False  # the text ends inside a character (held back)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text it completes (may be empty)."""
@@ -26,7 +27,8 @@ class IncrementalDetokenizer:
         decode = self._decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         full = decode(self.ids[self.prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        self.char_open = full.endswith("\ufffd")
+        if self.char_open or len(full) <= len(prefix):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix) :]

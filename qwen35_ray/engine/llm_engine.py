@@ -14,6 +14,7 @@ from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
+from qwen35_ray.engine.reasoning import check_budget
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
 from qwen35_ray.engine.runner import ModelRunner
 from qwen35_ray.engine.sampling_params import SamplingParams
@@ -109,6 +110,7 @@ class LLMEngine:
             raise RequestError(
                 f"logit_bias has token id {bad[0]}; token ids must be in [0, {vocab})"
             )
+        check_budget(self.runner.think, params.thinking_token_budget)
         if params.structured is not None:
             try:
                 self.structured.compile(params.structured)
@@ -306,8 +308,11 @@ class LLMEngine:
                 return self.scheduler.finish(seq, "stop")
         if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
             return self.scheduler.finish(seq, "stop")
-        new = self._detok[id(seq)].push(token)
+        detok = self._detok[id(seq)]
+        new = detok.push(token)
         seq.text += new
+        if seq.thinking is not None:
+            seq.thinking.observe(token, detok.char_open)
         if p.stop and new:
             window = seq.text[-(len(new) + max(map(len, p.stop))) :]
             hits = [window.find(s) for s in p.stop if s in window]

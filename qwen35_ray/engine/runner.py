@@ -6,8 +6,10 @@ Legend: T = tokens in the step, B = scheduled sequences.
 import torch
 
 from qwen35_ray.engine.decode_graph import CompiledDecode
-from qwen35_ray.engine.sampler import sample
+from qwen35_ray.engine.reasoning import ThinkTokens
+from qwen35_ray.engine.sampler import _logprobs, sample
 from qwen35_ray.engine.scheduler import Scheduled
+from qwen35_ray.engine.sequence import Sequence
 from qwen35_ray.engine.structured import StructuredOutputs, apply_bitmask
 from qwen35_ray.model.batch import ForwardBatch, SeqChunk
 from qwen35_ray.model.cache import HybridCache
@@ -27,6 +29,8 @@ class ModelRunner:
         self.device = device
         self.structured = structured
         self.compiled_decode = compiled_decode
+        # thinking_token_budget forces </think>; None: the model has no reasoning tokens
+        self.think = ThinkTokens.of(structured.tokenizer) if structured is not None else None
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> dict[int, tuple[int, dict | None]]:
@@ -56,4 +60,26 @@ class ModelRunner:
             return {}
         allowed = apply_bitmask(logits, masks.result()) if masks is not None else None
         tokens, logprobs = sample(logits, seqs, allowed)
+        self._force(logits, seqs, tokens, logprobs)
         return {i: (t, lp) for i, t, lp in zip(sampling, tokens, logprobs)}
+
+    def _force(self, logits: torch.Tensor, seqs: list[Sequence], tokens, logprobs) -> None:
+        """Replace, in place, the sampled token of each sequence whose thinking budget is spent
+        by `</think>`; its logprobs still come from the model's distribution (logits [B, V])."""
+        for j, seq in enumerate(seqs):
+            p = seq.params
+            if p.thinking_token_budget is None or self.think is None:
+                continue
+            # an active grammar decides every token itself; one waiting for `after` does not
+            if seq.grammar is not None and seq.grammar.active:
+                continue
+            if seq.thinking is None:
+                seq.thinking = self.think.budget(
+                    seq.prompt_token_ids, seq.output_token_ids, p.thinking_token_budget
+                )
+            forced = seq.thinking.forced
+            if forced is None or tokens[j] is None:
+                continue
+            tokens[j] = forced
+            if p.logprobs is not None:
+                logprobs[j] = _logprobs(logits[j], forced, p.logprobs)

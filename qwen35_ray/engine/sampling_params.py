@@ -32,6 +32,8 @@ class SamplingParams:
     structured: dict | None = None
     # token id -> added to its logit before sampling (OpenAI semantics)
     logit_bias: dict[int, float] | None = None
+    # tokens the output may write inside <think> before the engine forces </think>
+    thinking_token_budget: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -52,6 +54,10 @@ class SamplingParams:
                 f"max_tokens={self.max_tokens} must be at least 1",
             ),
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
+            (
+                self.thinking_token_budget is None or self.thinking_token_budget >= 0,
+                f"thinking_token_budget={self.thinking_token_budget} must be >= 0",
+            ),
             (
                 self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
                 f"seed={self.seed} must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)",

@@ -35,6 +35,7 @@ class Sequence:
     snapshot_points: list[int] = field(default_factory=list)  # prompt boundaries to snapshot
     prefill_only: bool = False  # export a RequestState once the first token is sampled
     grammar: Any = None  # structured.Grammar: where a constrained output is in its grammar
+    thinking: Any = None  # reasoning.ThinkingBudget, made at the first sample when one is set
 
     @property
     def num_tokens(self) -> int:
