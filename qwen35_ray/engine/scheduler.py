@@ -71,6 +71,8 @@ class Scheduler:
             while not self.cache.can_grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
+                # decodes go first, so the latest arrival may already be in this step
+                budget += _unschedule(out, victim)
                 if victim is seq:
                     break
             if seq not in self.running:
@@ -134,6 +136,14 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.cache.release(seq)
+
+
+def _unschedule(out: list[Scheduled], seq: Sequence) -> int:
+    """Take seq's entry out of this step's plan; return the tokens it had (0: none)."""
+    for i, s in enumerate(out):
+        if s.seq is seq:
+            return out.pop(i).num_new
+    return 0
 
 
 def long_prefill_limit(threshold: int | None, budget: int, block_size: int) -> int:

@@ -90,3 +90,14 @@ def test_threshold_zero_turns_the_cap_off_and_a_set_one_is_used():
     assert step(s) == {"long": 100, "short": 40}
     with pytest.raises(ValueError, match="long_prefill_token_threshold=-1"):
         scheduler(threshold=-1)
+
+
+def test_a_decode_scheduled_first_can_still_be_preempted_for_an_earlier_prefill():
+    """Decodes run first, yet the victim is still the latest arrival: it leaves the step."""
+    s = Scheduler(CacheManager(5, 16, num_slots=4), 64)
+    s.add(seq("early", 100))
+    s.add(seq("late", 10))
+    assert step(s) == {"early": 16, "late": 10}
+    plan = s.schedule()
+    assert [(x.seq.request_id, x.num_new) for x in plan] == [("early", 63)]
+    assert [q.request_id for q in s.waiting] == ["late"] and s.num_preemptions == 1
