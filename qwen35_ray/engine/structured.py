@@ -17,6 +17,9 @@ JSON is generated compact (no free whitespace between tokens): whitespace is the
 for a model to never finish. Compact JSON never holds a raw control character (inside strings
 they must be escaped), so JSON sequences are also denied every token with one: xgrammar 0.2's
 length-bounded strings (maxLength) would let them through, and strict parsers refuse them.
+A structural tag's JSON values cannot be masked that way (its raw-text parts may hold
+newlines), so each `json_schema` value in one is compiled from its converted grammar with the
+bounded strings' characters narrowed to what JSON allows unescaped (`strict_json_grammar`).
 The grammar's end is the engine's EOS tokens, so a sequence whose grammar is complete may only
 stop, and it finishes with "stop" once it has.
 
@@ -37,6 +40,10 @@ KINDS = ("json_object", "json_schema", "grammar", "regex", "structural_tag")
 JSON_KINDS = ("json_object", "json_schema")
 # xgrammar prefixes its C++ errors with a time and a source location; the user needs neither
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+# the characters of a string with minLength/maxLength in xgrammar 0.2's converted grammar
+# (control characters pass), and what JSON allows unescaped in a string
+_LOOSE_CHARACTERS = r"(([^\"\\\r\n]))"
+_JSON_CHARACTERS = r"(([^\"\\\0-\x1f]))"
 
 
 @dataclass
@@ -124,9 +131,8 @@ class StructuredOutputs:
                 return c.compile_grammar(spec["grammar"])
             if kind == "regex":
                 return c.compile_regex(spec["pattern"])
-            return c.compile_structural_tag(
-                json.dumps({"type": "structural_tag", "format": spec["format"]})
-            )
+            fmt = _strict_json_values(spec["format"])
+            return c.compile_structural_tag(json.dumps({"type": "structural_tag", "format": fmt}))
         except ValueError:
             raise
         except (RuntimeError, KeyError, TypeError) as e:
@@ -169,6 +175,23 @@ class StructuredOutputs:
         if json_rows:
             bitmask[json_rows] &= self._no_control
         return bitmask, rows
+
+
+def strict_json_grammar(schema) -> str:
+    """EBNF for compact JSON valid against schema, no raw control character in any string."""
+    ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+    return ebnf.replace(_LOOSE_CHARACTERS, _JSON_CHARACTERS)
+
+
+def _strict_json_values(fmt):
+    """A structural tag's format with each JSON value given as its `strict_json_grammar`."""
+    if isinstance(fmt, list):
+        return [_strict_json_values(f) for f in fmt]
+    if not isinstance(fmt, dict):
+        return fmt
+    if fmt.get("type") == "json_schema" and fmt.get("style", "json") == "json":
+        return {"type": "grammar", "grammar": strict_json_grammar(fmt.get("json_schema", True))}
+    return {k: _strict_json_values(v) for k, v in fmt.items()}
 
 
 def apply_bitmask(logits: torch.Tensor, mask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:

@@ -11,7 +11,9 @@ exactly the qwen3_coder layout the chat template documents and `parsers/tool_cal
 
 VALUE is the parser's reading of a parameter: raw text for a string parameter (no `<` in it, so
 it cannot close its tag early; `enum`, `pattern`, `minLength`, `maxLength` honoured), JSON
-valid against the parameter's schema for any other type. One call per response.
+valid against the parameter's schema for any other type. One call per response. Each
+parameter's schema stands alone: its `$ref`s into the parameters' `$defs` are inlined (the
+parser reads it the same way), and a schema past the limits of `schema_limits` is a 400.
 
 When the prompt leaves `<think>` open (thinking on), reasoning stays free and the grammar, of a
 call or of a response format, starts after the model's `</think>`.
@@ -21,6 +23,8 @@ from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.parsers.arguments import schema_types
 from qwen35_ray.serving.parsers.tags import THINK_END
 from qwen35_ray.serving.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat
+from qwen35_ray.serving.schema_limits import check_schema
+from qwen35_ray.serving.schema_refs import inline_refs
 
 
 def response_format_spec(fmt: ResponseFormat | None) -> dict | None:
@@ -46,7 +50,10 @@ def chat_spec(req: ChatCompletionRequest, prompt_in_reasoning: bool) -> dict | N
     tools = [t.function for t in req.tools or []]
     if isinstance(choice, NamedToolChoice):
         tools = [f for f in tools if f.name == choice.function.name]
-    calls = [_call(f.name, f.parameters or {}) for f in tools]
+    try:
+        calls = [_call(f.name, f.parameters or {}) for f in tools]
+    except ValueError as e:
+        raise OpenAIError(str(e), param="tools") from e
     fmt = calls[0] if len(calls) == 1 else {"type": "or", "elements": calls}
     if prompt_in_reasoning:
         # the template's layout after reasoning
@@ -60,13 +67,18 @@ def _after_reasoning(spec: dict | None, prompt_in_reasoning: bool) -> dict | Non
 
 
 def _call(name: str, parameters: dict) -> dict:
+    check_schema(parameters, f"tool {name!r} parameters")
     properties = parameters.get("properties") or {}
-    required = set(parameters.get("required") or ())
-    elements = [
-        _parameter(key, schema, key in required)
-        for key, schema in properties.items()
-        if isinstance(schema, dict)
-    ]
+    required = parameters.get("required") or []
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        raise ValueError(
+            f"tool {name!r} parameters: 'properties' must be an object and 'required' a list"
+        )
+    elements = []
+    for key, schema in properties.items():
+        if isinstance(schema, dict):
+            schema = inline_refs(schema, parameters, f"tool {name!r} parameter {key!r}")
+            elements.append(_parameter(key, schema, key in required))
     if not elements:
         content = _const("")
     elif len(elements) == 1:
@@ -105,8 +117,9 @@ def _value(schema: dict) -> dict:
         return {"type": "or", "elements": [_const(str(v)) for v in options]}
     if "pattern" in schema:
         return {"type": "regex", "pattern": schema["pattern"]}
-    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-    return {"type": "regex", "pattern": f"[^<]{{{low},{'' if high is None else int(high)}}}"}
+    # a grammar's counted repeat compiles in microseconds; a regex's {m,n} grows with n
+    low, high = schema.get("minLength", 0), schema.get("maxLength", -1)
+    return {"type": "grammar", "grammar": f"root ::= [^<]{{{low},{high}}}"}
 
 
 def _const(text: str) -> dict:

@@ -3,12 +3,14 @@ and refuses a call the parser would read as invalid arguments."""
 
 import json
 
+import jsonschema
 import pytest
 import transformers
-from json_schemas import WEATHER_ARGS
+from json_schemas import LEGACY_ARGS, ORDER_ARGS, WEATHER_ARGS
 
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.serving.chat import ChoiceParser
+from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.protocol import ChatCompletionRequest
 from qwen35_ray.serving.structured import chat_spec
 
@@ -74,3 +76,95 @@ def test_the_template_layout_is_accepted_and_parses_back(outputs, tokenizer, thi
 )
 def test_calls_the_parser_would_reject_are_refused(outputs, tokenizer, bad):
     assert not follows(outputs, tokenizer, chat_spec(request(), False), bad)
+
+
+def forced(name: str, parameters: dict, thinking=False) -> tuple[ChatCompletionRequest, dict]:
+    tools = [{"type": "function", "function": {"name": name, "parameters": parameters}}]
+    req = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice="required"
+    )
+    return req, chat_spec(req, thinking)
+
+
+def order_call(note: str, city="Rome") -> str:
+    return (
+        "<tool_call>\n<function=place_order>\n"
+        '<parameter=items>\n[{"sku": "ab", "qty": 2}]\n</parameter>\n'
+        '<parameter=ship_to>\n{"street": "Main", "city": "Oslo"}\n</parameter>\n'
+        "<parameter=bill_to>\nnull\n</parameter>\n"
+        f"<parameter=city>\n{city}\n</parameter>\n"
+        f'<parameter=note>\n{{"text": "{note}"}}\n</parameter>\n'
+        "</function>\n</tool_call>"
+    )
+
+
+def test_refs_into_defs_are_followed_and_typed_alike_by_the_parser(outputs, tokenizer):
+    req, spec = forced("place_order", ORDER_ARGS)
+    text = order_call("hi")
+    assert follows(outputs, tokenizer, spec, text)
+    (call,) = ChoiceParser("<think>\n\n</think>\n\n", req).whole(text)["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    # a ref to an object is JSON, a ref to a string is raw text
+    assert arguments["ship_to"] == {"street": "Main", "city": "Oslo"}
+    assert arguments["city"] == "Rome"
+    jsonschema.validate(arguments, ORDER_ARGS)
+
+
+@pytest.mark.parametrize("bad", ["a\tb", "a\x01", 'a"', "a\\"])
+def test_json_strings_in_a_call_hold_no_raw_control_characters(outputs, tokenizer, bad):
+    """A length-bounded string inside a JSON parameter: xgrammar's own grammar lets control
+    characters through; the call's grammar does not. Quotes and backslashes cannot be
+    written raw either (the JSON would not parse)."""
+    _, spec = forced("place_order", ORDER_ARGS)
+    assert follows(outputs, tokenizer, spec, order_call("ab"))
+    assert not follows(outputs, tokenizer, spec, order_call(bad))
+
+
+def test_raw_string_parameters_keep_newlines_and_tabs(outputs, tokenizer):
+    params = {"type": "object", "properties": {"code": {"type": "string", "maxLength": 4096}}}
+    _, spec = forced("run", params)
+    text = "<tool_call>\n<function=run>\n<parameter=code>\nif x:\n\ty()\n</parameter>\n"
+    assert follows(outputs, tokenizer, spec, text + "</function>\n</tool_call>")
+
+
+def test_definitions_and_refs_between_defs_are_followed(outputs, tokenizer):
+    _, spec = forced("trace_route", LEGACY_ARGS)
+    text = (
+        "<tool_call>\n<function=trace_route>\n"
+        '<parameter=path>\n[{"x": 1}, {}]\n</parameter>\n'
+        '<parameter=origin>\n{"x": 1, "y": 2}\n</parameter>\n'
+        "</function>\n</tool_call>"
+    )
+    assert follows(outputs, tokenizer, spec, text)
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        (
+            {
+                "$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#"}}}},
+                "type": "object",
+                "properties": {"head": {"$ref": "#/$defs/Node"}},
+            },
+            "tool 'f' parameter 'head': .* is recursive",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}},
+            "tool 'f' parameter 'a': .* points to nothing",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**6}}},
+            "maxLength=1000000 is outside",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "minLength": 1.5}}},
+            "minLength=1.5 must be a non-negative integer",
+        ),
+        ({"type": "object", "properties": ["a"]}, "'properties' must be an object"),
+    ],
+)
+def test_schemas_a_call_cannot_follow_are_400s_naming_the_tool(parameters, message):
+    with pytest.raises(OpenAIError, match=message) as raised:
+        forced("f", parameters)
+    assert raised.value.status == 400 and raised.value.param == "tools"

@@ -62,3 +62,45 @@ SCHEMAS = [
     obj({"meta": obj({"version": INT, "stable": {"type": "boolean"}}), "id": S}),
     {"type": "array", "items": obj({"k": S, "v": INT}), "minItems": 1, "maxItems": 2},
 ]
+
+
+# a tool's parameters the way pydantic writes a nested model: refs into `$defs`, one def
+# referring to another, an optional ref (anyOf with null), arrays of refs
+ORDER_ARGS = {
+    "$defs": {
+        "Item": {
+            "type": "object",
+            "properties": {"sku": S, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "required": ["sku", "qty"],
+            "additionalProperties": False,
+        },
+        "Address": {
+            "type": "object",
+            "properties": {"street": S, "city": {"$ref": "#/$defs/City"}},
+            "required": ["street", "city"],
+            "additionalProperties": False,
+        },
+        "City": {"type": "string", "maxLength": 5, "description": "a city"},
+    },
+    "type": "object",
+    "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "minItems": 1, "maxItems": 2},
+        "ship_to": {"$ref": "#/$defs/Address", "description": "where to send it"},
+        "bill_to": {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}]},
+        "city": {"$ref": "#/$defs/City"},
+        "note": {"type": "object", "properties": {"text": S}, "required": ["text"]},
+    },
+    "required": ["items", "ship_to", "bill_to", "city", "note"],
+    "additionalProperties": False,
+}
+
+# the same shapes under draft 7's `definitions`
+LEGACY_ARGS = {
+    "definitions": {"Point": {"type": "object", "properties": {"x": INT, "y": INT}}},
+    "type": "object",
+    "properties": {
+        "path": {"type": "array", "items": {"$ref": "#/definitions/Point"}, "maxItems": 2},
+        "origin": {"$ref": "#/definitions/Point"},
+    },
+    "required": ["path", "origin"],
+}

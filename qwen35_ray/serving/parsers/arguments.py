@@ -14,7 +14,7 @@ def schema_types(schema: dict | None) -> set[str]:
         return set()
     declared = schema.get("type")
     types = {declared} if isinstance(declared, str) else set(declared or ())
-    for key in ("anyOf", "oneOf"):
+    for key in ("anyOf", "oneOf", "allOf"):
         for option in schema.get(key) or ():
             types |= schema_types(option)
     return {t for t in types if isinstance(t, str)}

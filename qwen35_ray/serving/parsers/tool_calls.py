@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from qwen35_ray.serving.parsers.arguments import convert_value
 from qwen35_ray.serving.parsers.tags import TOOL_CALL_END, TOOL_CALL_START, partial_tag_len
+from qwen35_ray.serving.schema_refs import inline_refs
 
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.S)
 _PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
@@ -156,12 +157,24 @@ def _strip_one_newline(value: str) -> str:
 
 
 def _parameter_schemas(tools: list[dict] | None) -> dict[str, dict[str, dict]]:
-    """Tool name -> parameter name -> JSON schema, from OpenAI tool definitions."""
+    """Tool name -> parameter name -> JSON schema, from OpenAI tool definitions, with `$ref`s
+    inlined as the forced-call grammar has them (a ref that cannot be is left as written)."""
     schemas = {}
     for tool in tools or ():
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             continue
-        properties = (function.get("parameters") or {}).get("properties") or {}
-        schemas[function["name"]] = properties if isinstance(properties, dict) else {}
+        parameters = function.get("parameters") or {}
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        schemas[function["name"]] = {
+            key: _inlined(schema, parameters)
+            for key, schema in (properties if isinstance(properties, dict) else {}).items()
+        }
     return schemas
+
+
+def _inlined(schema, root: dict):
+    try:
+        return inline_refs(schema, root, "parameter")
+    except (ValueError, RecursionError):
+        return schema
