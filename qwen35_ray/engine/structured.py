@@ -41,9 +41,10 @@ JSON_KINDS = ("json_object", "json_schema")
 # xgrammar prefixes its C++ errors with a time and a source location; the user needs neither
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 # the characters of a string with minLength/maxLength in xgrammar 0.2's converted grammar
-# (control characters pass), and what JSON allows unescaped in a string
+# (control characters pass), and what JSON allows unescaped in a string; surrogates too are
+# excluded: xgrammar takes their 3-byte forms, which are not UTF-8 (each decodes as U+FFFD)
 _LOOSE_CHARACTERS = r"(([^\"\\\r\n]))"
-_JSON_CHARACTERS = r"(([^\"\\\0-\x1f]))"
+_JSON_CHARACTERS = r"(([^\"\\\0-\x1f\uD800-\uDFFF]))"
 
 
 @dataclass

@@ -63,9 +63,6 @@ def request(thinking: bool) -> ChatCompletionRequest:
     )
 
 
-# open: one seed writes a bounded JSON string whose text holds U+FFFD characters and is longer
-# than its maxLength (the grammar counted fewer characters than the detokenized text has)
-@pytest.mark.xfail(strict=True, reason="issue 15: U+FFFD in a bounded string, see the report")
 @pytest.mark.parametrize("thinking", [False], ids=["no_thinking"])
 def test_forced_calls_with_refs_always_validate(engine, thinking):
     req = request(thinking)
