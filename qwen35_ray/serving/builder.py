@@ -37,12 +37,12 @@ def _without_key(cfg: AppConfig) -> dict:
 
 def build_app(args: dict | None = None) -> serve.Application:
     cfg = parse_args(args)
-    llm = serve.deployment(LLMServer, name="LLMServer", **cfg.llm_server.options()).bind(
+    llm = serve.deployment(LLMServer, name="LLMServer", **cfg.serve_options("llm_server")).bind(
         _without_key(cfg)
     )
-    return serve.deployment(OpenAIIngress, name="OpenAIIngress", **cfg.ingress.options()).bind(
-        llm, cfg.model_dump()
-    )
+    return serve.deployment(
+        OpenAIIngress, name="OpenAIIngress", **cfg.serve_options("ingress")
+    ).bind(llm, cfg.model_dump())
 
 
 def build_pd_app(args: dict | None = None) -> serve.Application:
@@ -64,14 +64,14 @@ def build_pd_app(args: dict | None = None) -> serve.Application:
         PrefillServer,
         name="PrefillServer",
         request_router_config=prefill_router,
-        **cfg.prefill_server.options(),
+        **cfg.serve_options("prefill_server"),
     ).bind(raw)
     decode = serve.deployment(
         DecodeServer,
         name="DecodeServer",
         request_router_config=decode_router,
-        **cfg.decode_server.options(),
+        **cfg.serve_options("decode_server"),
     ).bind(raw)
-    return serve.deployment(OpenAIIngress, name="OpenAIIngress", **cfg.ingress.options()).bind(
-        decode, cfg.model_dump(), prefill
-    )
+    return serve.deployment(
+        OpenAIIngress, name="OpenAIIngress", **cfg.serve_options("ingress")
+    ).bind(decode, cfg.model_dump(), prefill)

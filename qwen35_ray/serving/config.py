@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class DeploymentConfig(BaseModel):
@@ -16,7 +16,19 @@ class DeploymentConfig(BaseModel):
     autoscaling_config: dict | None = None
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
+    # None: derived from the engine's limits (see AppConfig.serve_options), so that the
+    # replica's own bounded queue, not Serve's, decides when to answer 503
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    # requests a caller (proxy, ingress) holds while every replica is at max_ongoing_requests;
+    # beyond it Serve refuses them and the client gets a 503 (-1: unbounded, Serve's default)
+    max_queued_requests: int | None = Field(None, ge=-1)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queued(cls, v):
+        if v is not None and v < 1 and v != -1:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
+        return v
 
     @model_validator(mode="after")
     def _one_of_replicas_or_autoscaling(self):
@@ -24,10 +36,14 @@ class DeploymentConfig(BaseModel):
             self.num_replicas = None
         return self
 
-    def options(self) -> dict:
+    def options(self, max_ongoing: int, max_queued: int) -> dict:
+        """Serve deployment options; max_ongoing / max_queued: the defaults of this pool."""
         out = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests or max_ongoing,
+            "max_queued_requests": (
+                max_queued if self.max_queued_requests is None else self.max_queued_requests
+            ),
         }
         if self.autoscaling_config is not None:
             out["autoscaling_config"] = self.autoscaling_config
@@ -50,6 +66,12 @@ class EngineArgs(BaseModel):
     compile_decode: bool = Field(
         False, description="CPU: decode steps as one torch.compile graph, compiled at start-up"
     )
+    long_prefill_token_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="tokens one prefill chunk may take of a step while other prompts wait; "
+        "None: max(block_size, max_num_batched_tokens // 8), 0: no limit",
+    )
 
 
 class DisaggregationConfig(BaseModel):
@@ -71,12 +93,6 @@ class DisaggregationConfig(BaseModel):
     )
     prefix_affinity_max_imbalance: int = Field(
         4, ge=0, description="ongoing requests a prefix's replica may exceed the least loaded by"
-    )
-    long_prefill_token_threshold: int | None = Field(
-        None,
-        ge=0,
-        description="tokens one prefill chunk may take of a step while other prompts wait; "
-        "None: max(block_size, max_num_batched_tokens // 8), 0: no limit",
     )
 
 
@@ -115,11 +131,38 @@ class AppConfig(BaseModel):
     max_waiting_requests: int | None = Field(
         None, ge=0, description="queued prompts beyond which requests get 503 (4 x max_num_seqs)"
     )
+    max_waiting_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="queued prompt tokens beyond which requests get 503 "
+        "(8 x engine.max_num_batched_tokens)",
+    )
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, description="a response format or tool grammar compiling longer gets a 400"
+    )
     max_request_bytes: int = Field(4 * 2**20, ge=1024)
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def waiting_limits(self) -> tuple[int, int]:
+        """(prompts, prompt tokens) a replica queues before refusing work with 503."""
+        e = self.engine
+        prompts = self.max_waiting_requests
+        tokens = self.max_waiting_prompt_tokens or 8 * e.max_num_batched_tokens
+        return (4 * e.max_num_seqs if prompts is None else prompts), tokens
+
+    def serve_options(self, pool: str) -> dict:
+        """Serve options of one deployment. An engine replica takes up to its running and
+        waiting limits (twice, so streams finishing still count) and refuses the rest itself;
+        callers queue a few requests at most while all replicas are full. The ingress is async
+        and cheap per request, so it takes many; the engines' queues bound the work."""
+        if pool == "ingress":
+            return self.ingress.options(max_ongoing=1024, max_queued=1024)
+        per_replica = self.engine.max_num_seqs + self.waiting_limits[0]
+        return getattr(self, pool).options(max_ongoing=2 * per_replica, max_queued=8)
 
     def resolve_api_key(self) -> str | None:
         """The key from whichever of api_key, api_key_env and api_key_file is set."""

@@ -14,7 +14,7 @@ def test_shipped_yaml_args_are_valid():
     (app,) = yaml.safe_load((ROOT / "deployments" / "qwen35.yaml").read_text())["applications"]
     assert app["import_path"] == "qwen35_ray.serving.builder:build_app"
     cfg = parse_args(app["args"])
-    assert cfg.model == "qwen35-tiny" and cfg.llm_server.options()["num_replicas"] == 1
+    assert cfg.model == "qwen35-tiny" and cfg.serve_options("llm_server")["num_replicas"] == 1
 
 
 def test_shipped_pd_yaml_args_are_valid():
@@ -22,8 +22,8 @@ def test_shipped_pd_yaml_args_are_valid():
     assert app["import_path"] == "qwen35_ray.serving.builder:build_pd_app"
     cfg = parse_args(app["args"])
     assert cfg.disaggregation.transfer == "object_store"
-    assert cfg.prefill_server.options()["num_replicas"] == 1
-    assert cfg.decode_server.options()["num_replicas"] == 1
+    assert cfg.serve_options("prefill_server")["num_replicas"] == 1
+    assert cfg.serve_options("decode_server")["num_replicas"] == 1
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_invalid_args_name_the_setting(args, named):
 
 def test_autoscaling_replaces_a_fixed_replica_count():
     cfg = parse_args({"llm_server": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}})
-    options = cfg.llm_server.options()
+    options = cfg.serve_options("llm_server")
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3
 
 

@@ -41,13 +41,13 @@ def test_invalid_sampling_values_are_400(tiny):
 
 def test_full_queue_is_503_and_the_rest_complete(tiny):
     s = server(tiny, max_waiting_requests=1)
-    params = {"temperature": 0, "max_tokens": 30, "ignore_eos": True}
+    params = {"temperature": 0, "max_tokens": 200, "ignore_eos": True}
 
     async def main():
         # two run (two slots), one waits; the queue is then full for the next
         running = [asyncio.ensure_future(drain(s.generate([5, 6, 7], params))) for _ in range(3)]
         await asyncio.sleep(0)
-        while len(s.engine.engine.scheduler.waiting) < 1:
+        while s.stats()["waiting"] < 1:
             await asyncio.sleep(0.01)
         with pytest.raises(OpenAIError) as e:
             await drain(s.generate([5, 6, 7], params))
