@@ -24,16 +24,15 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from qwen35_ray.serving import transfer
 from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
-from qwen35_ray.serving.errors import OpenAIError
+from qwen35_ray.serving.errors import OpenAIError, Overloaded
 from qwen35_ray.serving.llm_server import LLMServer
+from qwen35_ray.serving.streams import REPLICA_LOST, guarded
 
 log = logging.getLogger("qwen35_ray.serving")
-
-REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 def _replica_id() -> str:
@@ -181,6 +180,8 @@ class Disaggregator:
         for attempt in range(1 + self.cfg.retries):
             try:
                 return await self.prefill.prefill.remote(prompt_ids, params, request_id)
+            except BackPressureError:
+                raise Overloaded("the prefill pool is overloaded; retry later") from None
             except REPLICA_LOST:
                 self.counters["prefill_replica_failures_total"] += 1
                 if attempt == self.cfg.retries:
@@ -192,27 +193,17 @@ class Disaggregator:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def _on_decode(self, make_stream) -> AsyncIterator[dict]:
-        """Run a decode stream; if its replica dies before it sent anything, run it again on
-        another replica; after that, end the request with a clean error."""
-        for attempt in range(1 + self.cfg.retries):
-            sent = False
-            try:
-                async for step in make_stream():
-                    if "replica" in step:
-                        self.decode_replicas[step.pop("replica")] += 1
-                    # an import's admission is no output: losing the replica after it is retried
-                    sent = sent or "admitted" not in step
-                    yield step
-                return
-            except REPLICA_LOST as e:
-                self.counters["decode_replica_failures_total"] += 1
-                if sent or attempt == self.cfg.retries:
-                    log.warning("decode replica lost mid-request: %s", type(e).__name__)
-                    raise OpenAIError(
-                        "the replica decoding this request failed; retry the request",
-                        status=503,
-                        type="service_unavailable",
-                    ) from None
-                log.warning("decode replica lost before any output; retrying elsewhere")
-                self.counters["decode_retries_total"] += 1
-                await asyncio.sleep(0.2 * (attempt + 1))
+        """Run a decode stream (see streams.guarded: a replica lost before any output is
+        retried elsewhere, then a clean 503; a client gone cancels it)."""
+        # an import's admission is no output: losing the replica after it is retried
+        stream = guarded(
+            make_stream,
+            self.cfg.retries,
+            self.counters,
+            prefix="decode_",
+            is_output=lambda step: "admitted" not in step,
+        )
+        async for step in stream:
+            if "replica" in step:
+                self.decode_replicas[step.pop("replica")] += 1
+            yield step

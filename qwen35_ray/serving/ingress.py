@@ -44,7 +44,7 @@ from qwen35_ray.serving.protocol import (
     TokenizeRequest,
 )
 from qwen35_ray.serving.request_body import parse_object, read_capped, validate
-from qwen35_ray.serving.streams import merge, sse, usage
+from qwen35_ray.serving.streams import guarded, merge, sse, usage
 from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -174,7 +174,10 @@ class OpenAIIngress:
     def _stream(self, prompt_ids: list[int], params: dict):
         if self.pd is not None:
             return self.pd.generate(prompt_ids, params)
-        return self.llm.options(stream=True).generate.remote(prompt_ids, params)
+        return guarded(
+            lambda: self.llm.options(stream=True).generate.remote(prompt_ids, params),
+            retries=self.cfg.disaggregation.retries,
+        )
 
     @app.get("/health")
     async def health(self):

@@ -1,14 +1,66 @@
-"""Helpers for response streams from LLMServer: collect, merge, prime, and SSE encoding."""
+"""Helpers for response streams from LLMServer: guard, collect, merge, prime, SSE encoding."""
 
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.responses import StreamingResponse
 
-from qwen35_ray.serving.errors import OpenAIError
+from qwen35_ray.serving.errors import OpenAIError, Overloaded
 
 log = logging.getLogger("qwen35_ray.serving")
+
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+async def guarded(
+    make_stream: Callable,
+    retries: int,
+    counters=None,
+    prefix: str = "",
+    is_output: Callable[[dict], bool] = lambda step: True,
+) -> AsyncIterator[dict]:
+    """Run a replica's response stream (make_stream() calls the Serve handle), for the client.
+
+    - A replica lost before it sent any output (is_output): the request runs again on another
+      one, up to `retries` times; after that, or once output was sent, it ends with a 503.
+    - Serve's own queue full (BackPressureError): a 503 with Retry-After.
+    - The consumer leaving (client gone): the replica's stream is cancelled, so the engine
+      aborts the request at once instead of generating for nobody.
+    counters (a Counter or None) counts `{prefix}replica_failures_total` and
+    `{prefix}retries_total`."""
+    for attempt in range(1 + retries):
+        sent, ended, stream = False, False, make_stream()
+        try:
+            async for step in stream:
+                sent = sent or is_output(step)
+                yield step
+            ended = True
+            return
+        except BackPressureError:
+            ended = True
+            raise Overloaded("the server is overloaded; retry later") from None
+        except REPLICA_LOST as e:
+            ended = True
+            if counters is not None:
+                counters[f"{prefix}replica_failures_total"] += 1
+            if sent or attempt == retries:
+                log.warning("replica lost mid-request: %s", type(e).__name__)
+                raise Overloaded(
+                    "the replica serving this request failed; retry the request",
+                    type="service_unavailable",
+                ) from None
+            log.warning("replica lost before any output; retrying elsewhere")
+            if counters is not None:
+                counters[f"{prefix}retries_total"] += 1
+            await asyncio.sleep(0.2 * (attempt + 1))
+        finally:
+            # left early: the client went away, or its request failed here
+            if not ended and hasattr(stream, "cancel"):
+                stream.cancel()
 
 
 async def collect(stream, n):
