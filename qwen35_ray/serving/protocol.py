@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from qwen35_ray.serving import checks, limits
+from qwen35_ray.serving.schema_limits import check_schema
 
 
 class Body(BaseModel):
@@ -38,9 +39,14 @@ class StreamOptions(Body):
 class FunctionDef(Body):
     name: str = Field(min_length=1)
     description: str | None = None
-    # the schema's depth and size are bounded by the grammar's own check (TODO(#15): wire
-    # structured.check_schema here once it lands)
+    # bounded (depth, size, counts) as the grammar compiler needs it, forced call or not
     parameters: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounded_schema(self):
+        if self.parameters is not None:
+            check_schema(self.parameters, f"tool {self.name!r} parameters")
+        return self
 
 
 class Tool(Body):
@@ -64,6 +70,12 @@ class JsonSchemaFormat(Body):
     # `schema` would shadow a BaseModel attribute
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
     strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _bounded_schema(self):
+        if isinstance(self.schema_, dict):
+            check_schema(self.schema_, "response_format.json_schema.schema")
+        return self
 
 
 class ResponseFormat(Body):
