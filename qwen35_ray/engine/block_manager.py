@@ -15,6 +15,8 @@ its snapshot hit (where two prompts part: a shared system prompt is reused from 
 request on). Snapshotting every block would cost one full GDN state per block.
 """
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -45,9 +47,9 @@ class BlockPool:
         self.size = num_blocks
         self.ref = [0] * num_blocks
         self._free = deque(range(num_blocks))
-        self._evictable: OrderedDict[int, int] = OrderedDict()  # block -> hash, ref 0
-        self.by_hash: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
+        self._evictable: OrderedDict[int, bytes] = OrderedDict()  # block -> hash, ref 0
+        self.by_hash: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
 
     @property
     def num_free(self) -> int:
@@ -81,7 +83,7 @@ class BlockPool:
                 else:
                     self._free.append(b)
 
-    def register(self, b: int, h: int) -> None:
+    def register(self, b: int, h: bytes) -> None:
         if h not in self.by_hash and b not in self._hash_of:
             self.by_hash[h], self._hash_of[b] = b, h
 
@@ -93,10 +95,14 @@ class PrefixHit:
     snapshot: int  # snapshot slot holding the GDN state at that boundary
 
 
-def block_hashes(tokens: list[int], block_size: int, num_blocks: int) -> list[int]:
-    hashes, h = [], 0
+def block_hashes(tokens: list[int], block_size: int, num_blocks: int) -> list[bytes]:
+    """SHA-256 of each full block's tokens chained to its predecessors'. A key collision
+    would hand one user's cached K/V and GDN state to another's prompt, so the key is a
+    cryptographic hash, never Python's hash() (vLLM moved to SHA-256 for CVE-2025-25183)."""
+    hashes, h = [], b""
     for i in range(num_blocks):
-        h = hash((h, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        block = array("q", tokens[i * block_size : (i + 1) * block_size]).tobytes()
+        h = hashlib.sha256(h + block).digest()
         hashes.append(h)
     return hashes
 
@@ -107,7 +113,7 @@ class CacheManager:
         self.blocks = BlockPool(num_blocks)
         self.slots = Pool(range(num_slots), "state slots")
         self.snapshot_slots = Pool(range(num_slots, num_slots + num_snapshots), "snapshots")
-        self.snapshots: OrderedDict[int, int] = OrderedDict()  # boundary hash -> slot
+        self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # boundary hash -> slot
         self.prefix_caching = num_snapshots > 0
 
     def blocks_needed(self, seq, num_tokens: int) -> int:

@@ -16,7 +16,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from qwen35_ray.engine.block_manager import block_hashes
 
 
-def prefix_keys(prompt_ids: list[int], block_size: int, max_blocks: int = 64) -> list[int]:
+def prefix_keys(prompt_ids: list[int], block_size: int, max_blocks: int = 64) -> list[bytes]:
     """Hashes of the prompt's block-aligned prefixes, longest first (the prefix cache's own
     chained block hashes, so affinity matches what the replica can reuse)."""
     n = min(len(prompt_ids) // block_size, max_blocks)
@@ -34,7 +34,7 @@ class _PoolRouter(RequestRouter):
 class PrefixAffinityRouter(_PoolRouter):
     def initialize_state(self, block_size: int = 16, max_imbalance: int = 4, capacity=100_000):
         self.block_size, self.max_imbalance, self.capacity = block_size, max_imbalance, capacity
-        self.owner: OrderedDict[int, ReplicaID] = OrderedDict()  # prefix hash -> replica, LRU
+        self.owner: OrderedDict[bytes, ReplicaID] = OrderedDict()  # prefix hash -> replica, LRU
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest = None

@@ -69,3 +69,20 @@ def test_hits_inside_one_batch_and_with_snapshot_eviction(setup):
         assert again[rid].outputs[0].token_ids == expected[rid].outputs[0].token_ids
     assert any(o.num_cached_tokens for o in again.values())
     assert engine.cache_manager.is_empty
+
+
+def test_block_keys_are_chained_sha256_digests():
+    """Keys are cryptographic (a collision would serve one user's cache to another), the same
+    in every process, and a block's key depends on every block before it."""
+    import hashlib
+    from array import array
+
+    from qwen35_ray.engine.block_manager import block_hashes
+
+    tokens = list(range(12))
+    keys = block_hashes(tokens, 4, 3)
+    first = hashlib.sha256(array("q", [0, 1, 2, 3]).tobytes()).digest()
+    assert keys[0] == first
+    assert keys[1] == hashlib.sha256(first + array("q", [4, 5, 6, 7]).tobytes()).digest()
+    other = block_hashes([99, 1, 2, 3] + tokens[4:], 4, 3)
+    assert other[1] != keys[1] and other[2] != keys[2]
