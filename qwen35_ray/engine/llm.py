@@ -31,6 +31,9 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
+        """One finished output per prompt, in order. A request that fails raises its error
+        (errors.RequestError: it cannot run as given; RequestFailed: our fault), and the call's
+        other requests are aborted."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -42,20 +45,31 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         order = []
-        for prompt, p in zip(prompts, params):
-            text, ids = self._encode(prompt)
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, p, prompt=text)
-            order.append(rid)
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Generating", disable=not use_tqdm)
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
-        bar.close()
+        try:
+            for prompt, p in zip(prompts, params):
+                text, ids = self._encode(prompt)
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, p, prompt=text)
+                order.append(rid)
+            done = self._run(order, use_tqdm)
+        except BaseException:
+            # the call's other requests would otherwise run on, for nobody, in the next call
+            for rid in order:
+                self.engine.abort(rid)
+            raise
         return [done[rid] for rid in order]
+
+    def _run(self, order: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(order), desc="Generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.error is not None:
+                        raise out.error
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return done
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
