@@ -12,7 +12,7 @@ from qwen35_ray.engine.cache_sizing import size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
-from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed, request_failure
+from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.reasoning import check_budget
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
@@ -189,11 +189,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        try:
-            sampled = self.runner.run(scheduled)
-        except Exception as e:
-            # the cache of every sequence in the step is now in doubt
-            raise EngineDead(f"the model failed in a step of {len(scheduled)} sequences") from e
+        # EngineDead when the model failed; a row whose own sampling failed has the token None
+        sampled = self.runner.run(scheduled)
         touched, exported, failed = {}, {}, {}
         for i, s in enumerate(scheduled):
             seq = s.seq
@@ -288,9 +285,14 @@ class LLMEngine:
             grammar=grammar,
         )
         self.scheduler.add_running(seq)
-        self.cache.write(seq.slot, seq.block_table, state.tensors)
-        detok = IncrementalDetokenizer(self.tokenizer, state.params.skip_special_tokens)
-        seq.text = "".join(detok.push(t) for t in seq.output_token_ids)
+        try:
+            self.cache.write(seq.slot, seq.block_table, state.tensors)
+            detok = IncrementalDetokenizer(self.tokenizer, state.params.skip_special_tokens)
+            seq.text = "".join(detok.push(t) for t in seq.output_token_ids)
+        except Exception:
+            # the slot and blocks add_running took go back
+            self.scheduler.remove(seq)
+            raise
         self._detok[id(seq)] = detok
         self._requests[state.request_id] = (state.prompt, list(state.prompt_token_ids), [seq])
 

@@ -60,7 +60,8 @@ def sample(
     for raw, row, seq in zip(logits, picked, seqs):
         try:
             token = _sample_row(row.clone(), seq)
-            lp = None if seq.params.logprobs is None else _logprobs(raw, token, seq.params.logprobs)
+            top = seq.params.logprobs
+            lp = None if top is None else token_logprobs(raw, token, top)
         except Exception:
             log.exception("sampling failed for request %r", seq.request_id)
             token, lp = None, None
@@ -105,7 +106,7 @@ def _plain_greedy(p) -> bool:
     )
 
 
-def _logprobs(raw: torch.Tensor, token: int, top: int) -> dict[int, float]:
+def token_logprobs(raw: torch.Tensor, token: int, top: int) -> dict[int, float]:
     """The chosen token's logprob and the `top` most likely, from the model's distribution."""
     lp = raw.log_softmax(-1)
     out = {token: float(lp[token])}

@@ -14,12 +14,14 @@ that token and follows the grammar from the next one on. A reasoning model think
 unconstrained, and its answer is constrained.
 
 JSON is generated compact (no free whitespace between tokens): whitespace is the easiest way
-for a model to never finish. Compact JSON never holds a raw control character (inside strings
-they must be escaped), so JSON sequences are also denied every token with one: xgrammar 0.2's
-length-bounded strings (maxLength) would let them through, and strict parsers refuse them.
-A structural tag's JSON values cannot be masked that way (its raw-text parts may hold
-newlines), so each `json_schema` value in one is compiled from its converted grammar with the
-bounded strings' characters narrowed to what JSON allows unescaped (`strict_json_grammar`).
+for a model to never finish. Every JSON grammar (json_object, json_schema, and each `json_schema`
+value of a structural tag) is compiled from xgrammar's converted grammar with the characters of
+its strings narrowed to what JSON allows unescaped (`strict_json_grammar`): no raw control
+character (xgrammar 0.2's length-bounded strings let them through, and strict parsers refuse
+them) and no surrogate (xgrammar takes their 3-byte forms, which are not UTF-8: each decodes as
+U+FFFD, so the text has more characters than the grammar counted for maxLength). JSON sequences
+are also denied every token with a control byte, which covers what the narrowing cannot reach
+(a `pattern`'s regex).
 The grammar's end is the engine's EOS tokens, so a sequence whose grammar is complete may only
 stop, and it finishes with "stop" once it has.
 
@@ -40,11 +42,12 @@ KINDS = ("json_object", "json_schema", "grammar", "regex", "structural_tag")
 JSON_KINDS = ("json_object", "json_schema")
 # xgrammar prefixes its C++ errors with a time and a source location; the user needs neither
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-# the characters of a string with minLength/maxLength in xgrammar 0.2's converted grammar
-# (control characters pass), and what JSON allows unescaped in a string; surrogates too are
-# excluded: xgrammar takes their 3-byte forms, which are not UTF-8 (each decodes as U+FFFD)
-_LOOSE_CHARACTERS = r"(([^\"\\\r\n]))"
-_JSON_CHARACTERS = r"(([^\"\\\0-\x1f\uD800-\uDFFF]))"
+# the characters of a string in xgrammar 0.2's converted grammar, with maxLength/minLength and
+# without (both let surrogates through; the first, control characters too), and what JSON
+# allows unescaped in a string
+_LOOSE_BOUNDED = r"(([^\"\\\r\n]))"
+_LOOSE_UNBOUNDED = r"[^\0-\x1f\"\\\r\n]"
+_JSON_CHARACTER = r"[^\"\\\0-\x1f\uD800-\uDFFF]"
 
 
 @dataclass
@@ -122,12 +125,12 @@ class StructuredOutputs:
         c = self.compiler
         try:
             if kind == "json_object":
-                return c.compile_json_schema({"type": "object"}, any_whitespace=False)
+                return c.compile_grammar(strict_json_grammar({"type": "object"}))
             if kind == "json_schema":
                 schema = spec.get("schema")
                 if not isinstance(schema, (dict, bool)):
                     raise ValueError("a json_schema response format needs a 'schema' object")
-                return c.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                return c.compile_grammar(strict_json_grammar(schema))
             if kind == "grammar":
                 return c.compile_grammar(spec["grammar"])
             if kind == "regex":
@@ -160,28 +163,46 @@ class StructuredOutputs:
         return ids[0]
 
     def start_fill(self, grammars: list[Grammar | None]) -> Future | None:
-        """Bitmasks [B, W] for the sequences about to sample (None: unconstrained), filled on
-        the worker thread; None when no sequence is constrained now."""
+        """Masks for the sequences about to sample (None: unconstrained), filled on the worker
+        thread; None when no sequence is constrained now."""
         grammars = [g if g is not None and g.active else None for g in grammars]
         if all(g is None for g in grammars):
             return None
         return self._worker.submit(self._fill, grammars)
 
-    def _fill(self, grammars: list[Grammar | None]) -> tuple[torch.Tensor, list[int]]:
+    def _fill(self, grammars: list[Grammar | None]) -> "Masks":
         bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
-        rows = [i for i, g in enumerate(grammars) if g is not None]
-        for i in rows:
-            grammars[i].matcher.fill_next_token_bitmask(bitmask, i)
+        rows, failed = [], {}
+        for i, g in enumerate(grammars):
+            if g is None:
+                continue
+            # one sequence's broken matcher fails that sequence, not the step
+            try:
+                g.matcher.fill_next_token_bitmask(bitmask, i)
+                rows.append(i)
+            except Exception as e:
+                failed[i] = e
         json_rows = [i for i in rows if grammars[i].is_json]
         if json_rows:
             bitmask[json_rows] &= self._no_control
-        return bitmask, rows
+        return Masks(bitmask, rows, failed)
+
+
+@dataclass(frozen=True)
+class Masks:
+    """One step's grammar masks."""
+
+    bitmask: torch.Tensor  # [B, W]
+    rows: list[int]  # the constrained rows whose mask is filled
+    failed: dict[int, Exception]  # the constrained rows whose matcher raised, and why
 
 
 def strict_json_grammar(schema) -> str:
-    """EBNF for compact JSON valid against schema, no raw control character in any string."""
+    """EBNF for compact JSON valid against schema, its strings' characters only those JSON
+    allows unescaped (no control character, no surrogate)."""
     ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
-    return ebnf.replace(_LOOSE_CHARACTERS, _JSON_CHARACTERS)
+    ebnf = ebnf.replace(_LOOSE_BOUNDED, f"(({_JSON_CHARACTER}))")
+    return ebnf.replace(_LOOSE_UNBOUNDED, _JSON_CHARACTER)
 
 
 def _strict_json_values(fmt):
@@ -195,12 +216,13 @@ def _strict_json_values(fmt):
     return {k: _strict_json_values(v) for k, v in fmt.items()}
 
 
-def apply_bitmask(logits: torch.Tensor, mask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:
-    """logits [B, V] with the tokens each constrained row's grammar forbids set to -inf (a copy;
-    the model's own distribution stays for logprobs)."""
-    bitmask, rows = mask
+def apply_bitmask(logits: torch.Tensor, masks: Masks) -> torch.Tensor:
+    """logits [B, V] with the tokens each filled row's grammar forbids set to -inf (a copy; the
+    model's own distribution stays for logprobs)."""
     out = logits.clone()
-    xgr.apply_token_bitmask_inplace(out, bitmask, vocab_size=logits.shape[-1], indices=rows)
+    xgr.apply_token_bitmask_inplace(
+        out, masks.bitmask, vocab_size=logits.shape[-1], indices=masks.rows
+    )
     return out
 
 

@@ -5,6 +5,7 @@ import pytest
 from engine_fixtures import checkpoint, make_engine, prompt, run, tiny_tokenizer
 
 from qwen35_ray.engine.errors import RequestError, RequestFailed
+from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -104,4 +105,79 @@ def test_an_add_that_fails_leaves_nothing_behind(setup, monkeypatch):
         engine.add_request("two", prompt(5, 1), SamplingParams(n=2, seed=3))
     assert not engine.has_unfinished() and not engine._detok and "two" not in engine._requests
     monkeypatch.undo()
+    assert run(engine, greedy)["g"].outputs[0].token_ids == before
+
+
+class BrokenFill:
+    """A grammar matcher whose mask fill raises from its `at`-th call on."""
+
+    def __init__(self, matcher, at: int):
+        self.matcher, self.at, self.calls = matcher, at, 0
+
+    def fill_next_token_bitmask(self, bitmask, index):
+        self.calls += 1
+        if self.calls >= self.at:
+            raise RuntimeError("xgrammar: matcher state corrupted")
+        return self.matcher.fill_next_token_bitmask(bitmask, index)
+
+    def __getattr__(self, name):
+        return getattr(self.matcher, name)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """qwen35-tiny: its tokenizer and EOS tokens make grammars (the random checkpoints have no
+    EOS token to end one)."""
+    return LLMEngine.from_pretrained(
+        "qwen35-tiny", dtype="float32", max_model_len=512, kv_cache_memory_bytes=2**24
+    )
+
+
+def test_a_grammar_mask_that_fails_ends_only_its_request(tiny, caplog):
+    greedy = {"g": (prompt(9, 5), SamplingParams(max_tokens=6, **GREEDY))}
+    before = run(tiny, greedy)["g"].outputs[0].token_ids
+    json = SamplingParams(structured={"type": "json_object"}, max_tokens=8, temperature=0)
+    tiny.add_request("bad", prompt(8, 3), json)
+    tiny.add_request("ok", prompt(8, 4), json)
+    tiny.add_request("g", *greedy["g"])
+    grammar = tiny._requests["bad"][2][0].grammar
+    grammar.matcher = BrokenFill(grammar.matcher, at=2)
+    done = {}
+    while tiny.has_unfinished():
+        for out in tiny.step():
+            done[out.request_id] = out
+    bad = done["bad"]
+    assert isinstance(bad.error, RequestFailed) and "'bad'" in str(bad.error)
+    assert "matcher state corrupted" in caplog.text and "'bad'" in caplog.text
+    assert bad.outputs[0].finish_reason == "error" and len(bad.outputs[0].token_ids) == 1
+    assert done["ok"].error is None and done["ok"].finished
+    assert done["g"].outputs[0].token_ids == before
+    assert tiny.cache_manager.is_empty and not tiny._requests and not tiny._detok
+    assert run(tiny, greedy)["g"].outputs[0].token_ids == before
+
+
+def test_an_import_whose_cache_write_fails_frees_its_slot_and_blocks(setup, monkeypatch):
+    engine, greedy, before = setup
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    engine.add_request("moved", prompt(9, 6), params, prefill_only=True)
+    (out,) = engine.step()
+    state = out.request_state
+    assert state is not None and engine.cache_manager.is_empty
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(engine.cache, "write", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.import_request(state)
+    assert engine.cache_manager.is_empty and not engine.has_unfinished()
+    assert "moved" not in engine._requests and not engine._detok
+    monkeypatch.undo()
+    engine.import_request(state)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out
+    assert done["moved"].finished and done["moved"].error is None
+    assert engine.cache_manager.is_empty
     assert run(engine, greedy)["g"].outputs[0].token_ids == before

@@ -192,8 +192,37 @@ def test_a_grammar_after_reasoning_starts_at_its_token(engine):
         assert g.accept(t)
     assert so.start_fill([g]) is None  # no mask while thinking
     assert g.accept(tok.convert_tokens_to_ids("</think>"))
-    bitmask, rows = so.start_fill([g]).result()
-    assert rows == [0]
+    assert so.start_fill([g]).result().rows == [0]
     assert not g.accept(tok.encode("no", add_special_tokens=False)[0])
     with pytest.raises(ValueError, match="single token"):
         so.compile({"type": "json_object", "after": "not one token"})
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "schema": NAME},
+        {"type": "json_schema", "schema": {"properties": {"name": {"type": "string"}}}},
+    ],
+    ids=["json_object", "bounded_string", "unbounded_string"],
+)
+def test_json_strings_refuse_surrogates_and_control_characters(engine, spec):
+    """A surrogate's 3-byte form (ED A0 80) is not UTF-8: it decodes as U+FFFD, so the text
+    has more characters than the grammar counted. The grammar refuses its second byte."""
+    g = engine.structured.grammar(spec)
+    byte = byte_tokens(engine.tokenizer)
+    # é and U+D7FF, the code point just below the surrogates
+    assert all(g.accept(byte[b]) for b in b'{"name": "\xc3\xa9\xed\x9f\xbf')
+    assert g.accept(byte[0xED])
+    assert not g.accept(byte[0xA0])
+    assert g.accept(byte[0x80]) and g.accept(byte[0x80])  # ED 80 80 is U+D000
+    assert not g.accept(byte[ord("\n")])
+    assert all(g.accept(byte[b]) for b in b'"}')
+
+
+def byte_tokens(tokenizer) -> dict[int, int]:
+    """The token id of each single byte of a byte-level BPE tokenizer."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {b: tokenizer.convert_tokens_to_ids(u) for b, u in bytes_to_unicode().items()}
