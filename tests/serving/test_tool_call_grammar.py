@@ -4,6 +4,7 @@ and refuses a call the parser would read as invalid arguments."""
 import json
 
 import jsonschema
+import pydantic
 import pytest
 import transformers
 from json_schemas import LEGACY_ARGS, ORDER_ARGS, WEATHER_ARGS
@@ -153,14 +154,6 @@ def test_definitions_and_refs_between_defs_are_followed(outputs, tokenizer):
             {"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}},
             "tool 'f' parameter 'a': .* points to nothing",
         ),
-        (
-            {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**6}}},
-            "maxLength=1000000 is outside",
-        ),
-        (
-            {"type": "object", "properties": {"a": {"type": "string", "minLength": 1.5}}},
-            "minLength=1.5 must be a non-negative integer",
-        ),
         ({"type": "object", "properties": ["a"]}, "'properties' must be an object"),
     ],
 )
@@ -168,3 +161,22 @@ def test_schemas_a_call_cannot_follow_are_400s_naming_the_tool(parameters, messa
     with pytest.raises(OpenAIError, match=message) as raised:
         forced("f", parameters)
     assert raised.value.status == 400 and raised.value.param == "tools"
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**6}}},
+            "tool 'f' parameters: /properties/a: maxLength=1000000 is outside",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "minLength": 1.5}}},
+            "tool 'f' parameters: /properties/a: minLength=1.5 must be a non-negative integer",
+        ),
+    ],
+)
+def test_schemas_past_the_limits_are_refused_with_the_body(parameters, message):
+    """Bounds hold whether or not the call is forced: the body itself is refused (a 400)."""
+    with pytest.raises(pydantic.ValidationError, match=message):
+        forced("f", parameters)
