@@ -156,13 +156,15 @@ class AppConfig(BaseModel):
 
     def serve_options(self, pool: str) -> dict:
         """Serve options of one deployment. An engine replica takes up to its running and
-        waiting limits (twice, so streams finishing still count) and refuses the rest itself;
-        callers queue a few requests at most while all replicas are full. The ingress is async
-        and cheap per request, so it takes many; the engines' queues bound the work."""
+        waiting limits (twice, so streams finishing still count) and refuses the rest itself.
+        A caller (the ingress) holds requests it has not yet assigned to a replica in Serve's
+        queue: a burst passes through it, so it is bounded by one replica's worth, not by a
+        handful (8 turned most of a 200-request burst into 503s while replicas had room). The
+        ingress is async and cheap per request, so it takes many; the engines bound the work."""
         if pool == "ingress":
             return self.ingress.options(max_ongoing=1024, max_queued=1024)
         per_replica = self.engine.max_num_seqs + self.waiting_limits[0]
-        return getattr(self, pool).options(max_ongoing=2 * per_replica, max_queued=8)
+        return getattr(self, pool).options(max_ongoing=2 * per_replica, max_queued=per_replica)
 
     def resolve_api_key(self) -> str | None:
         """The key from whichever of api_key, api_key_env and api_key_file is set."""
