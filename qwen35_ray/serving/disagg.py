@@ -202,6 +202,7 @@ class Disaggregator:
             self.counters,
             prefix="decode_",
             is_output=lambda step: "admitted" not in step,
+            role="decoding",
         )
         async for step in stream:
             if "replica" in step:

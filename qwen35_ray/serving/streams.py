@@ -22,6 +22,7 @@ async def guarded(
     counters=None,
     prefix: str = "",
     is_output: Callable[[dict], bool] = lambda step: True,
+    role: str = "serving",
 ) -> AsyncIterator[dict]:
     """Run a replica's response stream (make_stream() calls the Serve handle), for the client.
 
@@ -31,7 +32,7 @@ async def guarded(
     - The consumer leaving (client gone): the replica's stream is cancelled, so the engine
       aborts the request at once instead of generating for nobody.
     counters (a Counter or None) counts `{prefix}replica_failures_total` and
-    `{prefix}retries_total`."""
+    `{prefix}retries_total`; role names the replica's part in errors ("decoding")."""
     for attempt in range(1 + retries):
         sent, ended, stream = False, False, make_stream()
         try:
@@ -50,7 +51,7 @@ async def guarded(
             if sent or attempt == retries:
                 log.warning("replica lost mid-request: %s", type(e).__name__)
                 raise Overloaded(
-                    "the replica serving this request failed; retry the request",
+                    f"the replica {role} this request failed; retry the request",
                     type="service_unavailable",
                 ) from None
             log.warning("replica lost before any output; retrying elsewhere")

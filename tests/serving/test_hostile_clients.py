@@ -11,11 +11,13 @@ import json
 import socket
 import time
 
+import jsonschema
 import openai
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from json_schemas import WEATHER_ARGS
 from schema_strategy import JSON, from_schema
 from serve_fixtures import running_app
 
@@ -214,6 +216,53 @@ def _bounded(body):
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
     return body
+
+
+def _completion_texts(url: str, stream: bool, **body) -> list[str]:
+    body = {"model": MODEL, "prompt": "Tell me a story", "n": 2, "seed": 7} | body
+    body |= {"temperature": 1.0, "max_tokens": 24, "ignore_eos": True, "stream": stream}
+    r = requests.post(url + "/v1/completions", json=body, timeout=60, stream=stream)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    texts = ["", ""]
+    for line in r.iter_lines():
+        if line.startswith(b"data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] += c["text"]
+    return texts
+
+
+def test_stop_strings_across_token_boundaries_streamed_or_not(server):
+    """Stops that start and end inside tokens: both outputs of n=2 end exactly before the
+    stop, streamed and not, and the streamed deltas never showed its first characters."""
+    full = _completion_texts(server, stream=False)
+    assert full == _completion_texts(server, stream=True)
+    for stop in (full[0][2:4], full[0][5:9], full[1][3:6]):
+        expected = [t[: t.index(stop)] if stop in t else t for t in full]
+        assert _completion_texts(server, stream=False, stop=[stop]) == expected, stop
+        assert _completion_texts(server, stream=True, stop=[stop]) == expected, stop
+
+
+def test_a_forced_tool_call_with_a_thinking_budget_comes_within_max_tokens(server):
+    """Thinking on (the template's default): after 32 tokens the engine closes </think>, so
+    the forced call is written and validates, on the random tiny model."""
+    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=120)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS}}
+    for seed in range(3):
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            tools=[tool],
+            tool_choice="required",
+            max_tokens=200,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"thinking_token_budget": 32},
+        )
+        (call,) = out.choices[0].message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)
+        assert out.usage.completion_tokens <= 200
 
 
 def test_fuzzed_bodies_never_get_a_5xx(server, greedy_before):
