@@ -32,8 +32,8 @@ COUNT_KEYWORDS = (
 )
 # keywords whose value is a map of names to subschemas
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-# keywords whose value is one subschema
-_SCHEMA_ONE = (
+# keywords whose value is one subschema (schema_refs.py walks them too)
+SCHEMA_ONE = (
     "items",
     "additionalProperties",
     "additionalItems",
@@ -107,7 +107,7 @@ def _children(node: dict, depth: int, path: str) -> list[tuple]:
     for key in _SCHEMA_MAPS:
         if isinstance(node.get(key), dict):
             out += [(v, depth + 1, f"{path}/{key}/{k}") for k, v in node[key].items()]
-    for key in _SCHEMA_ONE:
+    for key in SCHEMA_ONE:
         # `items` may still be a list of schemas (draft 7's tuples)
         if key in node and not isinstance(node[key], list):
             out.append((node[key], depth + 1, f"{path}/{key}"))

@@ -9,24 +9,11 @@ inlining and is refused; so is an expansion that outgrows the schema size limit.
 
 import json
 
-from qwen35_ray.serving.schema_limits import MAX_DEPTH, MAX_SCHEMA_BYTES
+from qwen35_ray.serving.schema_limits import MAX_DEPTH, MAX_SCHEMA_BYTES, SCHEMA_ONE
 
 # keys that describe a value without constraining it: a ref's sibling may override them
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated"}
 _SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas")
-_SCHEMA_ONE = (
-    "items",
-    "additionalProperties",
-    "additionalItems",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "propertyNames",
-    "contains",
-    "not",
-    "if",
-    "then",
-    "else",
-)
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 
 
@@ -60,7 +47,7 @@ class _Inliner:
                 value = {k: self.inline(v, refs, depth + 1) for k, v in value.items()}
             elif key in _SCHEMA_LISTS and isinstance(value, list):
                 value = [self.inline(v, refs, depth + 1) for v in value]
-            elif key in _SCHEMA_ONE:
+            elif key in SCHEMA_ONE:
                 value = self.inline(value, refs, depth + 1)
             out[key] = value
         return out

@@ -1,4 +1,6 @@
-"""LLMServer on its own (no Ray): deltas, bad values as 400s, and 503 when the queue is full."""
+"""LLMServer on its own (no Ray): deltas, bad values as 400s, a full queue (in prompts or in
+prompt tokens) as a fast 503 with Retry-After, and a dead engine failing its streams with a 503,
+later requests at once, and the replica's health check."""
 
 import asyncio
 
@@ -18,6 +20,9 @@ def tiny(tmp_path_factory):
 
 def server(tiny, **extra):
     return LLMServer({"model": tiny, "dtype": "float32", "engine": {"max_num_seqs": 2}, **extra})
+
+
+PARAMS = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
 
 
 async def drain(gen):
@@ -57,3 +62,64 @@ def test_full_queue_is_503_and_the_rest_complete(tiny):
     results = asyncio.run(main())
     assert all(r[-1]["outputs"][0]["finish_reason"] == "length" for r in results)
     assert s.stats()["requests_rejected_total"] == 1
+
+
+async def until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+def test_waiting_prompt_tokens_bound_the_queue(tiny):
+    s = server(tiny, max_waiting_prompt_tokens=100, engine={"max_num_seqs": 1})
+
+    async def main():
+        running = asyncio.ensure_future(drain(s.generate([5] * 10, PARAMS)))
+        waiting = asyncio.ensure_future(drain(s.generate([6] * 60, PARAMS)))
+        await until(lambda: s.stats()["waiting"] == 1 and s.stats()["running"] == 1)
+        # 60 waiting + 50 > 100: refused, whatever the prompt count
+        with pytest.raises(OpenAIError) as e:
+            await drain(s.generate([7] * 50, PARAMS))
+        # 60 + 40 fits
+        fits = asyncio.ensure_future(drain(s.generate([8] * 40, PARAMS)))
+        return e.value, await asyncio.gather(running, waiting, fits)
+
+    error, done = asyncio.run(main())
+    assert error.status == 503 and error.headers["Retry-After"] == "1"
+    assert error.response().headers["retry-after"] == "1"
+    assert all(r[-1]["outputs"][0]["finish_reason"] == "length" for r in done)
+    stats = s.stats()
+    assert stats["requests_rejected_total"] == 1 and stats["running"] == stats["waiting"] == 0
+    assert stats["state_slots_free"] == stats["state_slots_total"]
+
+
+def test_a_long_prompt_is_admitted_to_an_empty_queue(tiny):
+    s = server(tiny, max_waiting_prompt_tokens=8, engine={"max_num_seqs": 1})
+    out = asyncio.run(drain(s.generate(list(range(5, 105)), {**PARAMS, "max_tokens": 2})))
+    assert out[-1]["outputs"][0]["finish_reason"] == "length"
+
+
+def test_a_dead_engine_fails_fast_and_reports_unhealthy(tiny):
+    s = server(tiny, engine={"max_num_seqs": 2})
+    before = asyncio.run(drain(s.generate([5, 6, 7], PARAMS)))
+    s.check_health()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device failure")
+
+    async def main():
+        first = asyncio.ensure_future(drain(s.generate([5, 6, 7], PARAMS)))
+        await until(lambda: s.stats()["generation_tokens_total"] > 45)
+        s.engine.engine.runner.model.forward = broken
+        with pytest.raises(OpenAIError) as open_stream:
+            await first
+        with pytest.raises(OpenAIError) as later:
+            await drain(s.generate([5, 6, 7], PARAMS))
+        return open_stream.value, later.value
+
+    open_stream, later = asyncio.run(main())
+    for e in (open_stream, later):
+        assert e.status == 503 and e.type == "service_unavailable"
+        assert "simulated" not in e.message  # no internals to clients
+    with pytest.raises(RuntimeError, match="replaced"):
+        s.check_health()
+    assert before[-1]["outputs"][0]["finish_reason"] == "length"
