@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError
 
 from qwen35_ray.serving import transfer
 from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
-from qwen35_ray.serving.errors import OpenAIError, Overloaded
+from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items, raise_error_item
 from qwen35_ray.serving.llm_server import LLMServer
 from qwen35_ray.serving.streams import REPLICA_LOST, guarded
 
@@ -49,7 +49,14 @@ class PrefillServer(LLMServer):
 
     async def prefill(self, prompt_token_ids: list[int], params: dict, request_id: str) -> dict:
         """Returns {"step": the first delta, "handoff": where the state is (None when the
-        request already finished), "replica": this replica}."""
+        request already finished), "replica": this replica}, or an error item (see
+        errors.OpenAIError.as_item)."""
+        try:
+            return await self._run_prefill(prompt_token_ids, params, request_id)
+        except OpenAIError as e:
+            return e.as_item()
+
+    async def _run_prefill(self, prompt_token_ids: list[int], params: dict, request_id: str):
         sp = await self._params(prompt_token_ids, params)
         self.counters["requests_total"] += 1
         last = None
@@ -84,6 +91,7 @@ class DecodeServer(LLMServer):
         super().__init__(config)
         self.counters |= {"imports_total": 0, "transfer_receive_seconds_total": 0.0}
 
+    @errors_as_items
     async def generate(
         self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
     ) -> AsyncIterator[dict]:
@@ -94,6 +102,7 @@ class DecodeServer(LLMServer):
                 step["replica"], first = _replica_id(), False
             yield step
 
+    @errors_as_items
     async def decode(self, handoff: dict) -> AsyncIterator[dict]:
         """Import the handed-off state and yield the deltas after the ones already sent.
         The first item, {"admitted": True, "replica"}, comes at once: this replica took the
@@ -179,7 +188,9 @@ class Disaggregator:
     async def _prefill(self, prompt_ids: list[int], params: dict, request_id: str) -> dict:
         for attempt in range(1 + self.cfg.retries):
             try:
-                return await self.prefill.prefill.remote(prompt_ids, params, request_id)
+                first = await self.prefill.prefill.remote(prompt_ids, params, request_id)
+                raise_error_item(first)
+                return first
             except BackPressureError:
                 raise Overloaded("the prefill pool is overloaded; retry later") from None
             except REPLICA_LOST:

@@ -1,5 +1,8 @@
 """Errors in the OpenAI error format: {"error": {"message", "type", "param", "code"}}."""
 
+import contextlib
+import functools
+
 from starlette.responses import JSONResponse
 
 TYPES = {
@@ -41,8 +44,38 @@ class OpenAIError(Exception):
             }
         }
 
+    def as_item(self) -> dict:
+        """This error as an item of a replica's response stream. Replicas hand errors back as
+        data: Serve logs every exception a replica method raises, with its traceback, and an
+        overloaded replica answering a burst with 503s must not flood its log."""
+        return {"error": self.body()["error"], "headers": self.headers}
+
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def raise_error_item(item: dict) -> None:
+    """The caller's side of OpenAIError.as_item: raise the error an item carries."""
+    if "error" in item:
+        e = item["error"]
+        raise OpenAIError(e["message"], e["code"], e["type"], e["param"], item.get("headers"))
+
+
+def errors_as_items(method):
+    """Wraps a replica's async-generator method: an OpenAIError ends the stream as its last
+    item (OpenAIError.as_item) instead of being raised through Serve."""
+
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        # closing the wrapper (a client gone) closes the method's stream at once
+        async with contextlib.aclosing(method(*args, **kwargs)) as stream:
+            try:
+                async for item in stream:
+                    yield item
+            except OpenAIError as e:
+                yield e.as_item()
+
+    return wrapper
 
 
 class Overloaded(OpenAIError):

@@ -23,7 +23,7 @@ from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.serving.config import AppConfig
-from qwen35_ray.serving.errors import OpenAIError, Overloaded
+from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items
 
 log = logging.getLogger("qwen35_ray.serving")
 
@@ -90,11 +90,13 @@ class LLMServer:
         self._admit(len(prompt_token_ids))
         return sp
 
+    @errors_as_items
     async def generate(
         self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
     ) -> AsyncIterator[dict]:
         """Yield {"outputs": [{index, text, token_ids, logprobs, finish_reason}], ...} deltas:
-        the text and tokens each output gained in one engine step."""
+        the text and tokens each output gained in one engine step. An error is the last item,
+        {"error": ..., "headers": ...} (errors.raise_error_item raises it again)."""
         sp = await self._params(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         self.counters["requests_total"] += 1

@@ -9,7 +9,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import StreamingResponse
 
-from qwen35_ray.serving.errors import OpenAIError, Overloaded
+from qwen35_ray.serving.errors import OpenAIError, Overloaded, raise_error_item
 
 log = logging.getLogger("qwen35_ray.serving")
 
@@ -28,6 +28,7 @@ async def guarded(
 
     - A replica lost before it sent any output (is_output): the request runs again on another
       one, up to `retries` times; after that, or once output was sent, it ends with a 503.
+    - An error item from the replica (errors.OpenAIError.as_item) is raised here.
     - Serve's own queue full (BackPressureError): a 503 with Retry-After.
     - The consumer leaving (client gone): the replica's stream is cancelled, so the engine
       aborts the request at once instead of generating for nobody.
@@ -37,6 +38,9 @@ async def guarded(
         sent, ended, stream = False, False, make_stream()
         try:
             async for step in stream:
+                if "error" in step:
+                    ended = True
+                    raise_error_item(step)
                 sent = sent or is_output(step)
                 yield step
             ended = True

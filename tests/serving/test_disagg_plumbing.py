@@ -133,3 +133,18 @@ def test_an_admitted_import_streams_the_first_token_then_the_decode():
     d = Disaggregator(prefill_pool(), Pool(decode=decode), PD)
     assert generate(d) == [FIRST, {"outputs": [{"index": 0, "token_ids": [8]}]}]
     assert d.decode_replicas == {"d": 1} and d.counters["transfer_seconds_total"] == 0.5
+
+
+def test_an_error_item_from_a_replica_is_raised_with_its_status_and_headers():
+    """Replicas return errors as their stream's last item (Serve would log a raised one with
+    its traceback); the ingress raises it again, Retry-After and all."""
+    from qwen35_ray.serving.errors import Overloaded
+
+    async def decode(handoff):
+        yield Overloaded("the server is overloaded; retry later").as_item()
+
+    d = Disaggregator(prefill_pool(), Pool(decode=decode), PD)
+    got = []
+    with pytest.raises(OpenAIError) as e:
+        generate(d, got)
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and got == []

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from qwen35_ray.cli import main as cli
-from qwen35_ray.serving.errors import OpenAIError
+from qwen35_ray.serving.errors import OpenAIError, raise_error_item
 from qwen35_ray.serving.llm_server import LLMServer
 
 
@@ -26,7 +26,12 @@ PARAMS = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
 
 
 async def drain(gen):
-    return [item async for item in gen]
+    """The stream's items; an error item (how replicas return errors) is raised, as the
+    ingress does."""
+    items = [item async for item in gen]
+    for item in items:
+        raise_error_item(item)
+    return items
 
 
 def test_deltas_add_up_to_the_output(tiny):
