@@ -22,13 +22,17 @@ from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.source import resolve_model
-from qwen35_ray.serving import limits
 from qwen35_ray.serving.chat import (
     ChoiceParser,
     chat_logprobs,
     chat_response,
     chunk,
     render_prompt,
+)
+from qwen35_ray.serving.completions import (
+    completion_chunks,
+    completion_prompts,
+    completion_response,
 )
 from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.disagg import Disaggregator
@@ -44,7 +48,7 @@ from qwen35_ray.serving.protocol import (
     TokenizeRequest,
 )
 from qwen35_ray.serving.request_body import parse_object, read_capped, validate
-from qwen35_ray.serving.streams import guarded, merge, sse, usage
+from qwen35_ray.serving.streams import guarded, sse, usage
 from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -326,7 +330,7 @@ class OpenAIIngress:
     async def completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
         # every prompt tokenized and checked before any starts
-        prompts = await self._off_loop(self._completion_prompts, req)
+        prompts = await self._off_loop(completion_prompts, self.tokenizer, req)
         spec = lambda: response_format_spec(req.response_format)  # noqa: E731
         params = [
             self._params(req, self._max_tokens(req.max_tokens, len(ids)), req.logprobs, spec)
@@ -335,86 +339,7 @@ class OpenAIIngress:
         streams = [self._stream(ids, p) for ids, p in zip(prompts, params)]
         if req.stream:
             streams = await start_all(streams)
-            return sse(self._completion_chunks(streams, req, prompts))
+            chunks = completion_chunks(self.tokenizer, self.cfg.model_name, req, prompts, streams)
+            return sse(chunks)
         results = await collect_all(streams, req.n)
-        choices, counts = [], []
-        for k, (texts, tokens, lps, reasons) in enumerate(results):
-            for i in range(req.n):
-                choices.append(
-                    {
-                        "index": k * req.n + i,
-                        "text": texts[i],
-                        "finish_reason": reasons[i],
-                        "logprobs": self._completion_logprobs(tokens[i], lps[i])
-                        if req.logprobs is not None
-                        else None,
-                    }
-                )
-                counts.append(len(tokens[i]))
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.cfg.model_name,
-            "choices": choices,
-            "usage": usage(sum(map(len, prompts)), sum(counts)),
-        }
-
-    def _completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        prompts = [
-            self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in req.prompts()
-        ]
-        if any(not ids for ids in prompts):
-            raise OpenAIError("prompt is empty", param="prompt")
-        total = sum(map(len, prompts))
-        if total > limits.MAX_TOTAL_PROMPT_TOKENS:
-            raise OpenAIError(
-                f"the prompts have {total} tokens together; one request may bring at most "
-                f"{limits.MAX_TOTAL_PROMPT_TOKENS}; split them over several requests",
-                param="prompt",
-            )
-        return prompts
-
-    async def _completion_chunks(self, streams, req, prompts):
-        rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.cfg.model_name
-        counts = [0] * (len(streams) * req.n)
-        async for k, step in merge(streams):
-            for d in step["outputs"]:
-                i = k * req.n + d["index"]
-                counts[i] += len(d["token_ids"])
-                yield {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": i,
-                            "text": d["text"],
-                            "finish_reason": d["finish_reason"],
-                            "logprobs": self._completion_logprobs(d["token_ids"], d["logprobs"])
-                            if req.logprobs is not None
-                            else None,
-                        }
-                    ],
-                }
-        if req.stream_options and req.stream_options.include_usage:
-            yield {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage(sum(map(len, prompts)), sum(counts)),
-            }
-
-    def _completion_logprobs(self, token_ids, logprobs):
-        tokens = [self.tokenizer.decode([t]) for t in token_ids]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
-            "top_logprobs": [
-                {self.tokenizer.decode([k]): v for k, v in lp.items()} for lp in logprobs
-            ],
-            "text_offset": [sum(map(len, tokens[:j])) for j in range(len(tokens))],
-        }
+        return completion_response(self.tokenizer, self.cfg.model_name, req, prompts, results)
