@@ -48,6 +48,10 @@ _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _LOOSE_BOUNDED = r"(([^\"\\\r\n]))"
 _LOOSE_UNBOUNDED = r"[^\0-\x1f\"\\\r\n]"
 _JSON_CHARACTER = r"[^\"\\\0-\x1f\uD800-\uDFFF]"
+# a \uXXXX escape, and the same without D800-DFFF: a lone surrogate escape parses into a
+# string no UTF-8 encoder takes
+_LOOSE_U_ESCAPE = '("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
+_JSON_U_ESCAPE = '("u" (([0-9A-Ca-cEFef] [A-Fa-f0-9]) | ([Dd] [0-7])) [A-Fa-f0-9] [A-Fa-f0-9])'
 
 
 @dataclass
@@ -199,9 +203,10 @@ class Masks:
 
 def strict_json_grammar(schema) -> str:
     """EBNF for compact JSON valid against schema, its strings' characters only those JSON
-    allows unescaped (no control character, no surrogate)."""
+    allows unescaped (no control character, no surrogate), and no surrogate escapes."""
     ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
     ebnf = ebnf.replace(_LOOSE_BOUNDED, f"(({_JSON_CHARACTER}))")
+    ebnf = ebnf.replace(_LOOSE_U_ESCAPE, _JSON_U_ESCAPE)
     return ebnf.replace(_LOOSE_UNBOUNDED, _JSON_CHARACTER)
 
 

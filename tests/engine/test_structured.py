@@ -221,6 +221,15 @@ def test_json_strings_refuse_surrogates_and_control_characters(engine, spec):
     assert all(g.accept(byte[b]) for b in b'"}')
 
 
+@pytest.mark.parametrize("escape, ok", [("d7ff", True), ("00e9", True), ("d800", False)])
+def test_json_strings_refuse_surrogate_escapes(engine, escape, ok):
+    """json.loads turns a \\ud800 escape into a lone surrogate, which no UTF-8 encoder takes."""
+    g = engine.structured.grammar({"type": "json_object"})
+    byte = byte_tokens(engine.tokenizer)
+    assert all(g.accept(byte[b]) for b in b'{"name": "\\u' + escape[:1].encode())
+    assert all(g.accept(byte[b]) for b in escape[1:].encode()) == ok
+
+
 def byte_tokens(tokenizer) -> dict[int, int]:
     """The token id of each single byte of a byte-level BPE tokenizer."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
