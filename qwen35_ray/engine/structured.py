@@ -48,8 +48,8 @@ _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _LOOSE_BOUNDED = r"(([^\"\\\r\n]))"
 _LOOSE_UNBOUNDED = r"[^\0-\x1f\"\\\r\n]"
 _JSON_CHARACTER = r"[^\"\\\0-\x1f\uD800-\uDFFF]"
-# a \u escape (four hex digits), and the same without D800-DFFF: a lone surrogate escape parses into a
-# string no UTF-8 encoder takes
+# a \u escape (four hex digits), and the same without D800-DFFF: a lone surrogate escape
+# parses into a string no UTF-8 encoder takes
 _LOOSE_U_ESCAPE = '("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])'
 _JSON_U_ESCAPE = '("u" (([0-9A-Ca-cEFef] [A-Fa-f0-9]) | ([Dd] [0-7])) [A-Fa-f0-9] [A-Fa-f0-9])'
 
