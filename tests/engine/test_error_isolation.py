@@ -59,10 +59,8 @@ def test_a_request_failing_in_a_step_fails_alone(setup, monkeypatch, caplog):
     monkeypatch.setattr(
         detok, "push", lambda t: push(t) if len(detok.ids) < 2 else 1 / 0, raising=False
     )
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            done[out.request_id] = out
+    # the requests were added above; step them all to the end
+    done = run(engine, {})
     bad = done["bad"]
     assert isinstance(bad.error, RequestFailed) and "'bad'" in str(bad.error)
     assert "ZeroDivisionError" in caplog.text and "'bad'" in caplog.text
@@ -142,10 +140,8 @@ def test_a_grammar_mask_that_fails_ends_only_its_request(tiny, caplog):
     tiny.add_request("g", *greedy["g"])
     grammar = tiny._requests["bad"][2][0].grammar
     grammar.matcher = BrokenFill(grammar.matcher, at=2)
-    done = {}
-    while tiny.has_unfinished():
-        for out in tiny.step():
-            done[out.request_id] = out
+    # the requests were added above; step them all to the end
+    done = run(tiny, {})
     bad = done["bad"]
     assert isinstance(bad.error, RequestFailed) and "'bad'" in str(bad.error)
     assert "matcher state corrupted" in caplog.text and "'bad'" in caplog.text
@@ -174,10 +170,8 @@ def test_an_import_whose_cache_write_fails_frees_its_slot_and_blocks(setup, monk
     assert "moved" not in engine._requests and not engine._detok
     monkeypatch.undo()
     engine.import_request(state)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            done[out.request_id] = out
+    # the requests were added above; step them all to the end
+    done = run(engine, {})
     assert done["moved"].finished and done["moved"].error is None
     assert engine.cache_manager.is_empty
     assert run(engine, greedy)["g"].outputs[0].token_ids == before
