@@ -54,19 +54,7 @@ class AsyncEngine:
 
     def _snapshot(self) -> dict:
         """Read in the step thread (or before it starts): the scheduler's queues change there."""
-        e, cm = self.engine, self.engine.cache_manager
-        return {
-            "running": len(e.scheduler.running),
-            "waiting": len(e.scheduler.waiting),
-            "waiting_prompt_tokens": sum(len(s.prompt_token_ids) for s in e.scheduler.waiting),
-            "state_slots_total": cm.slots.size,
-            "state_slots_free": cm.slots.num_free,
-            "kv_blocks_total": cm.blocks.size,
-            "kv_blocks_free": cm.blocks.num_free,
-            "preemptions_total": e.scheduler.num_preemptions,
-            "prompt_tokens_computed_total": e.stats["prompt_tokens_computed"],
-            "generation_tokens_total": e.stats["generated_tokens"],
-        }
+        return self.engine.load_stats()
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():

@@ -10,18 +10,17 @@ import torch
 from qwen35_ray.engine.block_manager import CacheManager
 from qwen35_ray.engine.cache_sizing import size_cache
 from qwen35_ray.engine.config import EngineConfig
-from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
+from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
-from qwen35_ray.engine.reasoning import check_budget
+from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
-from qwen35_ray.engine.runner import ModelRunner
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.engine.scheduler import Scheduler
 from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.step_plan import Plan, plan_step
 from qwen35_ray.engine.structured import StructuredOutputs
-from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.weights import tensor_fingerprint
@@ -30,27 +29,41 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
+    """The scheduler, block accounting and request bookkeeping of one data-parallel rank; the
+    model runs behind `executor` (engine/executor.py): in this process unless one is given,
+    in which case `model` may be None."""
+
     def __init__(
-        self, model, config, tokenizer, engine_config: EngineConfig, model_path=None, device="cpu"
+        self,
+        model,
+        config,
+        tokenizer,
+        engine_config: EngineConfig,
+        model_path=None,
+        device="cpu",
+        *,
+        executor: Executor | None = None,
+        dtype: torch.dtype | None = None,
+        fingerprint: str | None = None,
     ):
-        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.config, self.tokenizer = config, tokenizer
         self.model_path = Path(model_path) if model_path else None
         ec = engine_config
         self.max_model_len = min(
             ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
         )
-        self.dtype = dtype = next(model.parameters()).dtype
-        weights = getattr(model, "weights_fingerprint", None) or tensor_fingerprint(model)
-        self.fingerprint = model_fingerprint(config, dtype, weights)
-        size = size_cache(config, ec, dtype, self.max_model_len)
-        self.cache = HybridCache.allocate(
-            config,
-            size.num_slots + size.num_snapshots,
-            size.num_blocks,
-            ec.block_size,
-            dtype,
-            device,
-        )
+        if executor is None:
+            dtype = next(model.parameters()).dtype
+        elif dtype is None or fingerprint is None:
+            raise ValueError("an engine given an executor needs the model's dtype and fingerprint")
+        self.dtype = dtype
+        size = self.cache_size = size_cache(config, ec, dtype, self.max_model_len)
+        if executor is None:
+            weights = getattr(model, "weights_fingerprint", None) or tensor_fingerprint(model)
+            fingerprint = model_fingerprint(config, dtype, weights)
+            executor = InProcessExecutor.create(model, config, size, ec, dtype, device)
+        self.fingerprint = fingerprint
+        self.executor = executor
         self.cache_manager = CacheManager(
             size.num_blocks, ec.block_size, size.num_slots, size.num_snapshots
         )
@@ -60,13 +73,8 @@ class LLMEngine:
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
         self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_token_ids)
-        compiled = None
-        if ec.compile_decode:
-            if torch.device(device).type != "cpu":
-                raise ValueError("compile_decode is for CPU engines")
-            compiled = CompiledDecode(model, self.cache)
-            compiled.warmup()
-        self.runner = ModelRunner(model, self.cache, device, self.structured, compiled)
+        # thinking_token_budget forces </think>; None: the model has no reasoning tokens
+        self.think = ThinkTokens.of(tokenizer)
         self.generation_defaults = defaults.sampling
         self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -110,7 +118,7 @@ class LLMEngine:
             raise RequestError(
                 f"logit_bias has token id {bad[0]}; token ids must be in [0, {vocab})"
             )
-        check_budget(self.runner.think, params.thinking_token_budget)
+        check_budget(self.think, params.thinking_token_budget)
         if params.structured is not None:
             try:
                 self.structured.compile(params.structured)
@@ -186,11 +194,23 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        plan = self.prepare_step()
+        if plan is None:
             return []
         # EngineDead when the model failed; a row whose own sampling failed has the token None
-        sampled = self.runner.run(scheduled)
+        return self.finish_step(plan, self.executor.execute(plan.batch))
+
+    def prepare_step(self) -> Plan | None:
+        """Schedule the next step and build its batch; None when nothing is scheduled."""
+        scheduled = self.scheduler.schedule()
+        return plan_step(scheduled, self.structured, self.think) if scheduled else None
+
+    def finish_step(self, plan: Plan, result: StepResult) -> list[RequestOutput]:
+        """Apply a step's result: computed tokens, snapshots, sampled tokens, finished and
+        exported requests."""
+        scheduled, sampled = plan.scheduled, result.tokens
+        for i, generator in (result.generators or {}).items():
+            scheduled[i].seq.generator = generator
         touched, exported, failed = {}, {}, {}
         for i, s in enumerate(scheduled):
             seq = s.seq
@@ -205,13 +225,13 @@ class LLMEngine:
             if seq.num_computed in seq.snapshot_points and seq.num_computed > 0:
                 snapshot = self.cache_manager.remember(seq, seq.num_computed)
                 if snapshot is not None:
-                    self.cache.copy_slot(seq.slot, snapshot)
+                    self.executor.copy_slot(seq.slot, snapshot)
             if i not in sampled:
                 continue
             touched[seq.request_id] = True
             try:
                 token, logprobs = sampled[i]
-                if token is None:
+                if token is None or i in plan.failed:
                     raise RequestFailed(
                         f"request {seq.request_id!r} failed while sampling; "
                         "the server log has the details"
@@ -227,9 +247,27 @@ class LLMEngine:
             out.error = failed.get(out.request_id)
         return outs
 
+    def load_stats(self) -> dict:
+        """The queues and the cache now (read between steps)."""
+        sch, cm = self.scheduler, self.cache_manager
+        return {
+            "running": len(sch.running),
+            "waiting": len(sch.waiting),
+            "waiting_prompt_tokens": sum(len(s.prompt_token_ids) for s in sch.waiting),
+            "state_slots_total": cm.slots.size,
+            "state_slots_free": cm.slots.num_free,
+            "kv_blocks_total": cm.blocks.size,
+            "kv_blocks_free": cm.blocks.num_free,
+            "preemptions_total": sch.num_preemptions,
+            "prompt_tokens_computed_total": self.stats["prompt_tokens_computed"],
+            "generation_tokens_total": self.stats["generated_tokens"],
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
     def _export(self, seq: Sequence) -> RequestState:
-        n_attn = len(self.config.attention_layers)
-        tensors = self.cache.read(seq.slot, seq.block_table, seq.num_computed, n_attn)
+        tensors = self.executor.read_state(seq.slot, seq.block_table, seq.num_computed)
         state = RequestState(
             seq.request_id,
             self.fingerprint,
@@ -286,7 +324,7 @@ class LLMEngine:
         )
         self.scheduler.add_running(seq)
         try:
-            self.cache.write(seq.slot, seq.block_table, state.tensors)
+            self.executor.write_state(seq.slot, seq.block_table, state.tensors)
             detok = IncrementalDetokenizer(self.tokenizer, state.params.skip_special_tokens)
             seq.text = "".join(detok.push(t) for t in seq.output_token_ids)
         except Exception:

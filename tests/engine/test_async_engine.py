@@ -182,7 +182,7 @@ def test_a_model_failure_kills_the_engine_for_every_stream(setup, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine.engine.runner, "model", broken)
+    monkeypatch.setattr(engine.engine.executor.runner, "model", broken)
     params = SamplingParams(max_tokens=5, **GREEDY)
 
     async def drain(rid):

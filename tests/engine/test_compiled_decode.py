@@ -41,7 +41,7 @@ def test_compiled_decode_equals_eager_and_transformers(setup):
         assert got[rid] == hf_greedy(ref, ids, params.max_tokens), rid
     assert compiled.cache_manager.is_empty
     # every request decoded through the graphs: at least its longest run of decode steps
-    steps = compiled.runner.compiled_decode.steps
+    steps = compiled.executor.runner.compiled_decode.steps
     assert len(steps) == 2 and min(steps) > 0
     assert sum(steps) >= max(p.max_tokens for _, p in requests.values()) - 1
 
@@ -75,7 +75,7 @@ def test_compiled_decode_of_one_token_prompt_alone(setup):
     requests = {"one": ([7], SamplingParams(max_tokens=5, **GREEDY))}
     got = tokens(run(compiled, requests))
     assert (
-        compiled.runner.compiled_decode.steps[0] == sum(compiled.runner.compiled_decode.steps) == 4
+        compiled.executor.runner.compiled_decode.steps[0] == sum(compiled.executor.runner.compiled_decode.steps) == 4
     )
     assert got["one"] == hf_greedy(ref, [7], 5)
     assert compiled.cache_manager.is_empty

@@ -146,7 +146,7 @@ def test_state_slots_sized_from_a_memory_budget(setup):
     engine = make_engine(
         path, tok, state_memory_bytes=3 * per_slot + 7, enable_prefix_caching=False
     )
-    assert engine.cache_manager.slots.size == 3 and engine.cache.num_slots == 3
+    assert engine.cache_manager.slots.size == 3 and engine.executor.cache.num_slots == 3
     done = run(engine, sixteen())  # 16 requests through 3 slots
     assert len(done) == 16 and engine.cache_manager.is_empty
     shared = make_engine(path, tok, state_memory_bytes=6 * per_slot)

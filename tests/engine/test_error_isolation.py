@@ -163,7 +163,7 @@ def test_an_import_whose_cache_write_fails_frees_its_slot_and_blocks(setup, monk
     def broken(*args):
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(engine.cache, "write", broken)
+    monkeypatch.setattr(engine.executor.cache, "write", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         engine.import_request(state)
     assert engine.cache_manager.is_empty and not engine.has_unfinished()

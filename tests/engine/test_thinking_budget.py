@@ -127,6 +127,6 @@ def test_forced_tool_call_with_thinking_on(engine):
 def test_budget_range_and_a_model_without_reasoning_tokens(engine, monkeypatch):
     with pytest.raises(ValueError, match="thinking_token_budget=-1 must be >= 0"):
         SamplingParams(thinking_token_budget=-1)
-    monkeypatch.setattr(engine.runner, "think", None)
+    monkeypatch.setattr(engine, "think", None)
     with pytest.raises(ValueError, match="thinking_token_budget=4 needs .* <think>"):
         engine.check_request([1, 2, 3], SamplingParams(thinking_token_budget=4))

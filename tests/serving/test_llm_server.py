@@ -114,7 +114,7 @@ def test_a_dead_engine_fails_fast_and_reports_unhealthy(tiny):
     async def main():
         first = asyncio.ensure_future(drain(s.generate([5, 6, 7], PARAMS)))
         await until(lambda: s.stats()["generation_tokens_total"] > 45)
-        s.engine.engine.runner.model.forward = broken
+        s.engine.engine.executor.runner.model.forward = broken
         with pytest.raises(OpenAIError) as open_stream:
             await first
         with pytest.raises(OpenAIError) as later:

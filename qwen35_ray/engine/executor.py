@@ -1,0 +1,162 @@
+"""The executor boundary: what runs the model (weights, caches, forward, sampling).
+
+The LLMEngine keeps the scheduler and block accounting and hands each step to an Executor as a
+StepBatch of plain data: chunks of token ids with their state slot and KV blocks, and for the
+sequences that sample, what sampling needs of them (SampleRow). `InProcessExecutor` runs it in
+this process; `qwen35_ray.distributed.RankExecutor` sends it to a Ray rank actor of an
+expert-parallel group, which runs an InProcessExecutor over its shard of the experts.
+
+Slot copies (prefix-cache snapshots) may be deferred, but stay in program order with every
+later call: an executor applies them before the next step, read or write.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.model.batch import SeqChunk
+from qwen35_ray.model.cache import HybridCache
+
+
+@dataclass
+class SampleRow:
+    """What sampling needs of one sequence; the sampler reads it as it reads a Sequence."""
+
+    request_id: str
+    params: SamplingParams
+    generator: torch.Generator  # pickles with its state: a remote row's comes back changed
+    prompt_token_ids: list[int] = field(default_factory=list)  # only for repetition_penalty
+    output_token_ids: list[int] = field(default_factory=list)  # only for penalties
+    forced: int | None = None  # the thinking budget is spent: this token replaces the sample
+    constrained: bool = False  # an active grammar: without its mask the row cannot sample
+
+
+@dataclass
+class StepBatch:
+    """One step of one executor. An empty batch is a rank with nothing to do: it still runs
+    the collectives of a forward, so that its expert-parallel peers do not wait forever."""
+
+    chunks: list[SeqChunk] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)  # the chunks' new tokens, in order
+    sampling: list[int] = field(default_factory=list)  # chunk index of each sampling row
+    rows: list[SampleRow] = field(default_factory=list)
+    # grammar masks of the rows (structured.Masks), or a Future of them filled while the model
+    # runs in process; None when no row is constrained
+    masks: Any = None
+    restores: list[tuple[int, int]] = field(default_factory=list)  # (snapshot, slot) first
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass
+class StepResult:
+    tokens: dict[int, tuple[int | None, dict | None]]  # chunk index -> (token, logprobs)
+    # a remote executor's rows' generators after sampling, by chunk index (in process the
+    # rows hold the sequences' own generators, so nothing comes back)
+    generators: dict[int, torch.Generator] | None = None
+
+
+class Pending(Protocol):
+    def result(self) -> StepResult: ...
+
+
+class Executor(Protocol):
+    def execute(self, batch: StepBatch) -> StepResult:
+        """Raises errors.EngineDead when the model failed; a row whose own sampling failed
+        gets the token None."""
+
+    def submit(self, batch: StepBatch) -> Pending:
+        """Start a step; its result() waits for it. Lets a group start every rank first."""
+
+    def copy_slot(self, src: int, dst: int) -> None: ...
+
+    def read_state(self, slot: int, block_table: list[int], num_tokens: int) -> dict: ...
+
+    def write_state(self, slot: int, block_table: list[int], tensors: dict) -> None: ...
+
+    def expert_load(self) -> Any:
+        """The model's ExpertLoadSnapshot over its recent steps; None for a dense model."""
+
+    def info(self) -> dict: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class Done:
+    """A step that already ran."""
+
+    value: StepResult
+
+    def result(self) -> StepResult:
+        return self.value
+
+
+class InProcessExecutor:
+    """The model and its HybridCache in this process."""
+
+    @classmethod
+    def create(cls, model, config, size, ec, dtype, device="cpu") -> "InProcessExecutor":
+        """The model with a new HybridCache of `size` (engine.cache_sizing.CacheSize) and the
+        compiled decode graphs when ec.compile_decode."""
+        cache = HybridCache.allocate(
+            config, size.num_slots + size.num_snapshots, size.num_blocks, ec.block_size, dtype,
+            device,
+        )  # fmt: skip
+        compiled = None
+        if ec.compile_decode:
+            if torch.device(device).type != "cpu":
+                raise ValueError("compile_decode is for CPU engines")
+            from qwen35_ray.engine.decode_graph import CompiledDecode
+
+            compiled = CompiledDecode(model, cache)
+            compiled.warmup()
+        return cls(model, config, cache, device, compiled)
+
+    def __init__(self, model, config, cache: HybridCache, device="cpu", compiled=None):
+        from qwen35_ray.engine.runner import ModelRunner
+
+        self.model, self.config, self.cache = model, config, cache
+        self.runner = ModelRunner(model, cache, device, compiled)
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        for src, dst in batch.restores:
+            self.cache.copy_slot(src, dst)
+        if batch.empty:
+            idle = getattr(self.model, "idle_forward", None)
+            if idle is not None:
+                idle()
+            return StepResult({})
+        return StepResult(self.runner.run(batch))
+
+    def submit(self, batch: StepBatch) -> Done:
+        return Done(self.execute(batch))
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        self.cache.copy_slot(src, dst)
+
+    def read_state(self, slot: int, block_table: list[int], num_tokens: int) -> dict:
+        n_attn = len(self.config.attention_layers)
+        return self.cache.read(slot, block_table, num_tokens, n_attn)
+
+    def write_state(self, slot: int, block_table: list[int], tensors: dict) -> None:
+        self.cache.write(slot, block_table, tensors)
+
+    def expert_load(self):
+        load = getattr(self.model, "expert_load", None)
+        return load.snapshot() if load is not None else None
+
+    def info(self) -> dict:
+        m = self.model
+        out = {"rank": 0, "expert_parallel_size": 1}
+        if hasattr(m, "resident_expert_bytes"):
+            out["expert_bytes"] = m.resident_expert_bytes()
+            out["expert_bytes_total"] = m.total_expert_bytes()
+        return out
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,83 @@
+"""Plan: one scheduled step turned into the StepBatch an executor runs.
+
+Everything that needs the driver's Sequence objects is decided here, before the model runs:
+which rows sample, what their sampling needs (SampleRow), the token a spent thinking budget
+forces, and the grammar masks (filled on a worker thread while the model runs).
+"""
+
+import logging
+from dataclasses import dataclass
+
+from qwen35_ray.engine.executor import SampleRow, StepBatch
+from qwen35_ray.engine.reasoning import ThinkTokens
+from qwen35_ray.engine.scheduler import Scheduled
+from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.structured import StructuredOutputs
+from qwen35_ray.model.batch import SeqChunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """One step as scheduled, and the batch the executor runs for it."""
+
+    scheduled: list[Scheduled]
+    batch: StepBatch
+    failed: set[int]  # chunk indices whose row could not be prepared (the thinking budget)
+
+
+def plan_step(
+    scheduled: list[Scheduled], structured: StructuredOutputs, think: ThinkTokens | None
+) -> Plan:
+    batch, failed = StepBatch(), set()
+    for i, s in enumerate(scheduled):
+        seq = s.seq
+        if s.restore is not None:
+            batch.restores.append((s.restore, seq.slot))
+        batch.chunks.append(SeqChunk(seq.num_computed, s.num_new, seq.slot, seq.block_table))
+        batch.input_ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + s.num_new))
+        if s.completes:
+            batch.sampling.append(i)
+            row = sample_row(seq, think)
+            if row is None:
+                failed.add(i)
+                row = SampleRow(seq.request_id, seq.params, seq.generator)
+            batch.rows.append(row)
+    # grammar masks depend only on tokens already sampled: filled while the model runs
+    batch.masks = structured.start_fill([scheduled[i].seq.grammar for i in batch.sampling])
+    return Plan(scheduled, batch, failed)
+
+
+def sample_row(seq: Sequence, think: ThinkTokens | None) -> SampleRow | None:
+    """What sampling needs of seq; None (logged) when its thinking budget failed. The token
+    history travels only for the penalties that read it."""
+    p = seq.params
+    try:
+        forced = forced_token(seq, think)
+    except Exception:
+        log.exception("the thinking budget failed for request %r", seq.request_id)
+        return None
+    penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    return SampleRow(
+        seq.request_id,
+        p,
+        seq.generator,
+        list(seq.prompt_token_ids) if p.repetition_penalty != 1.0 else [],
+        list(seq.output_token_ids) if penalised else [],
+        forced,
+        seq.grammar is not None and seq.grammar.active,
+    )
+
+
+def forced_token(seq: Sequence, think: ThinkTokens | None) -> int | None:
+    """`</think>` when seq's thinking budget is spent: the token replacing its sample."""
+    budget = seq.params.thinking_token_budget
+    if budget is None or think is None:
+        return None
+    # an active grammar decides every token itself; one waiting for `after` does not
+    if seq.grammar is not None and seq.grammar.active:
+        return None
+    if seq.thinking is None:
+        seq.thinking = think.budget(seq.prompt_token_ids, seq.output_token_ids, budget)
+    return seq.thinking.forced
