@@ -7,13 +7,20 @@ from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decode_kv import DecodeKV
+from qwen35_ray.model.expert_parallel import ExpertParallel
 from qwen35_ray.model.gdn import GatedDeltaNet
 from qwen35_ray.model.mlp import MLP, SparseMoE
 from qwen35_ray.model.norm import RMSNorm
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_type: str, moe: bool):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_type: str,
+        moe: bool,
+        expert_parallel: ExpertParallel | None = None,
+    ):
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "linear_attention":
@@ -21,7 +28,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = GatedAttention(config)
         if moe:
-            self.mlp = SparseMoE(config)
+            self.mlp = SparseMoE(config, expert_parallel)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

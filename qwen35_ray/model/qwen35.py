@@ -3,6 +3,9 @@
 It runs flat token batches: one ForwardBatch names the positions, GDN state slots and KV blocks
 of every sequence in the step, and the HybridCache holds them. No padding, no per-request
 Python objects inside the model.
+
+Built with an ExpertShard, the model is one rank of an expert-parallel group (see
+expert_parallel.py): it holds its shard of the routed experts and every other weight whole.
 """
 
 import torch
@@ -12,18 +15,32 @@ from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decoder import DecoderLayer
+from qwen35_ray.model.expert_load import ExpertLoad
+from qwen35_ray.model.expert_parallel import ExpertParallel, ExpertShard
+from qwen35_ray.model.mlp import Experts, SparseMoE
 from qwen35_ray.model.mtp import MultiTokenPredictor
 from qwen35_ray.model.norm import RMSNorm
 
 
 class Qwen35ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, with_mtp: bool = False):
+    def __init__(
+        self, config: ModelConfig, with_mtp: bool = False, expert_shard: ExpertShard | None = None
+    ):
         super().__init__()
         self.config = config
+        self.expert_shard = expert_shard
+        # one rank holding every expert needs no exchange
+        self.expert_parallel = None
+        if expert_shard is not None and expert_shard.size > 1:
+            self.expert_parallel = _expert_parallel(config, with_mtp, expert_shard)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, t, moe) for t, moe in zip(config.layer_types, config.moe_layers)
+            DecoderLayer(config, t, moe, self.expert_parallel)
+            for t, moe in zip(config.layer_types, config.moe_layers)
         )
+        moe_layers = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+        # the served tokens' routing; the MTP layer's drafts are not tracked
+        self.expert_load = ExpertLoad(moe_layers, config.num_experts) if moe_layers else None
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -53,7 +70,38 @@ class Qwen35ForCausalLM(nn.Module):
                 x = layer(x, batch, cache.conv[idx], cache.recurrent[idx])
             else:
                 x = layer(x, batch, cache.key[idx], cache.value[idx], cache.decode_kv_of(idx))
+        if self.expert_load is not None:
+            self.expert_load.end_step()
         return self.norm(x)
+
+    def idle_forward(self) -> None:
+        """A step without tokens on this rank: every MoE layer's exchange, in layer order, as
+        forward() runs them, so the ranks that have tokens are not left waiting."""
+        if self.expert_parallel is None:
+            return
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.idle()
+        self.expert_load.end_step()
+
+    def resident_expert_bytes(self) -> int:
+        """Bytes of the routed experts this rank holds."""
+        return sum(
+            p.numel() * p.element_size()
+            for m in self.modules()
+            if isinstance(m, Experts)
+            for p in m.parameters()
+        )
+
+    def total_expert_bytes(self) -> int:
+        """Bytes of the routed experts of all ranks together."""
+        E = self.config.num_experts
+        return sum(
+            p.numel() // p.shape[0] * E * p.element_size()
+            for m in self.modules()
+            if isinstance(m, Experts)
+            for p in m.parameters()
+        )
 
     def decode_step(
         self,
@@ -105,3 +153,17 @@ class Qwen35ForCausalLM(nn.Module):
             raise ValueError("the model was built without its MTP layer (with_mtp=False)")
         first_kv = len(self.config.attention_layers)
         return self.mtp(self.embed_tokens(input_ids), hidden, batch, cache, first_kv)
+
+
+def _expert_parallel(config: ModelConfig, with_mtp: bool, shard: ExpertShard) -> ExpertParallel:
+    if shard.num_experts != config.num_experts:
+        raise ValueError(
+            f"the expert shard splits {shard.num_experts} experts but the model has "
+            f"{config.num_experts}; build ExpertShard with num_experts=config.num_experts"
+        )
+    if with_mtp:
+        raise ValueError(
+            f"with_mtp=True is not supported with expert_parallel_size={shard.size} (the MTP "
+            "layer's experts are not sharded yet); set with_mtp=False or expert_parallel_size=1"
+        )
+    return ExpertParallel(shard)

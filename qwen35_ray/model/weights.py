@@ -5,6 +5,10 @@ what remains is either one of our parameter names (copied as is) or matches a ro
 `SPECIAL_NAMES`, whose loader splits or stacks it into our layout. Any name that fits neither is
 an error naming it, and so is any parameter left unfilled. FP8 block-quantised weights are
 dequantised with their `weight_scale_inv` first.
+
+Under expert parallelism a rank loads only its range of routed experts: fused expert tensors
+are sliced in the file (safetensors reads just those rows), per-expert tensors of other ranks
+are skipped unread, and only the rank's own experts must be present.
 """
 
 import hashlib
@@ -27,19 +31,23 @@ class CheckpointError(ValueError):
     pass
 
 
-def _expert(model, config, m, tensor, filled):
-    """Per-expert tensor -> one row of the fused [E, 2I, H] / [E, H, I] parameter."""
+PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+FUSED_EXPERTS = re.compile(r"^.*\.mlp\.experts\.(gate_up|down)_proj$")
+
+
+def _expert(model, config, m, tensor, filled, experts):
+    """Per-expert tensor -> one row of the fused [E_local, 2I, H] / [E_local, H, I] parameter."""
     base, e, kind = m.group(1), int(m.group(2)), m.group(3)
     I = config.moe_intermediate_size
     if kind == "down":
         target, rows = f"{base}.down_proj", slice(None)
     else:
         target, rows = f"{base}.gate_up_proj", slice(0, I) if kind == "gate" else slice(I, 2 * I)
-    _param(model, target)[e, rows].copy_(tensor)
+    _param(model, target)[e - experts.start, rows].copy_(tensor)
     filled.setdefault(target, set()).add((e, kind))
 
 
-def _qkvz(model, config, m, tensor, filled):
+def _qkvz(model, config, m, tensor, filled, experts):
     """Qwen3-Next in_proj_qkvz, grouped per key head as [q, k, v-group, z-group]."""
     H, HV = config.linear_num_key_heads, config.linear_num_value_heads
     K, V, G = config.linear_key_head_dim, config.linear_value_head_dim, HV // H
@@ -55,7 +63,7 @@ def _qkvz(model, config, m, tensor, filled):
         filled[name] = True
 
 
-def _ba(model, config, m, tensor, filled):
+def _ba(model, config, m, tensor, filled, experts):
     """Qwen3-Next in_proj_ba, grouped per key head as [b-group, a-group]."""
     H, HV = config.linear_num_key_heads, config.linear_num_value_heads
     b, a = tensor.view(H, 2 * (HV // H), -1).chunk(2, dim=1)
@@ -68,7 +76,7 @@ def _ba(model, config, m, tensor, filled):
 
 
 SPECIAL_NAMES: list[tuple[re.Pattern, Callable]] = [
-    (re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"), _expert),
+    (PER_EXPERT, _expert),
     (re.compile(r"^(.*\.linear_attn)\.in_proj_qkvz\.weight$"), _qkvz),
     (re.compile(r"^(.*\.linear_attn)\.in_proj_ba\.weight$"), _ba),
 ]
@@ -137,8 +145,16 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 
 def load_weights(
-    model: nn.Module, config: ModelConfig, path: Path, with_mtp: bool, progress: bool = True
+    model: nn.Module,
+    config: ModelConfig,
+    path: Path,
+    with_mtp: bool,
+    progress: bool = True,
+    experts: range | None = None,
 ) -> None:
+    """Fill the model's parameters from the checkpoint at `path`; `experts` is the range of
+    routed experts the model holds (all of them by default)."""
+    experts = range(config.num_experts) if experts is None else experts
     names: dict[str, Path] = {}
     for file in checkpoint_files(path):
         with safe_open(str(file), "pt") as f:
@@ -150,6 +166,7 @@ def load_weights(
         and not n.endswith("weight_scale_inv")
         and (with_mtp or not n.startswith("mtp."))
         and not (config.tie_word_embeddings and n == "lm_head.weight")
+        and _own_expert(n, experts)
     ]
     own = dict(model.named_parameters())
     filled: dict[str, object] = {}
@@ -159,17 +176,35 @@ def load_weights(
             file = names[name]
             if file not in handles:
                 handles[file] = safe_open(str(file), "pt")
-            tensor = handles[file].get_tensor(name)
+            tensor = _read(handles[file], name, config, experts)
             scale_name = name.removesuffix("weight") + "weight_scale_inv"
             if scale_name in names:
                 if config.fp8_block_size is None:
                     raise CheckpointError(f"{scale_name} found but config has no fp8 quantization")
                 scale = safe_open(str(names[scale_name]), "pt").get_tensor(scale_name)
                 tensor = dequantize_fp8(tensor, scale, config.fp8_block_size)
-            _load_one(model, config, own, name, tensor, filled)
+            _load_one(model, config, own, name, tensor, filled, experts)
     finally:
         handles.clear()
-    _check_complete(config, own, filled)
+    _check_complete(config, own, filled, experts)
+
+
+def _own_expert(name: str, experts: range) -> bool:
+    """False for a per-expert tensor of an expert another rank holds."""
+    m = PER_EXPERT.match(name)
+    return m is None or int(m.group(2)) in experts
+
+
+def _read(handle, name: str, config: ModelConfig, experts: range) -> torch.Tensor:
+    if not FUSED_EXPERTS.match(name):
+        return handle.get_tensor(name)
+    piece = handle.get_slice(name)
+    shape = piece.get_shape()
+    if shape[0] != config.num_experts:
+        raise CheckpointError(
+            f"tensor {name} has shape {tuple(shape)}, expected {config.num_experts} experts first"
+        )
+    return piece[experts.start : experts.stop]
 
 
 def _internal_name(config: ModelConfig, name: str) -> str:
@@ -178,7 +213,7 @@ def _internal_name(config: ModelConfig, name: str) -> str:
     return name
 
 
-def _load_one(model, config, own, name, tensor, filled):
+def _load_one(model, config, own, name, tensor, filled, experts):
     internal = _internal_name(config, name)
     if internal in own:
         param = own[internal]
@@ -193,14 +228,14 @@ def _load_one(model, config, own, name, tensor, filled):
         m = pattern.match(internal)
         if m:
             try:
-                loader(model, config, m, tensor, filled)
+                loader(model, config, m, tensor, filled, experts)
             except (AttributeError, RuntimeError) as e:
                 raise CheckpointError(f"tensor {name} does not fit this model: {e}") from e
             return
     raise CheckpointError(f"unexpected tensor {name} in checkpoint (no parameter takes it)")
 
 
-def _check_complete(config: ModelConfig, own: dict, filled: dict) -> None:
+def _check_complete(config: ModelConfig, own: dict, filled: dict, experts: range) -> None:
     def external(n):
         return n if n.startswith("mtp.") or n == "lm_head.weight" else config.weight_prefix + n
 
@@ -210,9 +245,7 @@ def _check_complete(config: ModelConfig, own: dict, filled: dict) -> None:
             continue
         if isinstance(got, set):
             kinds = ("down",) if n.endswith("down_proj") else ("gate", "up")
-            missing = [
-                (e, k) for e in range(config.num_experts) for k in kinds if (e, k) not in got
-            ]
+            missing = [(e, k) for e in experts for k in kinds if (e, k) not in got]
             if not missing:
                 continue
             e, k = missing[0]
