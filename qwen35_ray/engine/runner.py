@@ -59,6 +59,9 @@ class ModelRunner:
         sampling = step.sampling
         if self.compiled_decode is not None and batch.num_decodes == batch.num_seqs:
             logits = self.compiled_decode(input_ids, batch)
+            # the graph runs decode_step, which leaves closing the step to its caller
+            if (load := getattr(self.model, "expert_load", None)) is not None:
+                load.end_step()
             return logits[torch.tensor(sampling)] if sampling else None
         hidden = self.model(input_ids, batch, self.cache)
         if not sampling:
