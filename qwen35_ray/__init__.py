@@ -9,7 +9,7 @@ __all__ = ["LLM", "SamplingParams"]
 def __getattr__(name):
     # lazy: importing the package (e.g. for the serving layer's config) must not load torch
     if name == "LLM":
-        from qwen35_ray.engine.llm import LLM
+        from qwen35_ray.llm import LLM
 
         return LLM
     if name == "SamplingParams":

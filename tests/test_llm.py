@@ -3,8 +3,8 @@
 import pytest
 
 from qwen35_ray.engine.errors import RequestError, RequestFailed
-from qwen35_ray.engine.llm import LLM
 from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.llm import LLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 

@@ -1,10 +1,15 @@
-"""LLM: the offline API vLLM users know. `LLM(model=...).generate(prompts, params)`."""
+"""LLM: the offline API vLLM users know. `LLM(model=...).generate(prompts, params)`.
+
+With expert_parallel_size=N > 1 the engine spans N Ray rank actors (a local Ray cluster is
+started when this process has none); shutdown(), or leaving a `with LLM(...)` block, ends them.
+"""
 
 import itertools
 
 from tqdm import tqdm
 
-from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.distributed.build import build_engine
+from qwen35_ray.distributed.config import EPConfig
 from qwen35_ray.engine.outputs import RequestOutput
 from qwen35_ray.engine.sampling_params import SamplingParams
 
@@ -13,10 +18,30 @@ Prompt = str | dict  # text, or {"prompt_token_ids": [...]}
 
 class LLM:
     def __init__(
-        self, model: str = "qwen35-tiny", dtype: str = "auto", device: str = "cpu", **engine_kwargs
+        self,
+        model: str = "qwen35-tiny",
+        dtype: str = "auto",
+        device: str = "cpu",
+        expert_parallel_size: int = 1,
+        rank_num_cpus: float = 1.0,
+        rank_num_gpus: float = 0.0,
+        placement_strategy: str = "STRICT_PACK",
+        **engine_kwargs,
     ):
-        self.engine = LLMEngine.from_pretrained(model, dtype=dtype, device=device, **engine_kwargs)
+        ep = EPConfig(expert_parallel_size, rank_num_cpus, rank_num_gpus, placement_strategy)
+        # an LLMEngine (expert_parallel_size 1) or a DPEngine over the rank actors
+        self.engine = build_engine(model, dtype, device, ep, **engine_kwargs)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """End the rank actors of an expert-parallel engine (nothing to do at size 1)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
