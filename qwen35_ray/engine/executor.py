@@ -129,7 +129,9 @@ class InProcessExecutor:
         if batch.empty:
             idle = getattr(self.model, "idle_forward", None)
             if idle is not None:
-                idle()
+                # the model's buffers are inference tensors: only inference mode may update them
+                with torch.inference_mode():
+                    idle()
             return StepResult({})
         return StepResult(self.runner.run(batch))
 
