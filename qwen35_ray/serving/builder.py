@@ -37,8 +37,9 @@ def _without_key(cfg: AppConfig) -> dict:
 
 def build_app(args: dict | None = None) -> serve.Application:
     cfg = parse_args(args)
+    # each engine replica is told its pool, whose `engine` settings it runs (AppConfig.engine_for)
     llm = serve.deployment(LLMServer, name="LLMServer", **cfg.serve_options("llm_server")).bind(
-        _without_key(cfg)
+        _without_key(cfg), "llm_server"
     )
     return serve.deployment(
         OpenAIIngress, name="OpenAIIngress", **cfg.serve_options("ingress")
@@ -51,7 +52,7 @@ def build_pd_app(args: dict | None = None) -> serve.Application:
     prefill_router = RequestRouterConfig(
         request_router_class=PrefixAffinityRouter,
         request_router_kwargs={
-            "block_size": cfg.engine.block_size,
+            "block_size": cfg.engine_for("prefill_server").block_size,
             "max_imbalance": cfg.disaggregation.prefix_affinity_max_imbalance,
         },
         request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
@@ -65,13 +66,13 @@ def build_pd_app(args: dict | None = None) -> serve.Application:
         name="PrefillServer",
         request_router_config=prefill_router,
         **cfg.serve_options("prefill_server"),
-    ).bind(raw)
+    ).bind(raw, "prefill_server")
     decode = serve.deployment(
         DecodeServer,
         name="DecodeServer",
         request_router_config=decode_router,
         **cfg.serve_options("decode_server"),
-    ).bind(raw)
+    ).bind(raw, "decode_server")
     return serve.deployment(
         OpenAIIngress, name="OpenAIIngress", **cfg.serve_options("ingress")
     ).bind(decode, cfg.model_dump(), prefill)

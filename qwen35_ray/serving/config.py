@@ -4,11 +4,38 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+ENGINE_POOLS = ("llm_server", "prefill_server", "decode_server")
+
+# A pool whose replicas are EP groups checks its ranks every EP_HEALTH_CHECK_PERIOD_S (Serve's
+# default is 10 s). A dead or hung rank fails the first check after it dies (<= 2.2 s: Serve
+# jitters the period by 10%, and a rank gets llm_server.RANK_CHECK_TIMEOUT_S to answer); the
+# replica then exits (llm_server.DEAD_REPLICA_EXIT_S = 1 s), and Serve, seeing the actor gone,
+# replaces the group at once: about 5 s at worst (tests/serving/test_ep_rank_death.py bounds it).
+# A replica process that hangs fails on EP_HEALTH_CHECK_TIMEOUT_S three times in a row (~20 s).
+EP_HEALTH_CHECK_PERIOD_S = 2.0
+EP_HEALTH_CHECK_TIMEOUT_S = 5.0
+# Ray refuses an empty placement-group bundle; a replica or rank asking for no resources
+# gets this much CPU instead (Ray counts resources in units of 1e-4)
+MIN_BUNDLE_CPU = 0.01
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+    return bundle or {"CPU": MIN_BUNDLE_CPU}
 
 
 class DeploymentConfig(BaseModel):
-    """Replicas and resources of one deployment (pool)."""
+    """Replicas and resources of one deployment (the ingress, or an engine pool)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,7 +79,14 @@ class DeploymentConfig(BaseModel):
         return out
 
 
+# EngineArgs keys that say how a replica is laid out over rank actors, not how an engine runs
+EP_FIELDS = ("expert_parallel_size", "rank_num_cpus", "rank_num_gpus", "placement_strategy")
+
+
 class EngineArgs(BaseModel):
+    """One replica's engine; with expert_parallel_size N > 1 the sizes below are per rank (each
+    of the N ranks has max_num_seqs state slots and its own KV cache)."""
+
     model_config = ConfigDict(extra="forbid")
 
     max_num_seqs: int = Field(32, ge=1)
@@ -72,6 +106,41 @@ class EngineArgs(BaseModel):
         description="tokens one prefill chunk may take of a step while other prompts wait; "
         "None: max(block_size, max_num_batched_tokens // 8), 0: no limit",
     )
+    expert_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="rank actors of one replica: routed experts split over them, attention "
+        "and GDN data-parallel (each rank runs its own sequences)",
+    )
+    rank_num_cpus: float = Field(
+        1.0, gt=0, description="CPUs of each rank actor (EP > 1); it runs that many torch threads"
+    )
+    rank_num_gpus: float = Field(0.0, ge=0, description="GPUs of each rank actor (EP > 1)")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK",
+        description="how the replica and its ranks are placed (Ray placement-group strategy): "
+        "PACK or SPREAD lets a group span nodes; STRICT_SPREAD puts each rank and the replica "
+        "on a node of its own",
+    )
+
+    @property
+    def engine_kwargs(self) -> dict:
+        """What LLMEngine/EngineConfig takes: everything but the parallel layout."""
+        return self.model_dump(exclude=set(EP_FIELDS))
+
+
+class EnginePoolConfig(DeploymentConfig):
+    """An engine pool: replicas, resources, and engine settings of its own."""
+
+    # a partial `engine` merged over the top-level one (AppConfig.engine_for), e.g.
+    # decode_server: {engine: {expert_parallel_size: 2}}; only the keys given count
+    engine: EngineArgs | None = None
+
+    @field_serializer("engine")
+    def _given_only(self, engine: EngineArgs | None):
+        # a replica re-validates the dumped config: defaults dumped here would override the
+        # top-level engine there
+        return None if engine is None else engine.model_dump(exclude_unset=True)
 
 
 class DisaggregationConfig(BaseModel):
@@ -106,9 +175,9 @@ class AppConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
     engine: EngineArgs = EngineArgs()
-    llm_server: DeploymentConfig = DeploymentConfig()  # collocated app (build_app)
-    prefill_server: DeploymentConfig = DeploymentConfig()  # disaggregated app (build_pd_app)
-    decode_server: DeploymentConfig = DeploymentConfig()
+    llm_server: EnginePoolConfig = EnginePoolConfig()  # collocated app (build_app)
+    prefill_server: EnginePoolConfig = EnginePoolConfig()  # disaggregated app (build_pd_app)
+    decode_server: EnginePoolConfig = EnginePoolConfig()
     disaggregation: DisaggregationConfig = DisaggregationConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5)
     api_key: SecretStr | None = Field(
@@ -146,13 +215,24 @@ class AppConfig(BaseModel):
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
-    @property
-    def waiting_limits(self) -> tuple[int, int]:
-        """(prompts, prompt tokens) a replica queues before refusing work with 503."""
-        e = self.engine
+    def engine_for(self, pool: str) -> EngineArgs:
+        """The engine of one pool: its own `engine` keys over the top-level `engine`."""
+        if pool not in ENGINE_POOLS:
+            raise ValueError(f"{pool!r} runs no engine; engine pools are {', '.join(ENGINE_POOLS)}")
+        override = getattr(self, pool).engine
+        if override is None:
+            return self.engine
+        given = override.model_dump(include=override.model_fields_set)
+        return EngineArgs.model_validate({**self.engine.model_dump(), **given})
+
+    def waiting_limits(self, pool: str = "llm_server") -> tuple[int, int]:
+        """(prompts, prompt tokens) a replica of `pool` queues before refusing work with 503.
+        The defaults scale with the replica's ranks: each has its own slots and step budget."""
+        e = self.engine_for(pool)
+        n = e.expert_parallel_size
         prompts = self.max_waiting_requests
-        tokens = self.max_waiting_prompt_tokens or 8 * e.max_num_batched_tokens
-        return (4 * e.max_num_seqs if prompts is None else prompts), tokens
+        tokens = self.max_waiting_prompt_tokens or 8 * n * e.max_num_batched_tokens
+        return (4 * n * e.max_num_seqs if prompts is None else prompts), tokens
 
     def serve_options(self, pool: str) -> dict:
         """Serve options of one deployment. An engine replica takes up to its running and
@@ -163,8 +243,23 @@ class AppConfig(BaseModel):
         ingress is async and cheap per request, so it takes many; the engines bound the work."""
         if pool == "ingress":
             return self.ingress.options(max_ongoing=1024, max_queued=1024)
-        per_replica = self.engine.max_num_seqs + self.waiting_limits[0]
-        return getattr(self, pool).options(max_ongoing=2 * per_replica, max_queued=per_replica)
+        e = self.engine_for(pool)
+        n = e.expert_parallel_size
+        per_replica = n * e.max_num_seqs + self.waiting_limits(pool)[0]
+        deployment = getattr(self, pool)
+        out = deployment.options(max_ongoing=2 * per_replica, max_queued=per_replica)
+        if n > 1:
+            # one placement group per replica: bundle 0 holds the replica actor itself (Serve
+            # places it there and requires its ray_actor_options to fit), bundles 1..N its
+            # ranks; Serve removes the group, ranks included, with the replica
+            out["placement_group_bundles"] = [
+                _bundle(deployment.num_cpus, deployment.num_gpus),
+                *[_bundle(e.rank_num_cpus, e.rank_num_gpus)] * n,
+            ]
+            out["placement_group_strategy"] = e.placement_strategy
+            out["health_check_period_s"] = EP_HEALTH_CHECK_PERIOD_S
+            out["health_check_timeout_s"] = EP_HEALTH_CHECK_TIMEOUT_S
+        return out
 
     def resolve_api_key(self) -> str | None:
         """The key from whichever of api_key, api_key_env and api_key_file is set."""
@@ -200,7 +295,31 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _gpu_needs_cuda(self):
-        for name in ("llm_server", "prefill_server", "decode_server"):
+        for name in ENGINE_POOLS:
             if getattr(self, name).num_gpus > 0 and self.device != "cuda":
                 raise ValueError(f"{name}.num_gpus > 0 needs device: cuda")
+        return self
+
+    def _setting(self, pool: str, key: str) -> str:
+        """An engine setting of a pool as the YAML spells it: the pool's own key if it set one."""
+        override = getattr(self, pool).engine
+        given = override is not None and key in override.model_fields_set
+        return f"{pool}.engine.{key}" if given else f"engine.{key}"
+
+    @model_validator(mode="after")
+    def _rank_resources(self):
+        for pool in ENGINE_POOLS:
+            e = self.engine_for(pool)
+            where = lambda key, pool=pool: self._setting(pool, key)  # noqa: E731
+            if e.rank_num_gpus > 0 and self.device != "cuda":
+                raise ValueError(
+                    f"{where('rank_num_gpus')}={e.rank_num_gpus:g} needs device: cuda; "
+                    "set device: cuda or rank_num_gpus: 0"
+                )
+            if self.device == "cuda" and e.expert_parallel_size > 1 and e.rank_num_gpus < 1:
+                raise ValueError(
+                    f"{where('expert_parallel_size')}={e.expert_parallel_size} on device cuda "
+                    f"needs a whole GPU per rank (NCCL takes one GPU per rank), but "
+                    f"{where('rank_num_gpus')}={e.rank_num_gpus:g}; set rank_num_gpus: 1"
+                )
         return self

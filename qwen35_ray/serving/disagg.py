@@ -42,8 +42,8 @@ def _replica_id() -> str:
 class PrefillServer(LLMServer):
     """Prefill pool: computes prompts, samples each first token, publishes the state."""
 
-    def __init__(self, config: dict):
-        super().__init__(config)
+    def __init__(self, config: dict, pool: str = "prefill_server"):
+        super().__init__(config, pool)
         self.backend = AppConfig.model_validate(config).disaggregation.transfer
         self.counters |= {"transfer_bytes_total": 0, "transfer_send_seconds_total": 0.0}
 
@@ -87,8 +87,8 @@ class PrefillServer(LLMServer):
 class DecodeServer(LLMServer):
     """Decode pool: continues imported requests; also serves short prompts whole."""
 
-    def __init__(self, config: dict):
-        super().__init__(config)
+    def __init__(self, config: dict, pool: str = "decode_server"):
+        super().__init__(config, pool)
         self.counters |= {"imports_total": 0, "transfer_receive_seconds_total": 0.0}
 
     @errors_as_items

@@ -8,41 +8,68 @@ Failure: a request's own failure ends that request (400 for what it caused, 500 
 its request id); the engine goes on. If the model itself fails, the engine is dead: open and
 later requests get a 503, check_health fails, and the replica process exits so that Serve
 stops routing to it and replaces it at once (Serve's health check would take three periods).
+
+Expert parallelism: with `expert_parallel_size` N > 1 the replica's engine steps N rank actors
+placed in bundles 1..N of the replica's own placement group (AppConfig.serve_options). A rank
+that dies fails the step in flight (its requests get the 503 above) or, when idle, the next
+health check; either way the replica exits, and Serve removes its placement group, ranks
+included, and starts a whole new group.
 """
 
 import asyncio
 import logging
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
+import ray
 from ray import serve
 
+from qwen35_ray.distributed.build import build_engine
+from qwen35_ray.distributed.config import EPConfig
 from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed
-from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items
+from qwen35_ray.serving.metrics import ExpertMetrics
 
 log = logging.getLogger("qwen35_ray.serving")
+# Serve writes this logger's INFO lines to the replica's log; others' stop at WARNING there
+serve_log = logging.getLogger("ray.serve")
 
 # seconds a replica whose engine died keeps answering (its open streams get their 503) before
 # it exits
 DEAD_REPLICA_EXIT_S = 1.0
+# a health check waits this long for every rank of an EP group to answer (ranks answer from a
+# thread of their own, so a long step does not delay them; see distributed/rank_worker.py)
+RANK_CHECK_TIMEOUT_S = 2.0
 
 
 class LLMServer:
     """Deployed by the builder; methods are called through a Serve handle."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, pool: str = "llm_server"):
+        """pool: the AppConfig key of this replica's deployment, whose engine settings it runs."""
         cfg = AppConfig.model_validate(config)
-        self.config = cfg
-        engine = LLMEngine.from_pretrained(
-            cfg.model, dtype=cfg.dtype, device=cfg.device, **cfg.engine.model_dump()
+        self.config, self.pool = cfg, pool
+        e = cfg.engine_for(pool)
+        ep = EPConfig(
+            e.expert_parallel_size, e.rank_num_cpus, e.rank_num_gpus, e.placement_strategy
+        )
+        engine = build_engine(
+            cfg.model,
+            cfg.dtype,
+            cfg.device,
+            ep,
+            # Serve created it for this replica: bundle 0 holds the replica, 1..N the ranks
+            placement_group=ray.util.get_current_placement_group() if ep.size > 1 else None,
+            **e.engine_kwargs,
         )
         self.engine = AsyncEngine(engine)
-        self.max_waiting, self.max_waiting_tokens = cfg.waiting_limits
+        self.expert_metrics = ExpertMetrics(engine)
+        self.max_waiting, self.max_waiting_tokens = cfg.waiting_limits(pool)
         self.counters = {
             "requests_total": 0,
             "requests_aborted_total": 0,
@@ -50,12 +77,21 @@ class LLMServer:
             "requests_failed_total": 0,
         }
         self._exiting = False
-        log.info("LLMServer ready: %s (%s)", cfg.model, engine.dtype)
+        # why a health check found the EP group broken (a rank gone or not answering)
+        self._group_lost: BaseException | None = None
+        serve_log.info(
+            "%s ready: %s (%s), expert_parallel_size=%d%s",
+            type(self).__name__,
+            cfg.model,
+            engine.dtype,
+            ep.size,
+            self.expert_metrics.describe(),
+        )
 
     def _admit(self, num_prompt_tokens: int) -> None:
         """Refuse work (503) when this replica's queue is full or its engine has died.
         A request is always admitted to an empty queue, however long its prompt."""
-        if self.engine.dead:
+        if self.engine.dead or self._group_lost is not None:
             self._engine_died()
         s = self.engine.stats()
         # requests queued but not yet applied count as waiting; those the free state slots
@@ -144,29 +180,65 @@ class LLMServer:
 
     def _engine_died(self):
         """The replica cannot serve anymore: say so (503), and leave so Serve replaces it."""
-        if not self._exiting and _in_replica():
-            self._exiting = True
-            log.error("the engine failed; this replica exits so that Serve replaces it")
-            asyncio.get_running_loop().call_later(DEAD_REPLICA_EXIT_S, os._exit, 1)
+        self._exit_soon()
         raise Overloaded(
             "this replica's engine failed; retry the request", type="service_unavailable"
         )
 
-    def stats(self) -> dict:
-        s = self.engine.stats()
-        return {**self.counters, **{k: v for k, v in s.items() if k != "waiting_prompt_tokens"}}
+    def _exit_soon(self) -> None:
+        if not self._exiting and _in_replica():
+            self._exiting = True
+            log.error("the engine failed; this replica exits so that Serve replaces it")
+            # a timer thread: the health check runs in a worker thread, with no event loop
+            timer = threading.Timer(DEAD_REPLICA_EXIT_S, os._exit, (1,))
+            timer.daemon = True
+            timer.start()
 
-    def record_routing_stats(self) -> dict:
+    def stats(self) -> dict:
+        """Read by the collocated app's /metrics (ExpertMetrics.cached: how fresh)."""
+        s = self.engine.stats()
+        return {
+            **self.counters,
+            **{k: v for k, v in s.items() if k != "waiting_prompt_tokens"},
+            **self.expert_metrics.cached(),
+        }
+
+    async def record_routing_stats(self) -> dict:
         """Polled by Serve for the request routers (and read by the ingress's /metrics)."""
         return {
             **self.counters,
             **self.engine.stats(),
+            **await self.expert_metrics.stats(),
             "replica": serve.get_replica_context().replica_id.unique_id,
         }
 
     def check_health(self) -> None:
-        if self.engine.dead:
+        """Fails when the engine died or, for an EP group, when a rank is gone or does not
+        answer in RANK_CHECK_TIMEOUT_S: the replica then exits, so Serve replaces the whole
+        group at once. Serve runs sync methods in a worker thread (RAY_SERVE_RUN_SYNC_IN_
+        THREADPOOL, on by default), so waiting for the ranks blocks no event loop."""
+        if self.engine.dead or self._group_lost is not None:
             raise RuntimeError("the engine has failed; this replica must be replaced")
+        check = getattr(self.engine.engine, "check_alive", None)
+        if check is None:
+            return
+        try:
+            check(RANK_CHECK_TIMEOUT_S)
+        except Exception as e:
+            self._group_lost = e
+            log.error("the expert-parallel group lost a rank: %s", e)
+            self._exit_soon()
+            raise RuntimeError(f"a rank of this replica's expert-parallel group failed: {e}") from e
+
+    def __del__(self):
+        # Serve calls this when it stops the replica: the ranks' collectives end with it
+        engine = getattr(self, "engine", None)
+        shutdown = getattr(getattr(engine, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as e:
+                log.warning("engine shutdown failed: %s", e)
 
 
 def _in_replica() -> bool:

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from qwen35_ray.serving.builder import parse_args
+from qwen35_ray.serving.config import ENGINE_POOLS, MIN_BUNDLE_CPU, AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,3 +80,101 @@ def test_api_key_from_a_file(tmp_path):
 def test_one_source_of_api_key():
     with pytest.raises(ValueError, match="set one of api_key, api_key_env"):
         parse_args({"api_key": "a", "api_key_env": "B"})
+
+
+def test_a_pool_engine_overrides_the_top_level_engine():
+    cfg = parse_args(
+        {
+            "engine": {"max_num_seqs": 4, "block_size": 32},
+            "decode_server": {"engine": {"expert_parallel_size": 2, "rank_num_cpus": 0.5}},
+        }
+    )
+    decode, prefill = cfg.engine_for("decode_server"), cfg.engine_for("prefill_server")
+    assert (decode.expert_parallel_size, decode.rank_num_cpus) == (2, 0.5)
+    assert decode.max_num_seqs == 4 and decode.block_size == 32
+    assert prefill.expert_parallel_size == 1 and prefill.max_num_seqs == 4
+    # what a replica receives (the builder dumps the config) keeps only the keys given
+    again = AppConfig.model_validate(cfg.model_dump())
+    for pool in ENGINE_POOLS:
+        assert again.engine_for(pool) == cfg.engine_for(pool)
+    assert cfg.model_dump()["decode_server"]["engine"] == {
+        "expert_parallel_size": 2,
+        "rank_num_cpus": 0.5,
+    }
+    with pytest.raises(ValueError, match="runs no engine"):
+        cfg.engine_for("ingress")
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (
+            {"decode_server": {"engine": {"expert_parallel": 2}}},
+            "decode_server.engine.expert_parallel",
+        ),
+        ({"ingress": {"engine": {"max_num_seqs": 2}}}, "ingress.engine"),
+        ({"engine": {"expert_parallel_size": 0}}, "engine.expert_parallel_size"),
+        ({"llm_server": {"engine": {"rank_num_cpus": 0}}}, "llm_server.engine.rank_num_cpus"),
+        ({"engine": {"placement_strategy": "RANDOM"}}, "engine.placement_strategy"),
+        (
+            {"decode_server": {"engine": {"expert_parallel_size": 2, "rank_num_gpus": 1}}},
+            "decode_server.engine.rank_num_gpus=1 needs device: cuda",
+        ),
+        (
+            {"device": "cuda", "engine": {"expert_parallel_size": 2}},
+            "engine.rank_num_gpus=0; set rank_num_gpus: 1",
+        ),
+        (
+            {
+                "device": "cuda",
+                "engine": {"rank_num_gpus": 1},
+                "prefill_server": {"engine": {"rank_num_gpus": 0.5, "expert_parallel_size": 4}},
+            },
+            "prefill_server.engine.expert_parallel_size=4 on device cuda",
+        ),
+    ],
+)
+def test_invalid_expert_parallel_args_name_the_setting(args, named):
+    with pytest.raises(ValueError, match="invalid qwen35-ray app args") as e:
+        parse_args(args)
+    assert named in str(e.value)
+
+
+def test_an_expert_parallel_pool_reserves_its_ranks_with_the_replica():
+    from ray import serve
+
+    from qwen35_ray.serving.llm_server import LLMServer
+
+    cfg = parse_args(
+        {
+            "engine": {"max_num_seqs": 8},
+            "prefill_server": {"num_cpus": 0.5},
+            "decode_server": {
+                "num_cpus": 0,
+                "engine": {"expert_parallel_size": 3, "placement_strategy": "PACK"},
+            },
+        }
+    )
+    prefill, decode = cfg.serve_options("prefill_server"), cfg.serve_options("decode_server")
+    assert "placement_group_bundles" not in prefill and "health_check_period_s" not in prefill
+    # bundle 0: the replica (no resources asked: Ray refuses an empty bundle); 1..3: the ranks
+    assert decode["placement_group_bundles"] == [{"CPU": MIN_BUNDLE_CPU}] + [{"CPU": 1.0}] * 3
+    assert decode["placement_group_strategy"] == "PACK"
+    assert decode["health_check_period_s"] <= 2 and decode["health_check_timeout_s"] <= 5
+    # three ranks of 8 slots each: three times the requests in flight and queued
+    assert decode["max_ongoing_requests"] == 3 * prefill["max_ongoing_requests"]
+    assert decode["max_queued_requests"] == 3 * prefill["max_queued_requests"]
+    assert cfg.waiting_limits("decode_server") == (3 * 4 * 8, 3 * 8 * 2048)
+    # Serve's own checks (bundle 0 holds the replica actor's resources, no empty bundle)
+    serve.deployment(LLMServer, name="d", **decode)
+
+    gpu = parse_args(
+        {
+            "device": "cuda",
+            "llm_server": {"num_cpus": 2, "num_gpus": 0},
+            "engine": {"expert_parallel_size": 2, "rank_num_gpus": 1, "rank_num_cpus": 4},
+        }
+    ).serve_options("llm_server")
+    assert gpu["placement_group_bundles"] == [{"CPU": 2}] + [{"CPU": 4, "GPU": 1}] * 2
+    assert gpu["placement_group_strategy"] == "STRICT_PACK"
+    serve.deployment(LLMServer, name="g", **gpu)
