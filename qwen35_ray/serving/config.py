@@ -225,6 +225,13 @@ class AppConfig(BaseModel):
         given = override.model_dump(include=override.model_fields_set)
         return EngineArgs.model_validate({**self.engine.model_dump(), **given})
 
+    def max_model_len(self, disaggregated: bool) -> int | None:
+        """The context the ingress admits: the shortest of the pools a request runs on (each
+        may set its own); None: the model's own."""
+        pools = ("prefill_server", "decode_server") if disaggregated else ("llm_server",)
+        lens = [n for p in pools if (n := self.engine_for(p).max_model_len) is not None]
+        return min(lens, default=None)
+
     def waiting_limits(self, pool: str = "llm_server") -> tuple[int, int]:
         """(prompts, prompt tokens) a replica of `pool` queues before refusing work with 503.
         The defaults scale with the replica's ranks: each has its own slots and step budget."""

@@ -97,7 +97,8 @@ class OpenAIIngress:
         key = self.cfg.resolve_api_key()
         self.authorization = None if key is None else f"Bearer {key}".encode()
         self.max_model_len = min(
-            self.cfg.engine.max_model_len or 10**9, model_config.max_position_embeddings
+            model_config.max_position_embeddings,
+            self.cfg.max_model_len(disaggregated=prefill is not None) or 10**9,
         )
         self.defaults = GenerationDefaults.read(path).sampling
         self.created = int(time.time())

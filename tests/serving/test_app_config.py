@@ -178,3 +178,19 @@ def test_an_expert_parallel_pool_reserves_its_ranks_with_the_replica():
     assert gpu["placement_group_bundles"] == [{"CPU": 2}] + [{"CPU": 4, "GPU": 1}] * 2
     assert gpu["placement_group_strategy"] == "STRICT_PACK"
     serve.deployment(LLMServer, name="g", **gpu)
+
+
+def test_the_ingress_context_is_the_shortest_of_its_pools():
+    """A pool's own max_model_len bounds what the ingress admits, not the top-level one."""
+    pd = AppConfig.model_validate(
+        {
+            "engine": {"max_model_len": 4096},
+            "prefill_server": {"engine": {"max_model_len": 2048}},
+            "decode_server": {"engine": {"max_model_len": 1024}},
+        }
+    )
+    assert pd.max_model_len(disaggregated=True) == 1024
+    assert pd.max_model_len(disaggregated=False) == 4096
+    one = AppConfig.model_validate({"llm_server": {"engine": {"max_model_len": 512}}})
+    assert one.max_model_len(disaggregated=False) == 512
+    assert AppConfig().max_model_len(disaggregated=True) is None
