@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if not config.num_experts:
         p.error(f"{args.model} is a dense model; expert parallelism needs an MoE checkpoint")
     prompts = workload(args.num_prompts, config.vocab_size)
+    if max(args.sizes) > 1:
+        from qwen35_ray.distributed.build import ensure_ray
+        from qwen35_ray.distributed.config import EPConfig
+
+        # one local cluster for every size: it must hold the largest group
+        ensure_ray(EPConfig(size=max(args.sizes), num_cpus=args.rank_num_cpus))
     results = []
     for size in args.sizes:
         print(f"[bench ep] EP={size}: {len(prompts)} prompts x {args.new_tokens} ...", flush=True)

@@ -36,6 +36,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _commit() -> str | None:
+    """The checkout's commit, so a result says what it measured (None outside a git clone)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def machine_info(device: str) -> dict:
     import triton
 
@@ -47,6 +64,7 @@ def machine_info(device: str) -> dict:
         "triton": triton.__version__,
         "device": device,
         "device_name": _cpu_model(),
+        "commit": _commit(),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
