@@ -15,8 +15,8 @@ import jsonschema
 import openai
 import pytest
 import ray
-import requests
 import torch
+from http_helpers import client, metrics, prompt_ids
 from json_schemas import WEATHER_ARGS
 from ray import cloudpickle
 from serve_fixtures import running_apps
@@ -74,24 +74,6 @@ def urls():
     )
     with running_apps({"co": ("/co", co), "pd": ("/pd", pd)}, num_cpus=8) as url:
         yield url + "/co", url + "/pd"
-
-
-def client(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def prompt_ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 1100, (n,), generator=g).tolist()
-
-
-def metrics(base: str) -> dict[str, float]:
-    out = {}
-    for line in requests.get(base + "/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def complete(base: str, ids: list[int], stream: bool, **kw) -> tuple[str, list[str], str]:

@@ -9,10 +9,10 @@ rank of a group). Both must give the offline EP=1 engine's tokens.
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 import requests
 import torch
+from http_helpers import client, metrics, prompt_ids
 from serve_fixtures import running_apps
 
 from qwen35_ray import LLM, SamplingParams
@@ -48,24 +48,6 @@ def urls():
 def offline():
     """The EP=1 reference, in this process."""
     return LLM(MODEL, dtype="float32", **ENGINE)
-
-
-def client(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def prompt_ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 1100, (n,), generator=g).tolist()
-
-
-def metrics(base: str) -> dict[str, float]:
-    out = {}
-    for line in requests.get(base + "/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def delta(after: dict, before: dict, name: str) -> float:
