@@ -116,6 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
         from qwen35_ray.bench.structured import main as bench
     elif args.what == "ep":
         from qwen35_ray.bench.ep import main as bench
+    elif args.what == "autoscale":
+        from qwen35_ray.bench.autoscale import main as bench
     else:
         from qwen35_ray.bench.kernels import main as bench
     return bench(args.rest)
@@ -163,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: `bench offline -h`, `bench kernels -h`, `bench structured -h`, "
-        "`bench ep -h`",
+        "`bench ep -h`, `bench autoscale -h`",
     )
-    bench.add_argument("what", choices=["offline", "kernels", "structured", "ep"])
+    bench.add_argument("what", choices=["offline", "kernels", "structured", "ep", "autoscale"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_bench)
     return parser

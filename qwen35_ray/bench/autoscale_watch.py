@@ -1,0 +1,204 @@
+"""What `bench autoscale` watches and runs: each pool's replica count over time (serve.status()
+from a process connected to the cluster, else the app's /metrics), and a Serve config started
+on a local Ray cluster the way `serve run CONFIG` does."""
+
+import glob
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+# a /metrics sample: name, labels, value
+_SAMPLE = re.compile(r"^qwen35_ray_(\w+)\{([^}]*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_metrics(text: str) -> dict:
+    """From /metrics: {"running": {pool: n}, "starting": {pool: n}} from serve_replicas when the
+    app publishes it, and the policies' {"desired": {pool: n}, "decision": {pool: code}}."""
+    out: dict[str, dict] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2))), float(m.group(3))
+        pool = labels.get("pool")
+        if pool is None:
+            continue
+        if name == "serve_replicas":
+            key = {"RUNNING": "running", "STARTING": "starting"}.get(labels.get("state"))
+            if key:
+                out.setdefault(key, {})[pool] = int(value)
+        elif name == "autoscaling_desired_replicas":
+            out.setdefault("desired", {})[pool] = int(value)
+        elif name == "autoscaling_decision" and value == 1:
+            out.setdefault("decision", {})[pool] = f"{labels['direction']}:{labels['code']}"
+    return out
+
+
+def engine_pools(deployments) -> list[str]:
+    """The app's deployments but its ingress (the pools that autoscale on engine load)."""
+    return sorted(d for d in deployments if "Ingress" not in d)
+
+
+class ReplicaWatch:
+    """A sample of every pool's replica count each `period` seconds, on a thread, from
+    serve.status() (connected) or /metrics (not); /metrics also gives the policies' decisions
+    when the app publishes them, and is not asked again once it showed it does not."""
+
+    def __init__(self, url: str, app: str, connected: bool, period: float = 1.0):
+        self.url, self.app, self.connected, self.period = url, app, connected, period
+        self.source = "serve.status" if connected else "/metrics"
+        self.t0 = time.monotonic()
+        self.samples: list[dict] = []
+        self._metrics = True
+        self._stopped = threading.Event()
+        self._take()
+        if not self.samples[-1]["running"]:
+            raise RuntimeError(
+                f"no replica counts for app {app!r}: "
+                + (
+                    "serve.status() does not list it (check --app)"
+                    if connected
+                    else f"{url}/metrics has no qwen35_ray_serve_replicas; pass --ray-address "
+                    "(e.g. auto) to read serve.status() from the cluster"
+                )
+            )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def latest(self) -> dict[str, int]:
+        return dict(self.samples[-1]["running"])
+
+    def stop(self) -> list[dict]:
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._thread.join()
+        return self.samples
+
+    def _run(self):
+        while not self._stopped.wait(self.period):
+            try:
+                self._take()
+            except Exception as e:  # a missed sample leaves a gap, the bench goes on
+                print(f"[bench autoscale] replica sample failed: {e}", flush=True)
+
+    def _take(self):
+        sample: dict = {"t": time.monotonic() - self.t0, "running": {}, "starting": {}}
+        if self.connected:
+            from ray import serve
+
+            app = serve.status().applications.get(self.app)
+            for pool in engine_pools(app.deployments if app else {}):
+                states = {getattr(s, "value", s): n for s, n in app.deployments[pool]
+                          .replica_states.items()}  # fmt: skip
+                sample["running"][pool] = states.get("RUNNING", 0)
+                sample["starting"][pool] = states.get("STARTING", 0)
+        if self._metrics:
+            try:
+                text = requests.get(self.url + "/metrics", timeout=2).text
+            except requests.RequestException:
+                text = ""
+            found = parse_metrics(text)
+            if self.connected and not {"desired", "decision"} & set(found):
+                self._metrics = False
+            for key, value in found.items():
+                if key in ("running", "starting") and self.connected:
+                    continue
+                sample[key] = {p: v for p, v in value.items() if "Ingress" not in p}
+        self.samples.append(sample)
+
+    def decision_log(self) -> list[str]:
+        """The policies' decision lines from the Serve controller's log, when this process is
+        on the cluster's head node (the policies log there: serving/autoscaling.py)."""
+        import ray
+
+        try:
+            logs = ray._private.worker._global_node.get_logs_dir_path()
+        except AttributeError:  # connected as a client, or to a remote head
+            return []
+        lines = []
+        for path in sorted(glob.glob(f"{logs}/serve/controller_*.log")):
+            for line in Path(path).read_text(errors="replace").splitlines():
+                if "_policy: " in line and "->" in line:
+                    lines.append(line.strip())
+        return lines
+
+
+@contextmanager
+def connect(url: str, address: str | None):
+    """(url, connected): this process joined to the cluster at `address` for serve.status(),
+    or not connected when no address is given."""
+    if address is None:
+        yield url, False
+        return
+    import ray
+
+    ray.init(address=address, logging_level="warning", log_to_driver=False)
+    try:
+        yield url, True
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def serve_yaml(path: Path, num_cpus: float, app: str, port: int | None = None, within_s=300):
+    """A local Ray cluster of num_cpus CPUs running the Serve config at path as `serve run`
+    does (its http_options, but for `port` when given, and proxy_location; its applications);
+    yields (url, True) once the app answers /health, and shuts everything down after."""
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve._private.constants import SERVE_NAMESPACE
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text())
+    if port is not None:
+        raw.setdefault("http_options", {})["port"] = port
+    config = ServeDeploySchema.model_validate(raw)
+    names = [a.name for a in config.applications]
+    if app not in names:
+        raise SystemExit(f"--app {app!r} is not in {path}; its applications: {', '.join(names)}")
+    route = next(a.route_prefix for a in config.applications if a.name == app) or "/"
+    url = f"http://127.0.0.1:{config.http_options.port}{route.rstrip('/')}"
+    ray.init(num_cpus=num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
+             logging_level="warning", log_to_driver=False)  # fmt: skip
+    try:
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(),
+            proxy_location=config.proxy_location,
+            grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+            controller_options=config.controller_options,
+        )
+        client.deploy_apps(config, _blocking=False)
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        print(f"[bench autoscale] deploying {path} on {num_cpus:g} CPUs; logs in {logs}")
+        _wait_healthy(url, app, within_s, logs)
+        yield url, True
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_healthy(url: str, app: str, within_s: float, logs: str) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"app {app!r} failed to deploy: {status.message} (logs: {logs})")
+        running = status is not None and status.status == "RUNNING"
+        try:
+            # the app RUNNING: every pool at its starting replicas, the bench's baseline
+            if running and requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}/health did not answer within {within_s:.0f} s (logs: {logs})")
