@@ -68,7 +68,7 @@ def _replicas(ax, report: dict) -> None:
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("seconds since the bench started")
     ax.set_ylabel(f"replicas ({report['replica_source']})")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(alpha=0.3)
 
 
