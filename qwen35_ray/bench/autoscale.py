@@ -284,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qwen35_ray.bench.autoscale_watch import ReplicaWatch, connect, serve_yaml
+    from qwen35_ray.bench.autoscale_watch import NoReplicaCounts, ReplicaWatch, connect, serve_yaml
     from qwen35_ray.bench.timing import machine_info, write_report
 
     args = parser().parse_args(argv)
@@ -297,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cluster = connect(args.url, args.ray_address)
     with cluster as (url, connected):
-        watch = ReplicaWatch(url, args.app, connected, args.sample_s)
+        try:
+            watch = ReplicaWatch(url, args.app, connected, args.sample_s)
+        except NoReplicaCounts as e:
+            raise SystemExit(f"bench autoscale: {e}") from None
         try:
             report = run(args, url, watch)
         finally:

@@ -39,6 +39,10 @@ def parse_metrics(text: str) -> dict:
     return out
 
 
+class NoReplicaCounts(RuntimeError):
+    """Neither serve.status() nor /metrics gives the app's replica counts."""
+
+
 def engine_pools(deployments) -> list[str]:
     """The app's deployments but its ingress (the pools that autoscale on engine load)."""
     return sorted(d for d in deployments if "Ingress" not in d)
@@ -58,7 +62,7 @@ class ReplicaWatch:
         self._stopped = threading.Event()
         self._take()
         if not self.samples[-1]["running"]:
-            raise RuntimeError(
+            raise NoReplicaCounts(
                 f"no replica counts for app {app!r}: "
                 + (
                     "serve.status() does not list it (check --app)"
