@@ -49,6 +49,12 @@ class DeploymentConfig(BaseModel):
     # requests a caller (proxy, ingress) holds while every replica is at max_ongoing_requests;
     # beyond it Serve refuses them and the client gets a 503 (-1: unbounded, Serve's default)
     max_queued_requests: int | None = Field(None, ge=-1)
+    # a replica Serve stops (scale-down, redeploy) takes no new requests and waits this long
+    # for the ones it holds; streams still running then are cut off, and the ingress migrates
+    # them (AppConfig.migration_limit)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    # how often a stopping replica checks whether its requests are done (Serve's default: 2 s)
+    graceful_shutdown_wait_loop_s: float = Field(2.0, gt=0)
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -71,6 +77,8 @@ class DeploymentConfig(BaseModel):
             "max_queued_requests": (
                 max_queued if self.max_queued_requests is None else self.max_queued_requests
             ),
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
         }
         if self.autoscaling_config is not None:
             out["autoscaling_config"] = self.autoscaling_config
@@ -210,6 +218,14 @@ class AppConfig(BaseModel):
         10.0, gt=0, description="a response format or tool grammar compiling longer gets a 400"
     )
     max_request_bytes: int = Field(4 * 2**20, ge=1024)
+    migration_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="times one streamed request (n=1) may resume on another replica after "
+        "the replica serving it died or was stopped mid-stream; then a 503 error event. "
+        "0: no migration",
+    )
 
     @property
     def model_name(self) -> str:

@@ -11,6 +11,10 @@ or any prompt while this ingress already waits on `max_prefill_queue` prefills, 
 on the decode replica itself (the collocated path), where moving it would cost more than it
 saves.
 
+Migration: a stream (n=1) whose decode replica is lost after the client has tokens resumes on
+another decode replica, which prefills the prompt plus the tokens sent itself
+(DecodeServer.generate with resume): the request's state on the lost replica is gone with it.
+
 Admission: a decode replica admits an import (or answers 503 when its queue is full) before it
 fetches the state, and the ingress sends the client the first token only once it has, so an
 overloaded decode pool is a plain HTTP 503 rather than an error after the first token.
@@ -30,7 +34,7 @@ from qwen35_ray.serving import transfer
 from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
 from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items, raise_error_item
 from qwen35_ray.serving.llm_server import LLMServer
-from qwen35_ray.serving.streams import REPLICA_LOST, guarded
+from qwen35_ray.serving.streams import REPLICA_LOST, Migration, guarded
 
 log = logging.getLogger("qwen35_ray.serving")
 
@@ -93,11 +97,17 @@ class DecodeServer(LLMServer):
 
     @errors_as_items
     async def generate(
-        self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: dict,
+        request_id: str | None = None,
+        resume: dict | None = None,
     ) -> AsyncIterator[dict]:
-        """The whole request here (a short prompt); the first item names this replica."""
+        """The whole request here (a short prompt, or a stream migrated off a lost decode
+        replica, prefilled again here from its prompt and `resume`: see LLMServer.generate);
+        the first item names this replica."""
         first = True
-        async for step in super().generate(prompt_token_ids, params, request_id):
+        async for step in super().generate(prompt_token_ids, params, request_id, resume):
             if first:
                 step["replica"], first = _replica_id(), False
             yield step
@@ -133,10 +143,11 @@ class DecodeServer(LLMServer):
 class Disaggregator:
     """In the ingress: routes each request through prefill then decode, or decode alone."""
 
-    def __init__(self, prefill, decode, cfg: DisaggregationConfig):
+    def __init__(self, prefill, decode, cfg: DisaggregationConfig, migration_limit: int = 0):
         self.prefill, self.decode, self.cfg = prefill, decode, cfg
+        self.migration_limit = migration_limit
         self.prefills_in_flight = 0
-        self.counters = Counter()
+        self.counters = Counter({"migrations_total": 0, "migration_failures_total": 0})
         self.decode_replicas = Counter()  # requests each decode replica served
 
     def disaggregates(self, prompt_len: int, params: dict) -> bool:
@@ -146,6 +157,16 @@ class Disaggregator:
             and self.prefills_in_flight < self.cfg.max_prefill_queue
         )
 
+    def _migration(self, prompt_ids: list[int], params: dict, first: dict | None = None):
+        """A stream of n=1 that loses its decode replica resumes on another, prefilled there
+        from the prompt and the tokens sent (DecodeServer.generate with resume)."""
+        if params.get("n", 1) != 1:
+            return None
+        resume = lambda r: self.decode.options(stream=True).generate.remote(  # noqa: E731
+            prompt_ids, params, None, r
+        )
+        return Migration(resume, self.migration_limit, first)
+
     async def generate(self, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
         request_id = uuid.uuid4().hex
         if not self.disaggregates(len(prompt_ids), params):
@@ -153,7 +174,7 @@ class Disaggregator:
             stream = lambda: self.decode.options(stream=True).generate.remote(  # noqa: E731
                 prompt_ids, params, request_id
             )
-            async for step in self._on_decode(stream):
+            async for step in self._on_decode(stream, self._migration(prompt_ids, params)):
                 yield step
             return
         self.counters["requests_disaggregated_total"] += 1
@@ -173,7 +194,9 @@ class Disaggregator:
         self.counters["transfer_wire_bytes_total"] += handoff["wire_bytes"]
         self.counters["transfer_seconds_total"] += handoff["send_s"]
         stream = lambda: self.decode.options(stream=True).decode.remote(handoff)  # noqa: E731
-        decoded = self._on_decode(stream)
+        # the first token goes out before the decode stream's own output, so a migration
+        # resumes after it
+        decoded = self._on_decode(stream, self._migration(prompt_ids, params, first["step"]))
         # the first token waits for a decode replica to admit the import, so that an
         # overloaded decode pool is a clean 503 before any output, not an error mid-stream
         await anext(decoded)
@@ -203,9 +226,10 @@ class Disaggregator:
                     ) from None
                 await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _on_decode(self, make_stream) -> AsyncIterator[dict]:
+    async def _on_decode(self, make_stream, migration: Migration | None = None):
         """Run a decode stream (see streams.guarded: a replica lost before any output is
-        retried elsewhere, then a clean 503; a client gone cancels it)."""
+        retried elsewhere; after output the stream migrates when `migration` is given; then a
+        clean 503; a client gone cancels it)."""
         # an import's admission is no output: losing the replica after it is retried
         stream = guarded(
             make_stream,
@@ -214,6 +238,7 @@ class Disaggregator:
             prefix="decode_",
             is_output=lambda step: "admitted" not in step,
             role="decoding",
+            migration=migration,
         )
         async for step in stream:
             if "replica" in step:

@@ -8,8 +8,10 @@ reached through a Serve handle.
 import asyncio
 import hmac
 import logging
+import random
 import time
 import uuid
+from collections import Counter
 
 import transformers
 from fastapi import FastAPI, Request
@@ -48,7 +50,7 @@ from qwen35_ray.serving.protocol import (
     TokenizeRequest,
 )
 from qwen35_ray.serving.request_body import parse_object, read_capped, validate
-from qwen35_ray.serving.streams import guarded, sse, usage
+from qwen35_ray.serving.streams import Migration, guarded, sse, usage
 from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -85,7 +87,11 @@ class OpenAIIngress:
         PrefillServer pool of the disaggregated app."""
         self.cfg = AppConfig.model_validate(config)
         self.llm = llm
-        self.pd = None if prefill is None else Disaggregator(prefill, llm, self.cfg.disaggregation)
+        self.pd = None
+        if prefill is not None:
+            self.pd = Disaggregator(prefill, llm, self.cfg.disaggregation, self.cfg.migration_limit)
+        # the collocated app's streams (the disaggregated app's are the Disaggregator's)
+        self.counters = Counter({"migrations_total": 0, "migration_failures_total": 0})
         # the tokenizer, template and config: a hub model's weights stay on the hub
         path = resolve_model(self.cfg.model, weights=False)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -145,6 +151,10 @@ class OpenAIIngress:
         """The params dict for the LLM servers, checked here so that a request with several
         prompts is refused before any of them starts."""
         params = req.sampling(max_tokens, logprobs, self.defaults)
+        if params["seed"] is None:
+            # a stream migrated to another replica must draw what this one would have: the
+            # engine's draw for each token depends on the seed and position alone
+            params["seed"] = random.getrandbits(63)
         try:
             params["structured"] = structured()
         except OpenAIError:
@@ -179,9 +189,16 @@ class OpenAIIngress:
     def _stream(self, prompt_ids: list[int], params: dict):
         if self.pd is not None:
             return self.pd.generate(prompt_ids, params)
+        llm = self.llm.options(stream=True)
+        migration = None
+        if params.get("n", 1) == 1:
+            resume = lambda r: llm.generate.remote(prompt_ids, params, None, r)  # noqa: E731
+            migration = Migration(resume, self.cfg.migration_limit)
         return guarded(
-            lambda: self.llm.options(stream=True).generate.remote(prompt_ids, params),
+            lambda: llm.generate.remote(prompt_ids, params),
             retries=self.cfg.disaggregation.retries,
+            counters=self.counters,
+            migration=migration,
         )
 
     @app.get("/health")
@@ -207,7 +224,7 @@ class OpenAIIngress:
     @app.get("/metrics")
     async def metrics(self):
         if self.pd is None:
-            found = samples(await self.llm.stats.remote())
+            found = samples({**self.counters, **await self.llm.stats.remote()})
         else:
             found = samples({**self.pd.counters, "prefills_in_flight": self.pd.prefills_in_flight})
             for replica, n in self.pd.decode_replicas.items():

@@ -9,6 +9,11 @@ its request id); the engine goes on. If the model itself fails, the engine is de
 later requests get a 503, check_health fails, and the replica process exits so that Serve
 stops routing to it and replaces it at once (Serve's health check would take three periods).
 
+Migration and drain: generate(..., resume=...) continues a stream another replica lost, from
+the tokens the client has (streams.Migration). A replica Serve stops gets no new requests and
+finishes its streams within the pool's graceful_shutdown_timeout_s; Serve then kills it, and
+the ingress migrates what still ran.
+
 Expert parallelism: with `expert_parallel_size` N > 1 the replica's engine steps N rank actors
 placed in bundles 1..N of the replica's own placement group (AppConfig.serve_options). A rank
 that dies fails the step in flight (its requests get the 503 above) or, when idle, the next
@@ -75,6 +80,7 @@ class LLMServer:
             "requests_aborted_total": 0,
             "requests_rejected_total": 0,
             "requests_failed_total": 0,
+            "requests_resumed_total": 0,
         }
         self._exiting = False
         # why a health check found the EP group broken (a rank gone or not answering)
@@ -104,15 +110,19 @@ class LLMServer:
             self.counters["requests_rejected_total"] += 1
             raise Overloaded("the server is overloaded; retry later")
 
-    async def _params(self, prompt_token_ids: list[int], params: dict) -> SamplingParams:
+    async def _params(
+        self, prompt_token_ids: list[int], params: dict, resume: dict | None = None
+    ) -> SamplingParams:
         """Validate (400) off the event loop, since a grammar may take a while to compile,
         then admit (503). Nothing awaits between admission and the caller queueing the
-        request, so a burst cannot pass the check all at once."""
+        request, so a burst cannot pass the check all at once. resume: see generate()."""
         try:
             sp = SamplingParams(**params)
         except (TypeError, ValueError) as e:
             raise OpenAIError(str(e), status=400) from e
-        check = asyncio.to_thread(self.engine.engine.check_request, prompt_token_ids, sp)
+        check = asyncio.to_thread(
+            self.engine.engine.check_request, prompt_token_ids, sp, **_resume_args(resume)
+        )
         try:
             await asyncio.wait_for(check, self.config.grammar_compile_timeout_s)
         except TimeoutError:
@@ -123,20 +133,36 @@ class LLMServer:
             ) from None
         except (TypeError, ValueError) as e:
             raise OpenAIError(str(e), status=400) from e
-        self._admit(len(prompt_token_ids))
+        # a resumed request prefills its tokens so far with the prompt
+        resumed = len(resume["token_ids"]) if resume else 0
+        self._admit(len(prompt_token_ids) + resumed)
         return sp
 
     @errors_as_items
     async def generate(
-        self, prompt_token_ids: list[int], params: dict, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: dict,
+        request_id: str | None = None,
+        resume: dict | None = None,
     ) -> AsyncIterator[dict]:
         """Yield {"outputs": [{index, text, token_ids, logprobs, finish_reason}], ...} deltas:
         the text and tokens each output gained in one engine step. An error is the last item,
-        {"error": ..., "headers": ...} (errors.raise_error_item raises it again)."""
-        sp = await self._params(prompt_token_ids, params)
+        {"error": ..., "headers": ...} (errors.raise_error_item raises it again).
+
+        resume (n=1): {"token_ids", "logprobs", "text_chars"}, what the client already has of
+        output 0 from a replica that was lost (streams.Migration); the request continues after
+        it, and the deltas start from there."""
+        sp = await self._params(prompt_token_ids, params, resume)
         request_id = request_id or uuid.uuid4().hex
         self.counters["requests_total"] += 1
-        async for delta in self._deltas(self.engine.generate(request_id, prompt_token_ids, sp)):
+        kwargs = _resume_args(resume)
+        seen = None
+        if kwargs:
+            self.counters["requests_resumed_total"] += 1
+            seen = {0: (len(kwargs["resume_token_ids"]), resume["text_chars"])}
+        outputs = self.engine.generate(request_id, prompt_token_ids, sp, **kwargs)
+        async for delta in self._deltas(outputs, seen):
             yield delta
 
     async def _deltas(self, outputs, seen: dict[int, tuple[int, int]] | None = None):
@@ -239,6 +265,14 @@ class LLMServer:
                 shutdown()
             except Exception as e:
                 log.warning("engine shutdown failed: %s", e)
+
+
+def _resume_args(resume: dict | None) -> dict:
+    """The engine's keyword arguments for a resumed request; none for a new one (or a resume
+    before any token, which is one)."""
+    if not resume or not resume["token_ids"]:
+        return {}
+    return {"resume_token_ids": resume["token_ids"], "resume_logprobs": resume["logprobs"]}
 
 
 def _in_replica() -> bool:

@@ -38,6 +38,9 @@ def test_shipped_pd_yaml_args_are_valid():
         ({"decode_server": {"num_gpus": 1}}, "decode_server.num_gpus > 0 needs device: cuda"),
         ({"disaggregation": {"transfer": "tcp"}}, "disaggregation.transfer"),
         ({"disaggregation": {"min_prefill_tokens": -1}}, "disaggregation.min_prefill_tokens"),
+        ({"migration_limit": -1}, "migration_limit"),
+        ({"decode_server": {"graceful_shutdown_timeout_s": -1}}, "graceful_shutdown_timeout_s"),
+        ({"llm_server": {"graceful_shutdown_wait_loop_s": 0}}, "graceful_shutdown_wait_loop_s"),
     ],
 )
 def test_invalid_args_name_the_setting(args, named):
@@ -50,6 +53,29 @@ def test_autoscaling_replaces_a_fixed_replica_count():
     cfg = parse_args({"llm_server": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}})
     options = cfg.serve_options("llm_server")
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_each_pool_drains_within_its_graceful_shutdown_timeout():
+    """Serve waits graceful_shutdown_timeout_s for a stopping replica's requests (checking
+    every graceful_shutdown_wait_loop_s) before it kills the replica; the streams cut off then
+    migrate, up to migration_limit times each."""
+    cfg = parse_args(
+        {
+            "decode_server": {
+                "graceful_shutdown_timeout_s": 5,
+                "graceful_shutdown_wait_loop_s": 0.5,
+            },
+            "migration_limit": 0,
+        }
+    )
+    decode = cfg.serve_options("decode_server")
+    assert decode["graceful_shutdown_timeout_s"] == 5
+    assert decode["graceful_shutdown_wait_loop_s"] == 0.5
+    # Serve's own defaults elsewhere
+    for pool in ("prefill_server", "llm_server", "ingress"):
+        assert cfg.serve_options(pool)["graceful_shutdown_timeout_s"] == 20
+        assert cfg.serve_options(pool)["graceful_shutdown_wait_loop_s"] == 2
+    assert cfg.migration_limit == 0 and AppConfig().migration_limit == 3
 
 
 def test_api_key_is_masked_and_kept_from_the_engine_replicas():
