@@ -90,8 +90,9 @@ def percentiles(values: list[float]) -> dict:
 
 
 def replica_span(samples: list[dict], start: float, end: float, baseline: dict) -> dict:
-    """Per pool over [start, end]: fewest and most running replicas, and the seconds from
-    start until it first ran more than its starting count (None if it never did)."""
+    """Per pool over [start, end]: fewest and most running replicas, the seconds from start
+    until it first ran more than its starting count, and, for a span that begins above it,
+    until it was back (None: it did not)."""
     # the count in force at start is the last sample before it
     before = [s for s in samples if s["t"] < start][-1:]
     inside = before + [s for s in samples if start <= s["t"] <= end]
@@ -99,10 +100,15 @@ def replica_span(samples: list[dict], start: float, end: float, baseline: dict) 
     for pool, base in baseline.items():
         counts = [(s["t"], s["running"][pool]) for s in inside if pool in s["running"]]
         above = next((max(t - start, 0.0) for t, n in counts if n > base), None)
+        # a span that begins above the start (the idle after a load): when it came back
+        back = None
+        if counts and counts[0][1] > base:
+            back = next((max(t - start, 0.0) for t, n in counts if n <= base), None)
         out[pool] = {
             "min": min((n for _, n in counts), default=None),
             "max": max((n for _, n in counts), default=None),
             "above_start_after_s": above,
+            "back_to_start_after_s": back,
         }
     return out
 

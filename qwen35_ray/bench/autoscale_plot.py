@@ -57,6 +57,14 @@ def _replicas(ax, report: dict) -> None:
             want = [s.get("desired", {}).get(pool, float("nan")) + dy for s in samples]
             ax.step(t, want, where="post", color=color, lw=1, ls=":",
                     label=f"{pool} policy's desired")  # fmt: skip
+    # the policies' decisions (from the controller log): a change is asked for here, and the
+    # solid line shows when the replica started or stopped
+    for d in report.get("decisions", []):
+        if d["pool"] in pools:
+            color = f"C{pools.index(d['pool']) + 2}"
+            ax.axvline(d["t"], color=color, ls=":", lw=1)
+            change = d["line"].split("_policy: ", 1)[1].split(":", 1)[0]
+            ax.text(d["t"], 0.1, f" {change}", color=color, fontsize=8, rotation=90, va="bottom")
     top = max([s["running"].get(p, 0) + s.get("starting", {}).get(p, 0)
                for s in samples for p in pools] or [1])  # fmt: skip
     for phase in report["phases"]:

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import requests
@@ -14,6 +15,10 @@ import requests
 # a /metrics sample: name, labels, value
 _SAMPLE = re.compile(r"^qwen35_ray_(\w+)\{([^}]*)\} (\S+)$")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
+# a policy's log line when it changes a pool's target (serving/autoscaling.py, _choose)
+_DECISION = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*? -- (\w+) \w+_policy: \d+ -> \d+: .*"
+)
 
 
 def parse_metrics(text: str) -> dict:
@@ -56,7 +61,8 @@ class ReplicaWatch:
     def __init__(self, url: str, app: str, connected: bool, period: float = 1.0):
         self.url, self.app, self.connected, self.period = url, app, connected, period
         self.source = "serve.status" if connected else "/metrics"
-        self.t0 = time.monotonic()
+        # the bench's clock starts here; t0_unix places log lines (wall clock) on it
+        self.t0, self.t0_unix = time.monotonic(), time.time()
         self.samples: list[dict] = []
         self._metrics = True
         self._stopped = threading.Event()
@@ -115,9 +121,10 @@ class ReplicaWatch:
                 sample[key] = {p: v for p, v in value.items() if "Ingress" not in p}
         self.samples.append(sample)
 
-    def decision_log(self) -> list[str]:
-        """The policies' decision lines from the Serve controller's log, when this process is
-        on the cluster's head node (the policies log there: serving/autoscaling.py)."""
+    def decision_log(self) -> list[dict]:
+        """The policies' scaling decisions from the Serve controller's log, when this process
+        is on the cluster's head node (the policies log there: serving/autoscaling.py), from
+        the bench's start on: [{"t": seconds on the bench's clock, "pool", "line"}]."""
         import ray
 
         try:
@@ -126,10 +133,21 @@ class ReplicaWatch:
             return []
         lines = []
         for path in sorted(glob.glob(f"{logs}/serve/controller_*.log")):
-            for line in Path(path).read_text(errors="replace").splitlines():
-                if "_policy: " in line and "->" in line:
-                    lines.append(line.strip())
-        return lines
+            lines += Path(path).read_text(errors="replace").splitlines()
+        return [d for d in map(lambda x: parse_decision(x, self.t0_unix), lines) if d]
+
+
+def parse_decision(line: str, t0_unix: float) -> dict | None:
+    """A controller log line of a policy changing a pool's target ("PrefillServer
+    prefill_policy: 1 -> 2: ..."), at its time relative to t0_unix; None for other lines
+    and for those before t0_unix."""
+    m = _DECISION.search(line)
+    if not m:
+        return None
+    at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0_unix
+    if at < 0:
+        return None
+    return {"t": at, "pool": m.group(2), "line": m.group(0)[len(m.group(1)) :].strip()}
 
 
 @contextmanager

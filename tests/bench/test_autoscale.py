@@ -4,12 +4,13 @@ counts it reads from /metrics, and the report it writes, against a stub SSE serv
 import json
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from qwen35_ray.bench import autoscale
-from qwen35_ray.bench.autoscale_watch import engine_pools, parse_metrics
+from qwen35_ray.bench.autoscale_watch import engine_pools, parse_decision, parse_metrics
 
 
 def args(*argv):
@@ -51,8 +52,31 @@ def test_replica_span_says_when_a_pool_first_ran_above_its_start():
         {"t": t, "running": {"P": p, "D": 1}} for t, p in ((0, 1), (1, 1), (2, 2), (3, 2), (9, 1))
     ]
     span = autoscale.replica_span(samples, 0.5, 3.5, {"P": 1, "D": 1})
-    assert span["P"] == {"min": 1, "max": 2, "above_start_after_s": 1.5}
-    assert span["D"] == {"min": 1, "max": 1, "above_start_after_s": None}
+    assert span["P"] == {
+        "min": 1,
+        "max": 2,
+        "above_start_after_s": 1.5,
+        "back_to_start_after_s": None,
+    }
+    assert span["D"]["above_start_after_s"] is None and span["D"]["max"] == 1
+    # the idle after it begins with 2 running (the sample before it) and comes back at t=9
+    idle = autoscale.replica_span(samples, 3.5, 10, {"P": 1, "D": 1})
+    assert idle["P"]["back_to_start_after_s"] == 5.5 and idle["P"]["min"] == 1
+    assert idle["D"]["back_to_start_after_s"] is None
+
+
+def test_decisions_come_from_the_policies_log_lines_on_the_benchs_clock():
+    t0 = datetime(2026, 11, 30, 16, 53, 40).timestamp()
+    line = (
+        "INFO 2026-11-30 16:53:43,106 controller 29871 -- PrefillServer prefill_policy: 1 -> 2: "
+        "TTFT estimate 1.32 s vs ttft_target_s 0.5"
+    )
+    d = parse_decision(line, t0)
+    assert d["pool"] == "PrefillServer" and d["t"] == pytest.approx(3.106)
+    assert d["line"].startswith("controller 29871 -- PrefillServer prefill_policy: 1 -> 2:")
+    assert parse_decision(line, t0 + 10) is None
+    held = line.replace("1 -> 2:", "holding 1 (starting):")
+    assert parse_decision(held, t0) is None
 
 
 def test_metrics_give_replica_counts_and_the_policies_decisions_without_the_ingress():
