@@ -245,6 +245,35 @@ def _line(s: dict) -> str:
     )
 
 
+def markdown_table(report: dict) -> str:
+    """The phases as the Markdown table docs/bench/autoscale.md shows: latencies in ms, and per
+    pool its running replicas: when it first ran above its start, or, in a span that began
+    above, when it was back (seconds into the span)."""
+    pools = list(report["baseline_replicas"])
+    ms = lambda x: "-" if x is None else f"{1000 * x:.0f}"  # noqa: E731
+    sec = lambda x: f"{x:.0f}"  # noqa: E731
+    head = ["span", "s", "requests", "failed", "TTFT p50 / p90 / mean ms",
+            "ITL p50 / p90 / mean ms"]  # fmt: skip
+    head += [f"{p} replicas" for p in pools]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report["phases"]:
+        cells = [s["name"], f"{s['seconds']:.0f}", str(s["requests"]), str(s["failed"])]
+        for key in ("ttft_s", "itl_s"):
+            v = s[key]
+            cells.append(" / ".join(ms(v[k]) for k in ("p50", "p90", "mean")))
+        for p in pools:
+            r, base = s["replicas"][p], report["baseline_replicas"][p]
+            if r["back_to_start_after_s"] is not None:
+                cell = f"{r['max']} -> {base} at {sec(r['back_to_start_after_s'])} s"
+            elif r["above_start_after_s"] is not None:
+                cell = f"{base} -> {r['max']} at {sec(r['above_start_after_s'])} s"
+            else:
+                cell = f"{r['min']}-{r['max']}" if r["min"] != r["max"] else f"{r['min']}"
+            cells.append(cell)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen35-ray bench autoscale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -316,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = "qwen35-ray bench autoscale " + " ".join(argv or [])
     report["machine"] = machine_info("cpu")
     write_report(args.out, report)
+    print(markdown_table(report))
     if args.out and not args.no_plot:
         from qwen35_ray.bench.autoscale_plot import plot
 

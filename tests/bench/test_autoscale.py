@@ -182,6 +182,9 @@ def test_report_has_both_phases_their_idle_spans_latencies_and_no_failures(stub_
     assert idle["workload"] is None and idle["requests"] == 0
     assert decode["replicas"]["DecodeServer"]["above_start_after_s"] is None
     assert all(p["start_s"] <= p["end_s"] for p in report["phases"])
+    table = autoscale.markdown_table(report).splitlines()
+    assert len(table) == 2 + 4 and table[0].count("|") == table[-1].count("|")
+    assert table[4].startswith("| decode | ") and table[4].endswith("| 1 | 1 |")
 
 
 def test_an_error_event_or_a_short_stream_counts_as_a_failed_request(stub_url):
