@@ -11,6 +11,8 @@ It has the surface of LLMEngine that AsyncEngine, LLM and LLMServer use, plus ex
 rank_info(), check_alive() and shutdown().
 """
 
+import time
+
 import ray
 
 from qwen35_ray.distributed.executor import RankPending
@@ -22,6 +24,7 @@ from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.outputs import RequestOutput
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.engine.step_stats import StepCounters
 
 # ranks whose load (running + waiting sequences) is within this of the least loaded one's
 # compete on their prefix-cache hit: a cached prefix is worth a slightly longer queue
@@ -39,6 +42,8 @@ class DPEngine:
         self._rank_of: dict[str, int] = {}
         # the failure that killed the group: every later step raises it again
         self._dead: EngineDead | None = None
+        # the group's steps: the ranks step together, so their own counters stay at zero
+        self.step_counters = StepCounters()
 
     @property
     def size(self) -> int:
@@ -50,8 +55,14 @@ class DPEngine:
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return self.engines[0].default_sampling_params(**overrides)
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engines[0].check_request(prompt_token_ids, params)
+    def check_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume_token_ids: list[int] | None = None,
+        resume_logprobs: list | None = None,
+    ) -> None:
+        self.engines[0].check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
 
     def check_import(self, state: RequestState) -> None:
         self.engines[0].check_import(state)
@@ -63,11 +74,22 @@ class DPEngine:
         params: SamplingParams,
         prompt: str | None = None,
         prefill_only: bool = False,
+        resume_token_ids: list[int] | None = None,
+        resume_logprobs: list | None = None,
     ) -> None:
+        """LLMEngine.add_request on the rank _pick chooses."""
         if request_id in self._rank_of:
             raise RequestError(f"request id {request_id!r} is already in use")
         rank = self._pick(prompt_token_ids)
-        self.engines[rank].add_request(request_id, prompt_token_ids, params, prompt, prefill_only)
+        self.engines[rank].add_request(
+            request_id,
+            prompt_token_ids,
+            params,
+            prompt,
+            prefill_only,
+            resume_token_ids,
+            resume_logprobs,
+        )
         self._rank_of[request_id] = rank
 
     def can_import(self, state: RequestState) -> bool:
@@ -93,6 +115,7 @@ class DPEngine:
     def step(self) -> list[RequestOutput]:
         if self._dead is not None:
             raise self._dead
+        start = time.perf_counter()
         plans = [e.prepare_step() for e in self.engines]
         if all(p is None for p in plans):
             return []
@@ -113,12 +136,15 @@ class DPEngine:
         for out in outs:
             if out.finished or out.request_state is not None:
                 self._rank_of.pop(out.request_id, None)
+        decodes = any(p is not None and p.num_decodes for p in plans)
+        self.step_counters.record(time.perf_counter() - start, decodes)
         return outs
 
     def load_stats(self) -> dict:
-        """LLMEngine.load_stats() summed over the ranks."""
+        """LLMEngine.load_stats() summed over the ranks; the step counters are the group's."""
         per_rank = self.rank_load_stats()
-        return {k: sum(s[k] for s in per_rank) for k in per_rank[0]}
+        summed = {k: sum(s[k] for s in per_rank) for k in per_rank[0]}
+        return summed | self.step_counters.stats()
 
     def rank_load_stats(self) -> list[dict]:
         return [e.load_stats() for e in self.engines]

@@ -72,15 +72,12 @@ class RankWorker:
 
     def step(self, copies: list[tuple[int, int]], batch: StepBatch) -> StepResult:
         """copies: slot copies the driver queued since its last call, applied first. An empty
-        batch runs every MoE layer's exchange with no tokens, for the peers' sake. The rows'
-        generators go back: sampling advanced them here."""
+        batch runs every MoE layer's exchange with no tokens, for the peers' sake."""
         self._copy(copies)
         # the runner's forward is under inference_mode; an idle step's exchange must be too,
         # or the expert-load counters (inference tensors) refuse its in-place update
         with torch.inference_mode():
-            result = self.executor.execute(batch)
-        result.generators = {i: row.generator for i, row in zip(batch.sampling, batch.rows)}
-        return result
+            return self.executor.execute(batch)
 
     def read_state(self, copies, slot: int, block_table: list[int], num_tokens: int) -> dict:
         self._copy(copies)

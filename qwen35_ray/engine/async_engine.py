@@ -41,7 +41,9 @@ class AsyncEngine:
         return self.errored is not None
 
     def stats(self) -> dict:
-        """A consistent snapshot of the queues and the cache, safe to call while a step runs.
+        """A consistent snapshot of the queues, the cache and the counters (LLMEngine.load_stats:
+        tokens, and steps_total, step_seconds_total, decode_steps_total,
+        decode_step_seconds_total of the busy step thread), safe to call while a step runs.
         `waiting` and `waiting_prompt_tokens` include adds and imports not yet applied."""
         with self._lock:
             stats = dict(self._stats)
@@ -67,15 +69,27 @@ class AsyncEngine:
         params: SamplingParams,
         prompt: str | None = None,
         prefill_only: bool = False,
+        resume_token_ids: list[int] | None = None,
+        resume_logprobs: list | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changes it; the last is finished
         (or, with prefill_only, carries the exported RequestState). Leaving the iteration
-        early (client gone) aborts the request. Raises RequestError, RequestFailed or
-        EngineDead (engine/errors.py)."""
-        self.engine.check_request(prompt_token_ids, params)
+        early (client gone) aborts the request. resume_token_ids, resume_logprobs: continue
+        from output tokens it already has (LLMEngine.add_request); its outputs hold them.
+        Raises RequestError, RequestFailed or EngineDead (engine/errors.py)."""
+        self.engine.check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
         if prefill_only and params.n != 1:
             raise RequestError("a prefill-only request must have n=1")
-        args = (request_id, list(prompt_token_ids), params, prompt, prefill_only)
+        resume = None if resume_token_ids is None else list(resume_token_ids)
+        args = (
+            request_id,
+            list(prompt_token_ids),
+            params,
+            prompt,
+            prefill_only,
+            resume,
+            resume_logprobs,
+        )
         async for out in self._stream(request_id, ("add", args)):
             yield out
 

@@ -26,7 +26,9 @@ class SampleRow:
 
     request_id: str
     params: SamplingParams
-    generator: torch.Generator  # pickles with its state: a remote row's comes back changed
+    # the draw uses sampler.token_seed(seed, position): the row carries no generator state
+    seed: int
+    position: int  # the output token number this row samples (tokens the sequence has)
     prompt_token_ids: list[int] = field(default_factory=list)  # only for repetition_penalty
     output_token_ids: list[int] = field(default_factory=list)  # only for penalties
     forced: int | None = None  # the thinking budget is spent: this token replaces the sample
@@ -55,9 +57,6 @@ class StepBatch:
 @dataclass
 class StepResult:
     tokens: dict[int, tuple[int | None, dict | None]]  # chunk index -> (token, logprobs)
-    # a remote executor's rows' generators after sampling, by chunk index (in process the
-    # rows hold the sequences' own generators, so nothing comes back)
-    generators: dict[int, torch.Generator] | None = None
 
 
 class Pending(Protocol):

@@ -3,6 +3,7 @@
 import itertools
 import logging
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -16,16 +17,22 @@ from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
+from qwen35_ray.engine.resume import check_resume, normalized_logprobs
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.engine.scheduler import Scheduler
 from qwen35_ray.engine.sequence import Sequence
-from qwen35_ray.engine.step_plan import Plan, plan_step
+from qwen35_ray.engine.step_plan import Plan, forced_token, plan_step
+from qwen35_ray.engine.step_stats import StepCounters
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.weights import tensor_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+class TokenOutsideGrammar(RuntimeError):
+    pass
 
 
 class LLMEngine:
@@ -80,6 +87,7 @@ class LLMEngine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
+        self.step_counters = StepCounters()
 
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", device="cpu", **engine_kwargs):
@@ -92,7 +100,13 @@ class LLMEngine:
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return SamplingParams(**{**self.generation_defaults, **overrides})
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume_token_ids: list[int] | None = None,
+        resume_logprobs: list | None = None,
+    ) -> None:
         """Raise RequestError (a ValueError), saying what to change, for a request this engine
         cannot run."""
         n = len(prompt_token_ids)
@@ -119,6 +133,7 @@ class LLMEngine:
                 f"logit_bias has token id {bad[0]}; token ids must be in [0, {vocab})"
             )
         check_budget(self.think, params.thinking_token_budget)
+        check_resume(params, n, resume_token_ids, resume_logprobs, vocab, self.max_model_len)
         if params.structured is not None:
             try:
                 self.structured.compile(params.structured)
@@ -132,18 +147,30 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         prefill_only: bool = False,
+        resume_token_ids: list[int] | None = None,
+        resume_logprobs: list | None = None,
     ) -> None:
         """Queue a request. prefill_only: after its first token, export it as a RequestState
-        (RequestOutput.request_state) and free its cache here."""
+        (RequestOutput.request_state) and free its cache here. resume_token_ids (n=1 only):
+        output tokens the request already has from elsewhere, with their logprobs when
+        params.logprobs is set; it continues after them as if it had sampled them here
+        (engine/resume.py), and its outputs hold them."""
         if prefill_only and params.n != 1:
             raise RequestError("a prefill-only request must have n=1")
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        self.check_request(prompt_token_ids, params)
+        self.check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
         seqs = []
         try:
             for i in range(params.n):
-                seqs.append(self._sequence(request_id, i, prompt_token_ids, params, prefill_only))
+                seed = _seed(params, i)
+                seqs.append(
+                    self._sequence(request_id, i, prompt_token_ids, params, seed, prefill_only)
+                )
+            if resume_token_ids:
+                vocab = self.config.vocab_size
+                logprobs = normalized_logprobs(resume_logprobs, params.logprobs, vocab)
+                self._replay(seqs[0], resume_token_ids, logprobs, "resume_token_ids")
         except Exception as e:
             for seq in seqs:
                 self._detok.pop(id(seq), None)
@@ -152,19 +179,16 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._requests[request_id] = (prompt, list(prompt_token_ids), seqs)
 
-    def _sequence(self, request_id, index, prompt_token_ids, params, prefill_only) -> Sequence:
-        gen = torch.Generator()
-        if params.seed is None:
-            gen.manual_seed(random.getrandbits(63))
-        else:
-            # output i of n draws from seed + i, wrapped to the generator's 64 bits
-            gen.manual_seed((params.seed + index) % 2**64)
+    def _sequence(
+        self, request_id, index, prompt_token_ids, params, seed: int, prefill_only=False
+    ) -> Sequence:
+        """A new sequence with its grammar and detokenizer, before any output."""
         seq = Sequence(
             request_id,
             index,
             list(prompt_token_ids),
             params,
-            gen,
+            seed,
             arrival=next(self._arrivals),
             prefill_only=prefill_only,
         )
@@ -194,11 +218,14 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         plan = self.prepare_step()
         if plan is None:
             return []
         # EngineDead when the model failed; a row whose own sampling failed has the token None
-        return self.finish_step(plan, self.executor.execute(plan.batch))
+        outs = self.finish_step(plan, self.executor.execute(plan.batch))
+        self.step_counters.record(time.perf_counter() - start, plan.num_decodes > 0)
+        return outs
 
     def prepare_step(self) -> Plan | None:
         """Schedule the next step and build its batch; None when nothing is scheduled."""
@@ -209,8 +236,6 @@ class LLMEngine:
         """Apply a step's result: computed tokens, snapshots, sampled tokens, finished and
         exported requests."""
         scheduled, sampled = plan.scheduled, result.tokens
-        for i, generator in (result.generators or {}).items():
-            scheduled[i].seq.generator = generator
         touched, exported, failed = {}, {}, {}
         for i, s in enumerate(scheduled):
             seq = s.seq
@@ -237,6 +262,7 @@ class LLMEngine:
                         "the server log has the details"
                     )
                 # the grammar's accept and the detokenizer run here
+                self.stats["generated_tokens"] += 1
                 self._append(seq, token, logprobs)
                 if seq.prefill_only and not seq.is_finished:
                     exported[seq.request_id] = self._export(seq)
@@ -261,6 +287,7 @@ class LLMEngine:
             "preemptions_total": sch.num_preemptions,
             "prompt_tokens_computed_total": self.stats["prompt_tokens_computed"],
             "generation_tokens_total": self.stats["generated_tokens"],
+            **self.step_counters.stats(),
         }
 
     def shutdown(self) -> None:
@@ -276,7 +303,7 @@ class LLMEngine:
             seq.num_computed,
             seq.params,
             tensors,
-            seq.generator.get_state(),
+            seq.seed,
             self._requests[seq.request_id][0],
             list(seq.output_logprobs),
         )
@@ -304,45 +331,55 @@ class LLMEngine:
         self.check_import(state)
         if state.request_id in self._requests:
             raise ValueError(f"request id {state.request_id!r} is already in use")
-        # the grammar's state is rebuilt here from the tokens the other engine generated
-        grammar = None
-        if state.params.structured is not None:
-            grammar = self.structured.grammar(state.params.structured, state.output_token_ids)
-        gen = torch.Generator()
-        gen.set_state(state.rng_state)
-        seq = Sequence(
-            state.request_id,
-            0,
-            list(state.prompt_token_ids),
-            state.params,
-            gen,
-            output_token_ids=list(state.output_token_ids),
-            output_logprobs=list(state.output_logprobs),
-            num_computed=state.num_computed,
-            arrival=next(self._arrivals),
-            grammar=grammar,
-        )
-        self.scheduler.add_running(seq)
+        seq = self._sequence(state.request_id, 0, state.prompt_token_ids, state.params, state.seed)
         try:
+            # grammar, detokenizer and thinking budget are rebuilt from the tokens it generated
+            self._replay(seq, state.output_token_ids, state.output_logprobs, "output_token_ids")
+            seq.num_computed = state.num_computed
+            self.scheduler.add_running(seq)
             self.executor.write_state(seq.slot, seq.block_table, state.tensors)
-            detok = IncrementalDetokenizer(self.tokenizer, state.params.skip_special_tokens)
-            seq.text = "".join(detok.push(t) for t in seq.output_token_ids)
         except Exception:
             # the slot and blocks add_running took go back
             self.scheduler.remove(seq)
+            self._detok.pop(id(seq))
             raise
-        self._detok[id(seq)] = detok
         self._requests[state.request_id] = (state.prompt, list(state.prompt_token_ids), [seq])
+
+    def _replay(self, seq: Sequence, tokens: list[int], logprobs: list[dict], what: str) -> None:
+        """Walk seq through `tokens` sampled elsewhere as if it had sampled them here: its
+        grammar, detokenizer, thinking budget, text and stop checks see each in turn.
+        RequestError when a token could not have been sampled here, or would already have
+        ended the request. `what` names the tokens in the message."""
+        for i, token in enumerate(tokens):
+            at = f"{what}[{i}]={token}"
+            # the thinking budget is read (and made) where sampling this token read it
+            forced = forced_token(seq, self.think)
+            if forced is not None and token != forced:
+                raise RequestError(
+                    f"{at} is not the </think> that thinking_token_budget="
+                    f"{seq.params.thinking_token_budget} forces there; resume from the tokens "
+                    "this request generated"
+                )
+            try:
+                self._append(seq, token, logprobs[i] if logprobs else None)
+            except TokenOutsideGrammar as e:
+                raise RequestError(f"{at} does not follow the request's grammar") from e
+            if seq.is_finished:
+                raise RequestError(
+                    f"{at} already ends the request (finish_reason {seq.finish_reason!r}); "
+                    "a finished request has nothing to resume"
+                )
 
     def _append(self, seq: Sequence, token: int, logprobs: dict | None) -> None:
         p = seq.params
         seq.output_token_ids.append(token)
-        self.stats["generated_tokens"] += 1
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
         if seq.grammar is not None:
             if not seq.grammar.accept(token):
-                raise RuntimeError(f"token {token} escaped the grammar of {seq.request_id!r}")
+                raise TokenOutsideGrammar(
+                    f"token {token} escaped the grammar of {seq.request_id!r}"
+                )
             # terminated: the grammar ended with a stop token (even under ignore_eos)
             if seq.grammar.is_terminated:
                 return self.scheduler.finish(seq, "stop")
@@ -383,6 +420,14 @@ class LLMEngine:
             for s in seqs:
                 self._detok.pop(id(s), None)
         return out
+
+
+def _seed(params: SamplingParams, index: int) -> int:
+    """The seed of output `index` of a request: its draws are token_seed(seed, position)."""
+    if params.seed is None:
+        return random.getrandbits(63)
+    # output i of n draws from seed + i, wrapped to 64 bits
+    return (params.seed + index) % 2**64
 
 
 def _exposed_text(seq: Sequence) -> str:

@@ -1,11 +1,13 @@
 """RequestState: a request in flight, moved between engines (prefill pool -> decode pool).
 
 Wire format: one safetensors blob. Its metadata holds a JSON header (format version, model
-fingerprint, request fields, sampling params, the logprobs of the tokens generated so far); its
-tensors are the request's GDN conv and recurrent states for every GDN layer, the K and V of its
-computed tokens for every full-attention layer (real tokens only, no block padding), and the
-sampler's RNG state. Import checks version, fingerprint (architecture, cache dtype and weights),
-token counts, vocabulary, logprobs, RNG state, shapes and dtypes, and refuses any mismatch.
+fingerprint, request fields, sampling params, the sequence's sampling seed, the logprobs of the
+tokens generated so far); its tensors are the request's GDN conv and recurrent states for every
+GDN layer and the K and V of its computed tokens for every full-attention layer (real tokens
+only, no block padding). The sampler's randomness is a function of the seed and the output
+position (engine/sampler.py), so the seed is all of it that travels. Import checks version,
+fingerprint (architecture, cache dtype and weights), token counts, vocabulary, logprobs, seed,
+shapes and dtypes, and refuses any mismatch.
 """
 
 import dataclasses
@@ -19,9 +21,9 @@ from safetensors.torch import load, save
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 
-VERSION = 2
-# the state tensor of a CPU torch.Generator (mt19937): uint8 [5056]
-RNG_STATE_NUMEL = torch.Generator().get_state().numel()
+# 3: the seed replaced the torch.Generator state (rng_state)
+VERSION = 3
+SEED_LIMIT = 2**64  # a sequence's seed is an unsigned 64-bit integer
 
 
 def model_fingerprint(config: ModelConfig, dtype: torch.dtype, weights: str) -> str:
@@ -54,7 +56,7 @@ class RequestState:
     num_computed: int
     params: SamplingParams
     tensors: dict[str, torch.Tensor]  # conv, recurrent, key, value
-    rng_state: torch.Tensor  # the sequence's torch.Generator state
+    seed: int  # the sequence's sampling seed, in [0, 2**64)
     prompt: str | None = None
     # one {token id: logprob} per output token when params.logprobs is set, else empty
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -72,13 +74,11 @@ class RequestState:
             "output_token_ids": self.output_token_ids,
             "num_computed": self.num_computed,
             "params": dataclasses.asdict(self.params),
+            "seed": self.seed,
             "prompt": self.prompt,
             "output_logprobs": self.output_logprobs,
         }
-        tensors = {
-            **{k: v.contiguous().cpu() for k, v in self.tensors.items()},
-            "rng_state": self.rng_state,
-        }
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors.items()}
         return save(tensors, metadata={"qwen35_ray_request_state": json.dumps(header)})
 
     @classmethod
@@ -96,9 +96,6 @@ class RequestState:
             )
         rid = header.get("request_id")
         params = _params(rid, header.get("params"))
-        if "rng_state" not in tensors:
-            raise ValueError(f"RequestState of request {rid!r} has no rng_state tensor")
-        rng = tensors.pop("rng_state")
         try:
             logprobs = [{int(t): float(v) for t, v in d.items()} for d in header["output_logprobs"]]
             state = cls(
@@ -109,7 +106,7 @@ class RequestState:
                 _integer("num_computed", header["num_computed"]),
                 params,
                 tensors,
-                rng,
+                _integer("seed", header["seed"]),
                 header["prompt"],
                 logprobs,
             )
@@ -148,7 +145,11 @@ class RequestState:
                 f"entries for {len(out)} output tokens with logprobs={self.params.logprobs}; "
                 f"expected {want}"
             )
-        self._check_rng()
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(
+                f"RequestState of request {rid!r} has seed={self.seed}; a sequence's seed is in "
+                "[0, 2**64)"
+            )
         self._check_tensors(config, dtype)
 
     def _check_fingerprint(self, want: str) -> None:
@@ -163,22 +164,6 @@ class RequestState:
             f"RequestState of request {self.request_id!r} comes from {what} (fingerprint "
             f"{self.fingerprint}, here {want}); prefill and decode replicas must {fix}"
         )
-
-    def _check_rng(self) -> None:
-        r = self.rng_state
-        if r.dtype != torch.uint8 or tuple(r.shape) != (RNG_STATE_NUMEL,):
-            raise ValueError(
-                f"RequestState of request {self.request_id!r}: rng_state is {r.dtype} "
-                f"{tuple(r.shape)}, expected torch.uint8 ({RNG_STATE_NUMEL},)"
-            )
-        # set_state also checks the mt19937 contents, so import cannot fail on it later
-        try:
-            torch.Generator().set_state(r.cpu())
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(
-                f"RequestState of request {self.request_id!r}: rng_state is not a valid "
-                f"torch.Generator state ({e})"
-            ) from e
 
     def _check_tensors(self, config: ModelConfig, dtype: torch.dtype) -> None:
         c, L = config, self.num_computed

@@ -1,5 +1,10 @@
-"""Sampler: penalties, temperature, top-k / top-p / min-p, and a draw from each sequence's own
-generator, so a seeded request samples the same tokens whatever else shares its batch.
+"""Sampler: penalties, temperature, top-k / top-p / min-p, and a draw from a generator of the
+row's own, so a seeded request samples the same tokens whatever else shares its batch.
+
+The randomness is stateless: the draw for a sequence's output token number t comes from a fresh
+generator seeded with token_seed(seed, t). Nothing but (seed, t) decides it, so a request
+resumed on another engine from the tokens it already has draws exactly what it would have
+drawn here, and no generator state travels with a row or a moved request.
 
 Legend: B = sequences sampling in this step, V = vocabulary.
 """
@@ -8,12 +13,30 @@ import logging
 
 import torch
 
-from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.executor import SampleRow
 
 log = logging.getLogger(__name__)
 
+MASK64 = 2**64 - 1
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+
+def _splitmix64(x: int) -> int:
+    """One step of splitmix64 (Steele et al.): a bijection of 64-bit integers that scatters
+    nearby inputs over the whole range."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def token_seed(seed: int, position: int) -> int:
+    """The generator seed of the draw for output token number `position` of a sequence seeded
+    with `seed`: a 64-bit mix of both, so neighbouring seeds and positions get unrelated
+    streams (seed + i is output i of n)."""
+    return _splitmix64(_splitmix64(seed & MASK64) ^ position)
+
+
+def apply_penalties(logits: torch.Tensor, seq: SampleRow) -> torch.Tensor:
     p = seq.params
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(seq.prompt_token_ids + seq.output_token_ids)))
@@ -46,7 +69,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], allowed: torch.Tensor | None = None
+    logits: torch.Tensor, seqs: list[SampleRow], allowed: torch.Tensor | None = None
 ) -> tuple[list[int | None], list[dict | None]]:
     """logits [B, V] fp32 -> one token per sequence, and its logprobs when asked for.
     allowed: the same logits with the tokens each sequence's grammar forbids at -inf; logprobs
@@ -70,7 +93,7 @@ def sample(
     return tokens, logprobs
 
 
-def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
+def _sample_row(row: torch.Tensor, seq: SampleRow) -> int:
     """row [V], a copy this function may change."""
     p = seq.params
     if p.logit_bias:
@@ -86,7 +109,8 @@ def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
     if not (probs.isfinite().all() and total > 0):
         # vLLM's fallback for a distribution that overflowed or was filtered away entirely
         return int(row.argmax())
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    generator = torch.Generator().manual_seed(token_seed(seq.seed, seq.position))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _add_bias(row: torch.Tensor, bias: dict[int, float]) -> None:

@@ -4,8 +4,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from qwen35_ray.engine.sampling_params import SamplingParams
 
 
@@ -21,7 +19,8 @@ class Sequence:
     index: int  # which of the request's n outputs
     prompt_token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    # its draws use sampler.token_seed(seed, output position): a fresh generator per token
+    seed: int
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV / GDN state is in the cache

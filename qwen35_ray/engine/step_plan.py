@@ -25,14 +25,17 @@ class Plan:
     scheduled: list[Scheduled]
     batch: StepBatch
     failed: set[int]  # chunk indices whose row could not be prepared (the thinking budget)
+    # sequences computing one token on top of their state (as ForwardBatch counts decodes)
+    num_decodes: int = 0
 
 
 def plan_step(
     scheduled: list[Scheduled], structured: StructuredOutputs, think: ThinkTokens | None
 ) -> Plan:
-    batch, failed = StepBatch(), set()
+    batch, failed, decodes = StepBatch(), set(), 0
     for i, s in enumerate(scheduled):
         seq = s.seq
+        decodes += s.num_new == 1 and seq.num_computed > 0
         if s.restore is not None:
             batch.restores.append((s.restore, seq.slot))
         batch.chunks.append(SeqChunk(seq.num_computed, s.num_new, seq.slot, seq.block_table))
@@ -42,11 +45,11 @@ def plan_step(
             row = sample_row(seq, think)
             if row is None:
                 failed.add(i)
-                row = SampleRow(seq.request_id, seq.params, seq.generator)
+                row = SampleRow(seq.request_id, seq.params, seq.seed, len(seq.output_token_ids))
             batch.rows.append(row)
     # grammar masks depend only on tokens already sampled: filled while the model runs
     batch.masks = structured.start_fill([scheduled[i].seq.grammar for i in batch.sampling])
-    return Plan(scheduled, batch, failed)
+    return Plan(scheduled, batch, failed, decodes)
 
 
 def sample_row(seq: Sequence, think: ThinkTokens | None) -> SampleRow | None:
@@ -62,7 +65,8 @@ def sample_row(seq: Sequence, think: ThinkTokens | None) -> SampleRow | None:
     return SampleRow(
         seq.request_id,
         p,
-        seq.generator,
+        seq.seed,
+        len(seq.output_token_ids),
         list(seq.prompt_token_ids) if p.repetition_penalty != 1.0 else [],
         list(seq.output_token_ids) if penalised else [],
         forced,

@@ -183,6 +183,29 @@ def test_state_prefilled_in_one_process_continues_on_a_rank(tiny_ep1, tiny_ep2):
     assert tokens(done)["moved"] == expected
 
 
+def test_a_request_resumed_on_the_group_equals_the_uninterrupted_one(tiny_ep1, tiny_ep2):
+    """Seeded, with logprobs: its first 4 tokens from the single-process engine, the rest
+    drawn on a rank from the seed and each token's position, as they were drawn there."""
+    ids = prompt(60, 800, tiny_ep1.config.vocab_size)
+    params = SamplingParams(
+        temperature=0.8, top_p=0.95, seed=9, max_tokens=12, ignore_eos=True, logprobs=1
+    )
+    whole = run(tiny_ep1, {"whole": (ids, params)})["whole"].outputs[0]
+    tiny_ep2.add_request(
+        "again",
+        ids,
+        params,
+        resume_token_ids=whole.token_ids[:4],
+        resume_logprobs=whole.logprobs[:4],
+    )
+    again = run(tiny_ep2, {})["again"].outputs[0]
+    assert again.token_ids == whole.token_ids and again.text == whole.text
+    flat = lambda steps: [v for d in steps for v in d.values()]
+    assert [list(d) for d in again.logprobs] == [list(d) for d in whole.logprobs]
+    assert flat(again.logprobs) == pytest.approx(flat(whole.logprobs), abs=1e-4)
+    assert tiny_ep2.load_stats()["decode_steps_total"] > 0
+
+
 def run_all(engine) -> list:
     outs = []
     while engine.has_unfinished():

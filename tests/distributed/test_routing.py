@@ -23,7 +23,7 @@ class Rank:
         self.config = self.tokenizer = self.dtype = self.max_model_len = None
         self.fingerprint = self.generation_defaults = self.eos_token_ids = None
 
-    def add_request(self, request_id, ids, params, prompt=None, prefill_only=False):
+    def add_request(self, request_id, ids, params, *rest):
         self.scheduler.waiting.append(request_id)
 
 

@@ -112,7 +112,7 @@ def test_round_trip_through_bytes_keeps_everything(setup):
     )
     back = RequestState.from_bytes(state.to_bytes())
     assert back.params == state.params and back.output_token_ids == state.output_token_ids
-    assert torch.equal(back.rng_state, state.rng_state)
+    assert back.seed == state.seed
     for k, v in state.tensors.items():
         assert torch.equal(back.tensors[k], v)
 
@@ -218,15 +218,8 @@ REFUSALS = {
         "1 logprobs entries",
     ),
     "n": (lambda s: changed(s, params=dataclasses.replace(s.params, n=2)), "n=2"),
-    "rng_dtype": (
-        lambda s: changed(s, rng_state=s.rng_state.to(torch.int32)),
-        "rng_state is torch.int32",
-    ),
-    "rng_length": (lambda s: changed(s, rng_state=s.rng_state[:-1]), r"rng_state .*\(5055,\)"),
-    "rng_contents": (
-        lambda s: changed(s, rng_state=torch.zeros_like(s.rng_state)),
-        "not a valid torch.Generator state",
-    ),
+    "seed_negative": (lambda s: changed(s, seed=-1), r"seed=-1; .* in \[0, 2\*\*64\)"),
+    "seed_wide": (lambda s: changed(s, seed=2**64), r"seed=18446744073709551616"),
 }
 
 
@@ -249,8 +242,7 @@ def rewritten(state: RequestState, edit) -> bytes:
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["qwen35_ray_request_state"])
     edit(header)
-    tensors = {**state.tensors, "rng_state": state.rng_state}
-    return save_blob(tensors, metadata={"qwen35_ray_request_state": json.dumps(header)})
+    return save_blob(state.tensors, metadata={"qwen35_ray_request_state": json.dumps(header)})
 
 
 @pytest.mark.parametrize(
@@ -260,9 +252,19 @@ def rewritten(state: RequestState, edit) -> bytes:
         (lambda h: h["params"].update(bogus=1), "params has unknown field 'bogus'"),
         (lambda h: h.update(num_computed="20"), "num_computed must be an integer"),
         (lambda h: h.update(output_logprobs=[{"x": 0.0}]), "malformed header"),
-        (lambda h: h.update(version=1), "version 1 is not 2"),
+        (lambda h: h.update(seed="5"), "seed must be an integer"),
+        (lambda h: h.pop("seed"), "malformed header"),
+        (lambda h: h.update(version=2), "version 2 is not 3"),
     ],
-    ids=["params_range", "params_unknown", "num_computed_type", "logprobs_key", "version"],
+    ids=[
+        "params_range",
+        "params_unknown",
+        "num_computed_type",
+        "logprobs_key",
+        "seed_type",
+        "seed_missing",
+        "version",
+    ],
 )
 def test_a_malformed_wire_state_is_a_value_error(importer, edit, message):
     _, state = importer

@@ -3,7 +3,6 @@
 the whole budget. Pure scheduler, no model: each step is applied as the engine would."""
 
 import pytest
-import torch
 
 from qwen35_ray.engine.block_manager import CacheManager
 from qwen35_ray.engine.sampling_params import SamplingParams
@@ -22,7 +21,7 @@ def scheduler(threshold=None, prefix_caching=False) -> Scheduler:
 
 def seq(rid: str, n: int) -> Sequence:
     params = SamplingParams(max_tokens=10_000, ignore_eos=True)
-    return Sequence(rid, 0, list(range(n)), params, torch.Generator())
+    return Sequence(rid, 0, list(range(n)), params, seed=0)
 
 
 def step(s: Scheduler) -> dict[str, int]:
