@@ -75,7 +75,9 @@ def test_compiled_decode_of_one_token_prompt_alone(setup):
     requests = {"one": ([7], SamplingParams(max_tokens=5, **GREEDY))}
     got = tokens(run(compiled, requests))
     assert (
-        compiled.executor.runner.compiled_decode.steps[0] == sum(compiled.executor.runner.compiled_decode.steps) == 4
+        compiled.executor.runner.compiled_decode.steps[0]
+        == sum(compiled.executor.runner.compiled_decode.steps)
+        == 4
     )
     assert got["one"] == hf_greedy(ref, [7], 5)
     assert compiled.cache_manager.is_empty
