@@ -44,7 +44,8 @@ class AsyncEngine:
         """A consistent snapshot of the queues, the cache and the counters (LLMEngine.load_stats:
         tokens, and steps_total, step_seconds_total, decode_steps_total,
         decode_step_seconds_total of the busy step thread), safe to call while a step runs.
-        `waiting` and `waiting_prompt_tokens` include adds and imports not yet applied."""
+        `waiting`, `waiting_prompt_tokens` and `pending_prompt_tokens` (every token still to
+        prefill) include adds and imports not yet applied."""
         with self._lock:
             stats = dict(self._stats)
             queued = [c for c in self._pending + self._applying if c[0] != "abort"]
@@ -52,6 +53,7 @@ class AsyncEngine:
             n, prompt = (arg[2].n, arg[1]) if kind == "add" else (1, arg.prompt_token_ids)
             stats["waiting"] += n
             stats["waiting_prompt_tokens"] += n * len(prompt)
+            stats["pending_prompt_tokens"] += n * len(prompt)
         return stats
 
     def _snapshot(self) -> dict:

@@ -280,6 +280,13 @@ class LLMEngine:
             "running": len(sch.running),
             "waiting": len(sch.waiting),
             "waiting_prompt_tokens": sum(len(s.prompt_token_ids) for s in sch.waiting),
+            # every token still to prefill: waiting sequences whole (a resumed or preempted one
+            # with its outputs), running ones the rest of their prompt (what TTFT waits for)
+            "pending_prompt_tokens": sum(
+                s.num_tokens - s.num_computed
+                for s in (*sch.waiting, *sch.running)
+                if s.num_tokens - s.num_computed > 1
+            ),
             "state_slots_total": cm.slots.size,
             "state_slots_free": cm.slots.num_free,
             "kv_blocks_total": cm.blocks.size,

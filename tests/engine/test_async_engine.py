@@ -222,8 +222,12 @@ def test_stats_count_queued_and_running_requests(setup):
 
     queued, during, after = asyncio.run(main())
     assert (queued["waiting"], queued["waiting_prompt_tokens"]) == (3, 39)
+    assert queued["pending_prompt_tokens"] == 39
     assert (during["running"], during["waiting"], during["waiting_prompt_tokens"]) == (1, 2, 30)
+    # a is prefilled (it sampled its first token): only b and c remain to prefill
+    assert during["pending_prompt_tokens"] == 30
     assert after["running"] == after["waiting"] == after["waiting_prompt_tokens"] == 0
+    assert after["pending_prompt_tokens"] == 0
     assert after["state_slots_free"] == after["state_slots_total"] == 1
     assert after["kv_blocks_free"] == after["kv_blocks_total"]
     assert after["generation_tokens_total"] == 24

@@ -153,3 +153,16 @@ def test_state_slots_sized_from_a_memory_budget(setup):
     assert (shared.cache_manager.slots.size, shared.cache_manager.snapshot_slots.size) == (3, 3)
     with pytest.raises(ValueError, match="holds 1 GDN state slots .* one request needs 2"):
         make_engine(path, tok, state_memory_bytes=per_slot)
+
+
+def test_pending_prompt_tokens_count_the_rest_of_a_chunked_prefill(setup):
+    """A prompt part-way through its prefill still has its remaining tokens pending: what its
+    first token waits for, and what the prefill autoscaler reads."""
+    _, path, tok = setup
+    engine = make_engine(path, tok, max_num_batched_tokens=32, long_prefill_token_threshold=0)
+    engine.add_request("long", prompt(100, 5), SamplingParams(temperature=0, max_tokens=2))
+    assert engine.load_stats()["pending_prompt_tokens"] == 100
+    engine.step()  # the first 32-token chunk
+    stats = engine.load_stats()
+    assert (stats["running"], stats["waiting_prompt_tokens"]) == (1, 0)
+    assert stats["pending_prompt_tokens"] == 68
