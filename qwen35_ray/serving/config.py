@@ -63,6 +63,17 @@ class DeploymentConfig(BaseModel):
             raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
         return v
 
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v):
+        if v is not None:
+            # Serve drops unknown keys silently and a bad policy_kwarg only shows at the first
+            # policy tick; checked here, the deploy fails naming the key
+            from qwen35_ray.serving.autoscaling import check_autoscaling_config
+
+            check_autoscaling_config(v)
+        return v
+
     @model_validator(mode="after")
     def _one_of_replicas_or_autoscaling(self):
         if self.autoscaling_config is not None:

@@ -24,6 +24,7 @@ from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.source import resolve_model
+from qwen35_ray.serving.autoscaling import autoscaling_samples
 from qwen35_ray.serving.chat import (
     ChoiceParser,
     chat_logprobs,
@@ -232,6 +233,8 @@ class OpenAIIngress:
             for pool in ("PrefillServer", "DecodeServer"):
                 for stats in await replica_stats(pool):
                     found += samples(stats, {"pool": pool, "replica": stats.pop("replica")})
+        # replicas per pool and the policies' last decisions (serving/autoscaling.py)
+        found += await autoscaling_samples()
         return PlainTextResponse(render(found), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize", openapi_extra=request_body(TokenizeRequest))

@@ -36,8 +36,9 @@ from qwen35_ray.distributed.config import EPConfig
 from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed
 from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.serving.autoscaling_signals import AutoscalingSignals
 from qwen35_ray.serving.config import AppConfig
-from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items
+from qwen35_ray.serving.errors import EngineLost, OpenAIError, Overloaded, errors_as_items
 from qwen35_ray.serving.metrics import ExpertMetrics
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -52,7 +53,7 @@ DEAD_REPLICA_EXIT_S = 1.0
 RANK_CHECK_TIMEOUT_S = 2.0
 
 
-class LLMServer:
+class LLMServer(AutoscalingSignals):
     """Deployed by the builder; methods are called through a Serve handle."""
 
     def __init__(self, config: dict, pool: str = "llm_server"):
@@ -207,9 +208,7 @@ class LLMServer:
     def _engine_died(self):
         """The replica cannot serve anymore: say so (503), and leave so Serve replaces it."""
         self._exit_soon()
-        raise Overloaded(
-            "this replica's engine failed; retry the request", type="service_unavailable"
-        )
+        raise EngineLost("this replica's engine failed; retry the request")
 
     def _exit_soon(self) -> None:
         if not self._exiting and _in_replica():
