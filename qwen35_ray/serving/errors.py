@@ -83,3 +83,14 @@ class Overloaded(OpenAIError):
 
     def __init__(self, message: str, retry_after_s: int = 1, type: str = "server_overloaded"):
         super().__init__(message, 503, type, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineLost(Overloaded):
+    """The replica's engine died: a 503 for a client, and for the ingress a replica lost like
+    one whose process died, so it resumes the stream elsewhere (streams.guarded)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, type="service_unavailable")
+
+    def as_item(self) -> dict:
+        return {**super().as_item(), "lost": True}

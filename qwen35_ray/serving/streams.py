@@ -76,6 +76,10 @@ class _Progress:
         }
 
 
+class _EngineLost(Exception):
+    """A replica whose engine died ended the stream (errors.EngineLost): a replica lost."""
+
+
 class _Unavailable(Exception):
     """A resumed stream its replica refused (503) before any output: another may take it."""
 
@@ -97,8 +101,8 @@ async def guarded(
       another replica from the prompt plus what the client has (Migration.resume), up to
       Migration.limit times; a resume its replica refuses (503) counts as one of them. Serve's
       router reserves a slot on a replica before it sends a request, and drops a replica whose
-      reservation raises ActorDiedError, so a resume never lands on the lost replica. (A
-      replica whose engine died ends its streams with a 503 item itself, passed on as is.)
+      reservation raises ActorDiedError, so a resume never lands on the lost replica. A
+      replica whose engine died ends its streams with an EngineLost item and exits: lost too.
     - Otherwise, or after that, a 503: an error event when the stream has started.
     - An error item from the replica (errors.OpenAIError.as_item) is raised here.
     - Serve's own queue full (BackPressureError): a 503 with Retry-After.
@@ -117,6 +121,9 @@ async def guarded(
             async for step in stream:
                 if "error" in step:
                     ended = True
+                    # the replica's engine died: its process is about to go, as good as lost
+                    if step.get("lost"):
+                        raise _EngineLost(step["error"]["message"])
                     # a resume refused (overloaded): another replica may take it
                     if resume is not None and not sent and step["error"]["code"] == 503:
                         raise _Unavailable(step["error"]["message"])
@@ -132,7 +139,7 @@ async def guarded(
             if resume is None:
                 raise Overloaded("the server is overloaded; retry later") from None
             lost: Exception = _Unavailable("Serve's queue is full")
-        except (*REPLICA_LOST, _Unavailable) as e:
+        except (*REPLICA_LOST, _EngineLost, _Unavailable) as e:
             # an unreachable replica may still be running the request
             ended = not isinstance(e, ActorUnavailableError)
             lost = e

@@ -105,23 +105,22 @@ def test_an_idle_rank_dies_and_a_new_group_serves(url):
     assert len(alive("LLMServer")) == 1
 
 
-def test_a_rank_dies_under_streams_and_none_hangs(url):
+def test_a_rank_dies_under_streams_and_they_resume_on_the_new_group(url):
+    """The dead group's streams are resumed (migration) on the group Serve starts in its
+    place, and each text is what an uninterrupted request gives: none repeated or missing."""
     wait_served(url)
-    c = client(url)
+    c = client(url, timeout=REPLACED_WITHIN_S)
     progress = [0] * 4
+    texts = [""] * 4
     results: list = [None] * 4
+    prompts = [list(range(20 + i, 60 + i)) for i in range(4)]
+    kw = dict(model=MODEL, temperature=0, max_tokens=200, extra_body={"ignore_eos": True})
 
     def stream(i):
         try:
-            for ev in c.completions.create(
-                model=MODEL,
-                prompt=list(range(20 + i, 60 + i)),
-                stream=True,
-                temperature=0,
-                max_tokens=600,
-                extra_body={"ignore_eos": True},
-            ):
+            for ev in c.completions.create(prompt=prompts[i], stream=True, **kw):
                 progress[i] += len(ev.choices)
+                texts[i] += "".join(ch.text for ch in ev.choices)
             results[i] = "done"
         except openai.APIError as e:
             results[i] = e
@@ -133,14 +132,11 @@ def test_a_rank_dies_under_streams_and_none_hangs(url):
             time.sleep(0.1)
         assert min(progress) >= 3, "the streams did not start"
         replicas, ranks = kill_a_rank()
-        start = time.monotonic()
+        wait_gone(replicas, ranks)
         for f in futures:
-            # the client's own timeout (60 s) is far beyond this: an end here is the server's
-            f.result(timeout=GONE_WITHIN_S + 10)
-        ended = time.monotonic() - start
-    assert ended < GONE_WITHIN_S + 10
-    for r in results:
-        assert isinstance(r, openai.APIError), results
-        assert "retry" in str(r) and "Traceback" not in str(r), r
-    wait_gone(replicas, ranks)
-    wait_served(url)
+            # bounded: a new group starts and the resumed streams finish within this
+            f.result(timeout=REPLACED_WITHIN_S + 60)
+    assert results == ["done"] * 4, results
+    for i in range(4):
+        whole = c.completions.create(prompt=prompts[i], **kw).choices[0].text
+        assert texts[i] == whole

@@ -214,3 +214,23 @@ def test_n_above_1_is_not_migrated():
     with pytest.raises(OpenAIError) as e:
         asyncio.run(main())
     assert e.value.status == 503 and d.counters["migrations_total"] == 0
+
+
+def test_a_replica_whose_engine_died_is_lost_too():
+    """Its EngineLost item (a 503 for a client) makes the ingress resume the stream elsewhere;
+    a plain 503 item from a replica is passed on as the error it is."""
+    from qwen35_ray.serving.errors import EngineLost
+
+    counters = Counter()
+    dead = EngineLost("this replica's engine failed; retry the request").as_item()
+    first = plan(delta([1], "a"), dead)
+    resumes = Resumes([delta([2], "b", finish="length")])
+    steps = run(guarded(lambda: first, 1, counters, migration=Migration(resumes, limit=3)))
+    assert text_of(steps) == "ab"
+    assert resumes.given[0]["token_ids"] == [1]
+    assert counters["migrations_total"] == 1
+    full = Overloaded("the server is overloaded; retry later").as_item()
+    with pytest.raises(OpenAIError) as e:
+        run(guarded(lambda: plan(delta([1], "a"), full), 1, Counter(),
+                    migration=Migration(Resumes(), limit=3)))  # fmt: skip
+    assert e.value.status == 503
