@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     from qwen35_ray.bench.timing import machine_info, write_report
 
     args = parser().parse_args(argv)
+    # before the run: the commit measured is the one checked out when it started
+    machine = machine_info("cpu")
     if args.out and not args.no_plot:
         from qwen35_ray.bench.autoscale_plot import require_matplotlib
 
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         report["decisions"] = watch.decision_log() if connected else []
     report["config"] = str(args.start_yaml) if args.start_yaml else None
     report["command"] = "qwen35-ray bench autoscale " + " ".join(argv or [])
-    report["machine"] = machine_info("cpu")
+    report["machine"] = machine
     write_report(args.out, report)
     print(markdown_table(report))
     if args.out and not args.no_plot:

@@ -55,7 +55,7 @@ def _replicas(ax, report: dict) -> None:
                     label=f"{pool} running + starting")  # fmt: skip
         if any(pool in s.get("desired", {}) for s in samples):
             want = [s.get("desired", {}).get(pool, float("nan")) + dy for s in samples]
-            ax.step(t, want, where="post", color=color, lw=1, ls=":",
+            ax.step(t, want, where="post", color=color, lw=1, ls="-.",
                     label=f"{pool} policy's desired")  # fmt: skip
     # the policies' decisions (from the controller log): a change is asked for here, and the
     # solid line shows when the replica started or stopped

@@ -55,8 +55,9 @@ def engine_pools(deployments) -> list[str]:
 
 class ReplicaWatch:
     """A sample of every pool's replica count each `period` seconds, on a thread, from
-    serve.status() (connected) or /metrics (not); /metrics also gives the policies' decisions
-    when the app publishes them, and is not asked again once it showed it does not."""
+    serve.status() (connected) or /metrics (not). Connected, a second thread reads the
+    policies' decisions from /metrics, so a slow /metrics under load does not delay the
+    counts; it stops once /metrics answered without them (an app that does not publish them)."""
 
     def __init__(self, url: str, app: str, connected: bool, period: float = 1.0):
         self.url, self.app, self.connected, self.period = url, app, connected, period
@@ -64,7 +65,7 @@ class ReplicaWatch:
         # the bench's clock starts here; t0_unix places log lines (wall clock) on it
         self.t0, self.t0_unix = time.monotonic(), time.time()
         self.samples: list[dict] = []
-        self._metrics = True
+        self._decisions: dict = {}
         self._stopped = threading.Event()
         self._take()
         if not self.samples[-1]["running"]:
@@ -77,8 +78,11 @@ class ReplicaWatch:
                     "(e.g. auto) to read serve.status() from the cluster"
                 )
             )
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, daemon=True)]
+        if connected:
+            self._threads.append(threading.Thread(target=self._poll_decisions, daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def latest(self) -> dict[str, int]:
         return dict(self.samples[-1]["running"])
@@ -86,7 +90,8 @@ class ReplicaWatch:
     def stop(self) -> list[dict]:
         if not self._stopped.is_set():
             self._stopped.set()
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
         return self.samples
 
     def _run(self):
@@ -95,6 +100,24 @@ class ReplicaWatch:
                 self._take()
             except Exception as e:  # a missed sample leaves a gap, the bench goes on
                 print(f"[bench autoscale] replica sample failed: {e}", flush=True)
+
+    def _metrics(self, timeout: float) -> dict | None:
+        """/metrics parsed (parse_metrics), but for the ingress; None when it did not answer."""
+        try:
+            text = requests.get(self.url + "/metrics", timeout=timeout).text
+        except requests.RequestException:
+            return None
+        found = parse_metrics(text)
+        return {k: {p: n for p, n in v.items() if "Ingress" not in p} for k, v in found.items()}
+
+    def _poll_decisions(self):
+        while not self._stopped.is_set():
+            found = self._metrics(timeout=10)
+            if found is not None:
+                if not {"desired", "decision"} & set(found):
+                    return
+                self._decisions = {k: found[k] for k in ("desired", "decision") if k in found}
+            self._stopped.wait(self.period)
 
     def _take(self):
         sample: dict = {"t": time.monotonic() - self.t0, "running": {}, "starting": {}}
@@ -107,18 +130,9 @@ class ReplicaWatch:
                           .replica_states.items()}  # fmt: skip
                 sample["running"][pool] = states.get("RUNNING", 0)
                 sample["starting"][pool] = states.get("STARTING", 0)
-        if self._metrics:
-            try:
-                text = requests.get(self.url + "/metrics", timeout=2).text
-            except requests.RequestException:
-                text = ""
-            found = parse_metrics(text)
-            if self.connected and not {"desired", "decision"} & set(found):
-                self._metrics = False
-            for key, value in found.items():
-                if key in ("running", "starting") and self.connected:
-                    continue
-                sample[key] = {p: v for p, v in value.items() if "Ingress" not in p}
+            sample.update(self._decisions)
+        else:
+            sample.update(self._metrics(timeout=5) or {})
         self.samples.append(sample)
 
     def decision_log(self) -> list[dict]:
