@@ -23,6 +23,7 @@ class SignalMeter:
         # the last measured prefill throughput: an interval with no prefill keeps it, so a
         # queue that forms after a quiet spell is priced at once
         self._prefill_rate = 0.0
+        self._itl = 0.0
 
     def update(self, stats: dict, now: float) -> dict[str, float]:
         itl = 0.0
@@ -36,7 +37,12 @@ class SignalMeter:
                 self._prefill_rate = computed / busy
             if "decode_steps_total" in stats:
                 steps = delta("decode_steps_total")
-                itl = delta("decode_step_seconds_total") / steps if steps > 0 else 0.0
+                if steps > 0:
+                    itl = self._itl = delta("decode_step_seconds_total") / steps
+                elif stats["running"] > 0:
+                    # sequences run but none decoded in this interval (a long prefill step):
+                    # the last measured ITL, not a 0 that would pull the window's mean down
+                    itl = self._itl
             elif (generated := delta("generation_tokens_total")) > 0:
                 # each running sequence gains one token per step
                 itl = wall * max(stats["running"], 1) / generated

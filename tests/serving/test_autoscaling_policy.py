@@ -344,10 +344,15 @@ def test_signals_from_engine_counters_differenced_between_readings():
     assert s["queued_prompt_tokens"] == 6000
     assert s["kv_block_occupancy"] == 0.75 and s["slot_occupancy"] == 1.5
     # an interval without prefill keeps the throughput last measured
+    # and one where sequences run but none decoded (a long prefill step) the ITL last measured:
+    # a 0 there would pull the window's mean below what clients see
     quiet = meter.update({**busy, "step_seconds_total": 2.0, "decode_steps_total": 40}, 13.0)
-    assert quiet["prefill_tokens_per_second"] == 2000 and quiet["itl_seconds"] == 0
+    assert quiet["prefill_tokens_per_second"] == 2000 and quiet["itl_seconds"] == 0.025
     pending = meter.update({**busy, "pending_prompt_tokens": 9000}, 14.0)
     assert pending["queued_prompt_tokens"] == 9000
+    # idle: nothing runs, nothing waits for a token
+    idle = meter.update({**busy, "running": 0, "step_seconds_total": 2.0}, 15.0)
+    assert idle["itl_seconds"] == 0
 
 
 def test_signals_before_the_engine_counts_steps():
