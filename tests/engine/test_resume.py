@@ -10,21 +10,13 @@ import json
 import jsonschema
 import pytest
 from engine_fixtures import prompt
+from json_schemas import PERSON
 
 from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.errors import RequestError
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
-    },
-    "required": ["name", "age"],
-}
 FREE = dict(max_tokens=32, ignore_eos=True)
 SEEDED = dict(
     temperature=0.8,

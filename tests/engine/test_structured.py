@@ -10,22 +10,13 @@ import json
 import jsonschema
 import pytest
 from engine_fixtures import run
-from json_schemas import SCHEMAS
+from json_schemas import PERSON, SCHEMAS
 
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
 
 NAME = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
-    },
-    "required": ["name", "age"],
-}
 
 
 def new_engine() -> LLMEngine:

@@ -5,6 +5,7 @@ a replica killed under load, is tested in test_disaggregated.py."""
 import asyncio
 
 import pytest
+from fake_handles import Pool
 from ray.exceptions import ActorUnavailableError
 
 from qwen35_ray.serving.config import DisaggregationConfig
@@ -69,22 +70,6 @@ def test_lost_after_admission_before_output_is_retried():
     out = run(d, streams([admitted, LOST], [{**admitted, "replica": "b"}, {"outputs": [2]}]))
     assert out == [{"admitted": True}, {"admitted": True}, {"outputs": [2]}]
     assert d.counters["decode_retries_total"] == 1
-
-
-class Remote:
-    """A Serve handle method's `.remote`: awaitable, or a stream with stream=True."""
-
-    def __init__(self, fn):
-        self.remote = fn
-
-
-class Pool:
-    def __init__(self, **methods):
-        for name, fn in methods.items():
-            setattr(self, name, Remote(fn))
-
-    def options(self, stream=False):
-        return self
 
 
 FIRST = {"outputs": [{"index": 0, "token_ids": [7]}], "num_cached_tokens": 0}

@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 
 import pytest
+from fake_handles import Pool
 from ray.exceptions import ActorDiedError
 
 from qwen35_ray.serving.config import DisaggregationConfig
@@ -149,20 +150,6 @@ def test_lost_before_output_is_retried_from_the_start_not_resumed():
     counters = Counter()
     steps = run(guarded(lambda: next(calls), 1, counters, migration=Migration(resumes, 3)))
     assert text_of(steps) == "a" and resumes.given == [] and counters["retries_total"] == 1
-
-
-class Remote:
-    def __init__(self, fn):
-        self.remote = fn
-
-
-class Pool:
-    def __init__(self, **methods):
-        for name, fn in methods.items():
-            setattr(self, name, Remote(fn))
-
-    def options(self, stream=False):
-        return self
 
 
 def test_a_moved_request_resumes_after_the_prefill_token_on_a_decode_replica():

@@ -7,6 +7,17 @@ tokens (the engine writes JSON compact, with no free whitespace), and the output
 with "stop" well inside the tests' max_tokens.
 """
 
+# a person with bounded fields: the engine's structured-output and resume tests
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+}
+
 # the parameters of a get_weather tool, shared by the tool-call tests
 WEATHER_ARGS = {
     "type": "object",
