@@ -319,8 +319,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qwen35_ray.bench.autoscale_watch import NoReplicaCounts, ReplicaWatch, connect, serve_yaml
     from qwen35_ray.bench.timing import machine_info, write_report
+    from qwen35_ray.serving.autoscale_watch import (
+        NoReplicaCounts,
+        ReplicaWatch,
+        connect,
+        serve_yaml,
+    )
 
     args = parser().parse_args(argv)
     # before the run: the commit measured is the one checked out when it started

@@ -414,7 +414,7 @@ class LLMEngine:
         outs = [
             CompletionOutput(
                 s.index,
-                _exposed_text(s),
+                s.exposed_text(),
                 list(s.output_token_ids),
                 list(s.output_logprobs) if s.params.logprobs is not None else None,
                 s.finish_reason,
@@ -435,19 +435,3 @@ def _seed(params: SamplingParams, index: int) -> int:
         return random.getrandbits(63)
     # output i of n draws from seed + i, wrapped to 64 bits
     return (params.seed + index) % 2**64
-
-
-def _exposed_text(seq: Sequence) -> str:
-    """The text an output shows. While it runs, a tail that could still begin a stop string is
-    held back (at most the longest stop less one character), so the text shown only grows and
-    the finished text, cut before its stop string, starts with everything shown before."""
-    text = seq.text
-    if seq.is_finished or not seq.params.stop:
-        return text
-    held = 0
-    for stop in seq.params.stop:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return text[: len(text) - held]

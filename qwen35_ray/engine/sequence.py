@@ -51,3 +51,19 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def exposed_text(self) -> str:
+        """The text an output shows. While it runs, a tail that could still begin a stop string
+        is held back (at most the longest stop less one character), so the text shown only
+        grows and the finished text, cut before its stop string, starts with everything shown
+        before."""
+        text = self.text
+        if self.is_finished or not self.params.stop:
+            return text
+        held = 0
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, len(text)), held, -1):
+                if text.endswith(stop[:k]):
+                    held = k
+                    break
+        return text[: len(text) - held]

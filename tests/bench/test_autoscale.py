@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from qwen35_ray.bench import autoscale
-from qwen35_ray.bench.autoscale_watch import engine_pools, parse_decision, parse_metrics
+from qwen35_ray.serving.autoscale_watch import engine_pools, parse_decision, parse_metrics
 
 
 def args(*argv):
