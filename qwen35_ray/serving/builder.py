@@ -4,7 +4,10 @@
 - build_pd_app: disaggregated (ingress + a PrefillServer pool + a DecodeServer pool).
 """
 
+import logging
+
 import pydantic
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -17,6 +20,8 @@ from qwen35_ray.serving.routing import FreeSlotsRouter, PrefixAffinityRouter
 # how often replicas report slots, blocks and queues to the routers
 ROUTING_STATS_PERIOD_S = 1.0
 
+logger = logging.getLogger(__name__)
+
 
 def parse_args(args: dict | None) -> AppConfig:
     try:
@@ -28,6 +33,33 @@ def parse_args(args: dict | None) -> AppConfig:
         raise ValueError("invalid qwen35-ray app args:\n" + "\n".join(lines)) from None
 
 
+def warn_unplaceable(cfg: AppConfig, pools: tuple[str, ...]) -> list[str]:
+    """A pool pinned to a resource no node of the cluster has yet waits for such a node (an
+    autoscaling cluster may add one); say so at deploy time rather than leave a replica pending
+    without a word. Returns the warnings."""
+    if not ray.is_initialized():
+        return []
+    have = ray.cluster_resources()
+    out = []
+    for pool in pools:
+        for name in getattr(cfg, pool).placement():
+            if name in have:
+                continue
+            how = (
+                "a node with that GPU type"
+                if name.startswith("accelerator_type:")
+                else f"a node advertising it (ray start --resources='{{\"{name}\": 100}}', or "
+                "a KubeRay worker group's resources)"
+            )
+            out.append(
+                f"{pool} asks for resource {name!r}, which no node of this cluster has: its "
+                f"replicas stay pending until {how} joins"
+            )
+    for line in out:
+        logger.warning(line)
+    return out
+
+
 def _without_key(cfg: AppConfig) -> dict:
     """The engine replicas' args: they check no key, and the dashboard shows init args. The
     ingress gets the key as a SecretStr (masked in reprs); api_key_env / api_key_file keep it
@@ -37,6 +69,7 @@ def _without_key(cfg: AppConfig) -> dict:
 
 def build_app(args: dict | None = None) -> serve.Application:
     cfg = parse_args(args)
+    warn_unplaceable(cfg, ("ingress", "llm_server"))
     # each engine replica is told its pool, whose `engine` settings it runs (AppConfig.engine_for)
     llm = serve.deployment(LLMServer, name="LLMServer", **cfg.serve_options("llm_server")).bind(
         _without_key(cfg), "llm_server"
@@ -48,6 +81,7 @@ def build_app(args: dict | None = None) -> serve.Application:
 
 def build_pd_app(args: dict | None = None) -> serve.Application:
     cfg = parse_args(args)
+    warn_unplaceable(cfg, ("ingress", "prefill_server", "decode_server"))
     raw = _without_key(cfg)
     prefill_router = RequestRouterConfig(
         request_router_class=PrefixAffinityRouter,

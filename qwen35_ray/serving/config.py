@@ -29,9 +29,16 @@ EP_HEALTH_CHECK_TIMEOUT_S = 5.0
 MIN_BUNDLE_CPU = 0.01
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+# resources a pool names with its own keys (num_cpus, num_gpus, accelerator_type), or Ray's own
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+RESERVED_PREFIXES = ("accelerator_type:",)
+# what a replica asks of its accelerator-type resource (Ray's own figure for accelerator_type)
+ACCELERATOR_TYPE_AMOUNT = 0.001
+
+
+def _bundle(cpus: float, gpus: float, extra: dict[str, float] | None = None) -> dict[str, float]:
     bundle = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
-    return bundle or {"CPU": MIN_BUNDLE_CPU}
+    return {**(bundle or {"CPU": MIN_BUNDLE_CPU}), **(extra or {})}
 
 
 class DeploymentConfig(BaseModel):
@@ -55,6 +62,42 @@ class DeploymentConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
     # how often a stopping replica checks whether its requests are done (Serve's default: 2 s)
     graceful_shutdown_wait_loop_s: float = Field(2.0, gt=0)
+    # pins the pool to nodes: Ray custom resources each replica asks for, e.g.
+    # {prefill_node: 0.01} on nodes started with --resources='{"prefill_node": 100}'
+    resources: dict[str, float] = Field(default_factory=dict)
+    # pins the pool to a GPU type, as Ray names it (H100, A100, L4, ...; a node reports its own
+    # as the resource accelerator_type:<type>)
+    accelerator_type: str | None = Field(None, min_length=1)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]):
+        for name, amount in v.items():
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"resource name {name!r} is empty or has surrounding spaces")
+            if name in RESERVED_RESOURCES or name.startswith(RESERVED_PREFIXES):
+                raise ValueError(
+                    f"resources: {name!r} is not a custom resource; use num_cpus, num_gpus or "
+                    "accelerator_type for CPUs, GPUs and GPU types"
+                )
+            if "bundle" in name:
+                raise ValueError(f"resources: {name!r}: Ray reserves names containing 'bundle'")
+            if not amount > 0:
+                raise ValueError(
+                    f"resources.{name}={amount:g} must be > 0 (a node pin asks for a small "
+                    "amount such as 0.01 of what the node advertises)"
+                )
+            if amount != round(amount, 4):
+                raise ValueError(f"resources.{name}={amount!r}: Ray counts in steps of 0.0001")
+        return v
+
+    def placement(self) -> dict[str, float]:
+        """The resources besides CPUs and GPUs that each replica (and, for an expert-parallel
+        pool, each of its ranks) reserves."""
+        out = dict(self.resources)
+        if self.accelerator_type is not None:
+            out[f"accelerator_type:{self.accelerator_type}"] = ACCELERATOR_TYPE_AMOUNT
+        return out
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -82,8 +125,13 @@ class DeploymentConfig(BaseModel):
 
     def options(self, max_ongoing: int, max_queued: int) -> dict:
         """Serve deployment options; max_ongoing / max_queued: the defaults of this pool."""
+        actor = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        if self.accelerator_type is not None:
+            actor["accelerator_type"] = self.accelerator_type
         out = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing_requests or max_ongoing,
             "max_queued_requests": (
                 max_queued if self.max_queued_requests is None else self.max_queued_requests
@@ -285,10 +333,14 @@ class AppConfig(BaseModel):
         if n > 1:
             # one placement group per replica: bundle 0 holds the replica actor itself (Serve
             # places it there and requires its ray_actor_options to fit), bundles 1..N its
-            # ranks; Serve removes the group, ranks included, with the replica
+            # ranks; Serve removes the group, ranks included, with the replica. A pin goes into
+            # every bundle, so that ranks spread over nodes (PACK, SPREAD) stay on pinned ones;
+            # the GPU type only into bundles with GPUs
+            pins, accel = dict(deployment.resources), deployment.placement()
             out["placement_group_bundles"] = [
-                _bundle(deployment.num_cpus, deployment.num_gpus),
-                *[_bundle(e.rank_num_cpus, e.rank_num_gpus)] * n,
+                _bundle(deployment.num_cpus, deployment.num_gpus, accel),
+                *[_bundle(e.rank_num_cpus, e.rank_num_gpus, accel if e.rank_num_gpus else pins)]
+                * n,
             ]
             out["placement_group_strategy"] = e.placement_strategy
             out["health_check_period_s"] = EP_HEALTH_CHECK_PERIOD_S
@@ -325,6 +377,21 @@ class AppConfig(BaseModel):
         given = [k for k in ("api_key", "api_key_env", "api_key_file") if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(f"set one of {', '.join(given)}, not several")
+        return self
+
+    @model_validator(mode="after")
+    def _accelerator_type_needs_gpus(self):
+        for name in ("ingress", *ENGINE_POOLS):
+            pool = getattr(self, name)
+            if pool.accelerator_type is None:
+                continue
+            ep = self.engine_for(name) if name in ENGINE_POOLS else None
+            rank_gpus = ep is not None and ep.expert_parallel_size > 1 and ep.rank_num_gpus > 0
+            if pool.num_gpus <= 0 and not rank_gpus:
+                raise ValueError(
+                    f"{name}.accelerator_type={pool.accelerator_type!r} pins a pool that uses "
+                    f"no GPU ({name}.num_gpus=0); give it GPUs or drop accelerator_type"
+                )
         return self
 
     @model_validator(mode="after")
