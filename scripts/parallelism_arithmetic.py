@@ -3,7 +3,7 @@
     python scripts/parallelism_arithmetic.py --config PATH/config.json \
         --nodes 2 --gpus-per-node 8 --ep 16 [--weights fp8] [--json]
 
-The arithmetic is qwen35_ray/bench/ep_plan.py; this prints it as the tables of
+The arithmetic is qwen35_ray/deploy/sizing.py; this prints it as the tables of
 docs/parallelism.md. Units: GiB/MiB/KiB (2**30, 2**20, 2**10 B) for memory; MB (1e6 B) for
 transfers; GB/s (1e9 B/s) for bandwidths.
 """
@@ -15,7 +15,7 @@ import textwrap
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from qwen35_ray.bench.ep_plan import GiB, Hardware, plan
+from qwen35_ray.deploy.sizing import GiB, Hardware, plan
 
 MiB, KiB = 2**20, 2**10
 LABELS = {

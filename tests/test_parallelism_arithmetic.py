@@ -1,4 +1,4 @@
-"""scripts/parallelism_arithmetic.py and qwen35_ray/bench/ep_plan.py: the numbers quoted in
+"""scripts/parallelism_arithmetic.py and qwen35_ray/deploy/sizing.py: the numbers quoted in
 docs/parallelism.md. The parameter list must be the model's own, tensor by tensor, and the
 397B figures must agree with arithmetic done here by hand."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from qwen35_ray.bench.ep_plan import Hardware, plan, text_tensors, vision_params
+from qwen35_ray.deploy.sizing import Hardware, plan, text_tensors, vision_params
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM

@@ -1,7 +1,7 @@
 """The arithmetic of an expert-parallel deployment, from a model's config.json alone: parameters
 counted tensor by tensor, weight bytes per GPU, KV and GDN state per sequence, sequences that
 fit, and the bytes one decode step moves between ranks. scripts/parallelism_arithmetic.py prints
-it; docs/parallelism.md explains it.
+it; docs/parallelism.md explains it; `qwen35-ray plan` (deploy/plan.py) lays a cluster out with it.
 
 Units: bytes and parameters as plain integers; seconds; bandwidths in GB/s (1e9 B/s).
 """
