@@ -330,3 +330,15 @@ def plan(raw: dict, hw: Hardware) -> dict:
         "cache": cache(c, raw, hw, gpu["cache_bytes"]),
         "all_to_all": all_to_all(c, hw),
     }
+
+
+def ep_sizes(nodes: int, gpus_per_node: int, num_experts: int) -> list[int]:
+    """The expert-parallel sizes a cluster divides into evenly, smallest first: within a node the
+    powers of two that divide gpus_per_node, and gpus_per_node itself; across nodes, groups of
+    whole nodes (k x gpus_per_node for k dividing nodes), so that no group straddles a node
+    boundary part-way. None above the routed experts per layer (each rank holds one at least); a
+    dense model has no experts to split: EP 1 only."""
+    G = gpus_per_node
+    within = [g for g in range(1, G + 1) if G % g == 0 and (g & (g - 1) == 0 or g == G)]
+    across = [k * G for k in range(2, nodes + 1) if nodes % k == 0]
+    return [ep for ep in within + across if ep == 1 or ep <= num_experts]
