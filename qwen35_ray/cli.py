@@ -1,6 +1,7 @@
 """The `qwen35-ray` command line."""
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -170,11 +171,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["offline", "kernels", "structured", "ep", "autoscale"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_bench)
+    for name, (_, text) in DELEGATED.items():
+        # listed for --help; main() hands their arguments to their own parsers
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+# commands with parsers of their own: name -> (module with main(argv), help)
+DELEGATED = {
+    "plan": (
+        "qwen35_ray.deploy.plan",
+        "size a deployment from a model config and the hardware; writes a Serve YAML and a "
+        "RayService (`plan -h`)",
+    ),
+    "k8s": (
+        "qwen35_ray.deploy.k8s_samples",
+        "render the KubeRay manifests in k8s/ from deployments/ (`k8s render -h`)",
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -53,3 +53,18 @@ def test_chat_answers_two_turns_and_exits(tmp_path):
         timeout=120,
     )
     assert result.stdout.count("> ") >= 3
+
+
+def test_plan_and_k8s_are_reached_through_the_command(tmp_path):
+    """`qwen35-ray plan` and `qwen35-ray k8s` hand their arguments to their own parsers."""
+    from pathlib import Path
+
+    from qwen35_ray.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    config = root.parent / "shared" / "data" / "qwen35" / "configs" / "Qwen3.5-35B-A3B.config.json"
+    out = tmp_path / "plan"
+    args = ["plan", "--model", str(config), "--nodes", "1", "--gpus-per-node", "8"]
+    assert main([*args, "--gpu-memory", "80GiB", "--out", str(out)]) == 0
+    assert (out / "serve.yaml").is_file() and (out / "rayservice.yaml").is_file()
+    assert main(["k8s", "render", "--check", "--root", str(root)]) == 0
