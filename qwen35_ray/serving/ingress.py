@@ -51,6 +51,8 @@ from qwen35_ray.serving.protocol import (
     TokenizeRequest,
 )
 from qwen35_ray.serving.request_body import parse_object, read_capped, validate
+from qwen35_ray.serving.responses import create_response
+from qwen35_ray.serving.responses_protocol import ResponsesRequest
 from qwen35_ray.serving.streams import Migration, guarded, sse, usage
 from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
@@ -346,6 +348,11 @@ class OpenAIIngress:
                     )
         if req.stream_options and req.stream_options.include_usage:
             yield chunk(rid, model, created, [], usage=usage(prompt_len, sum(counts)))
+
+    @app.post("/v1/responses", openapi_extra=request_body(ResponsesRequest))
+    async def responses(self, request: Request):
+        # translated into a chat request and served by the same pipeline (serving/responses.py)
+        return await create_response(self, await self._body(request, ResponsesRequest))
 
     @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(self, request: Request):
