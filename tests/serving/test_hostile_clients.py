@@ -209,10 +209,12 @@ def _request_bodies(url: str) -> dict[str, dict]:
 def _bounded(body):
     """Keep generation short: the fuzzer tests what the server accepts, not how long it talks."""
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and body[key] > 4:
                 body[key] = 4
         body.setdefault("max_tokens", 4)
+        # /v1/responses' name for it; the other routes ignore the field
+        body.setdefault("max_output_tokens", 4)
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
     return body
