@@ -20,9 +20,7 @@ from hypothesis import strategies as st
 from json_schemas import PERSON, WEATHER_ARGS
 from responses_events import check_event_order
 from schema_strategy import JSON, from_schema
-from serve_fixtures import running_app
-
-from qwen35_ray.cli import main as cli
+from serve_fixtures import tiny_app
 
 MODEL = "qwen35-tiny"
 QUESTION = "What is the weather in Paris?"
@@ -35,15 +33,7 @@ GREEDY = dict(temperature=0, max_output_tokens=12, extra_body={"ignore_eos": Tru
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    tiny = tmp_path_factory.mktemp("tiny")
-    cli(["make-tiny", str(tiny)])
-    args = {
-        "model": str(tiny),
-        "served_model_name": MODEL,
-        "dtype": "float32",
-        "engine": {"max_num_seqs": 8, "max_model_len": 2048, "kv_cache_memory_bytes": 2**26},
-    }
-    with running_app(args) as url:
+    with tiny_app(tmp_path_factory.mktemp("tiny"), MODEL) as url:
         yield url
 
 

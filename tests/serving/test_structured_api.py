@@ -14,9 +14,7 @@ import openai
 import pytest
 import requests
 from json_schemas import SCHEMAS, WEATHER_ARGS
-from serve_fixtures import running_app
-
-from qwen35_ray.cli import main as cli
+from serve_fixtures import tiny_app
 
 MODEL = "qwen35-tiny"
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -44,15 +42,7 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    tiny = tmp_path_factory.mktemp("tiny")
-    cli(["make-tiny", str(tiny)])
-    args = {
-        "model": str(tiny),
-        "served_model_name": MODEL,
-        "dtype": "float32",
-        "engine": {"max_num_seqs": 8, "max_model_len": 2048, "kv_cache_memory_bytes": 2**26},
-    }
-    with running_app(args) as url:
+    with tiny_app(tmp_path_factory.mktemp("tiny"), MODEL) as url:
         yield url
 
 

@@ -22,6 +22,22 @@ def running_app(args: dict, name: str = "qwen35"):
 
 
 @contextmanager
+def tiny_app(directory, served_model_name: str = "qwen35-tiny"):
+    """The collocated app on a freshly written tiny checkpoint in `directory`, fp32, 8 slots."""
+    from qwen35_ray.cli import main as cli
+
+    cli(["make-tiny", str(directory)])
+    args = {
+        "model": str(directory),
+        "served_model_name": served_model_name,
+        "dtype": "float32",
+        "engine": {"max_num_seqs": 8, "max_model_len": 2048, "kv_cache_memory_bytes": 2**26},
+    }
+    with running_app(args) as url:
+        yield url
+
+
+@contextmanager
 def running_apps(apps: dict, num_cpus: int = 4):
     """Run {name: (route_prefix, serve.Application)} on a fresh local cluster; yields the
     HTTP base URL once every app answers /health."""
