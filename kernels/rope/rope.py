@@ -2,7 +2,8 @@
 
 Qwen3.5 declares multimodal RoPE (`mrope_section`), but for text the temporal, height and width
 positions are all the token position, so every section rotates by the same angle and M-RoPE
-reduces to this plain partial RoPE.
+reduces to this plain partial RoPE. That holds for any inverse frequencies, YaRN's included
+(`yarn.py`).
 """
 
 import torch
@@ -16,11 +17,14 @@ def apply_rope(
     x: torch.Tensor,  # [T, H, D]
     positions: torch.Tensor,  # [T]
     inv_freq: torch.Tensor,  # [R/2]
+    scale: float = 1.0,
 ) -> torch.Tensor:
+    """`scale` multiplies cos and sin (YaRN's attention factor; 1.0 for plain RoPE), in fp32
+    before the cast to x's dtype, as transformers does."""
     R = inv_freq.shape[0] * 2
     freqs = positions.float()[:, None] * inv_freq.to(x.device)[None, :]  # [T, R/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
     x_rot, x_pass = x[..., :R], x[..., R:]
     x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)

@@ -207,7 +207,7 @@ def figures(args, raw: dict, c: ModelConfig, cluster: Cluster) -> tuple[dict, lo
             "cluster": k * cluster.gpus,
         }
         for n in contexts
-        if n <= c.max_position_embeddings
+        if n <= c.context_len
     ]
     out["layout"] = vars(lay) | {"why": why, "disaggregated": lay.disaggregated}
     out["engine"] = lo.engine_args(row, cost, args.context)
@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         c = ModelConfig.from_dict(raw)
     except (KeyError, ValueError) as e:
         raise SystemExit(f"error: {path}: not a Qwen3.5 config ({e})") from None
-    if args.context > c.max_position_embeddings:
+    if args.context > c.context_len:
         raise SystemExit(
-            f"error: --context {args.context} exceeds the model's "
-            f"max_position_embeddings={c.max_position_embeddings}; lower --context"
+            f"error: --context {args.context} exceeds the model's {c.context_len}-token "
+            f"context ({c.describe_context()}); lower --context"
         )
     name, model, note = names(args.model, path, hub)
     model = args.serve_model or model

@@ -9,7 +9,7 @@ import os
 import transformers
 
 from qwen35_ray.distributed.config import EPConfig
-from qwen35_ray.engine.cache_sizing import size_cache
+from qwen35_ray.engine.cache_sizing import resolve_max_model_len, size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.request_state import model_fingerprint
@@ -88,9 +88,7 @@ def start_dp_engine(path, dtype, device, ep, placement_group, engine_config):
             f"{ep.size} set compile_decode=False"
         )
     torch_dtype = resolve_dtype(dtype, config)
-    max_model_len = min(
-        ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
-    )
+    max_model_len = resolve_max_model_len(config, ec)
     # each rank's cache is an EP=1 engine's: its own slots and blocks for its own sequences
     size = size_cache(config, ec, torch_dtype, max_model_len)
     ensure_ray(ep)

@@ -20,6 +20,20 @@ class CacheSize:
     num_snapshots: int  # for prefix-cache GDN snapshots
 
 
+def resolve_max_model_len(config: ModelConfig, ec: EngineConfig) -> int:
+    """The engine's context: max_model_len, or the model's own (ModelConfig.context_len: YaRN's
+    factor x original_max_position_embeddings, else max_position_embeddings). Longer than the
+    model's is an error, not a silent cap."""
+    if ec.max_model_len is None:
+        return config.context_len
+    if ec.max_model_len > config.context_len:
+        raise ValueError(
+            f"max_model_len={ec.max_model_len} exceeds the model's {config.context_len}-token "
+            f"context ({config.describe_context()}); lower max_model_len"
+        )
+    return ec.max_model_len
+
+
 def size_cache(
     config: ModelConfig, ec: EngineConfig, dtype: torch.dtype, max_model_len: int
 ) -> CacheSize:

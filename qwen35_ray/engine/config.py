@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class EngineConfig:
     max_num_seqs: int = 32  # GDN state slots: the most sequences running at once
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's (ModelConfig.context_len)
     block_size: int = 16  # tokens per KV block of the full-attention layers
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 256 * 2**20

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qwen35_ray.engine.block_manager import CacheManager
-from qwen35_ray.engine.cache_sizing import size_cache
+from qwen35_ray.engine.cache_sizing import resolve_max_model_len, size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
@@ -56,9 +56,7 @@ class LLMEngine:
         self.config, self.tokenizer = config, tokenizer
         self.model_path = Path(model_path) if model_path else None
         ec = engine_config
-        self.max_model_len = min(
-            ec.max_model_len or config.max_position_embeddings, config.max_position_embeddings
-        )
+        self.max_model_len = resolve_max_model_len(config, ec)
         if executor is None:
             dtype = next(model.parameters()).dtype
         elif dtype is None or fingerprint is None:

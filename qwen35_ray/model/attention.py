@@ -6,7 +6,7 @@ Legend: T = tokens, Hq/Hkv = query/KV heads, D = head dim.
 
 import torch
 from qwen35_kernels.attention import paged_attention, write_kv
-from qwen35_kernels.rope import apply_rope, rope_inv_freq
+from qwen35_kernels.rope import apply_rope, rope_inv_freq, yarn_inv_freq
 from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
@@ -29,8 +29,10 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(self.Hq * self.D, hidden, bias=False)
         self.q_norm = RMSNorm(self.D, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.D, config.rms_norm_eps)
-        self.register_buffer(
-            "inv_freq", rope_inv_freq(config.rotary_dim, config.rope_theta), persistent=False
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        # YaRN's attention factor multiplies cos and sin (1.0 for plain RoPE)
+        self.rope_scale = (
+            1.0 if config.rope_scaling is None else config.rope_scaling.attention_factor
         )
         self.scale = self.D**-0.5
         self.register_buffer("qkv_fused", None, persistent=False)
@@ -80,8 +82,9 @@ class GatedAttention(nn.Module):
         T = x.shape[0]
         q, k, v = project(x, self.qkv_fused, self._in_projs())
         q, gate = q.view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
-        q = apply_rope(self.q_norm(q), positions, self.inv_freq)
-        k = apply_rope(self.k_norm(k.view(T, self.Hkv, self.D)), positions, self.inv_freq)
+        q = apply_rope(self.q_norm(q), positions, self.inv_freq, self.rope_scale)
+        k = self.k_norm(k.view(T, self.Hkv, self.D))
+        k = apply_rope(k, positions, self.inv_freq, self.rope_scale)
         return q, gate, k, v.view(T, self.Hkv, self.D)
 
     def decode_step(
@@ -145,6 +148,22 @@ class GatedAttention(nn.Module):
             yield decode, tuple(t[:D] for t in tensors)
         if prefill is not None:
             yield prefill, tuple(t[D:] for t in tensors)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """The inverse frequencies [R/2] of the checkpoint's rope type (model/rope_config.py)."""
+    s = config.rope_scaling
+    if s is None:
+        return rope_inv_freq(config.rotary_dim, config.rope_theta)
+    return yarn_inv_freq(
+        config.rotary_dim,
+        config.rope_theta,
+        s.factor,
+        s.original_max_position_embeddings,
+        s.beta_fast,
+        s.beta_slow,
+        s.truncate,
+    )
 
 
 def decode_rows(slots: list[int], positions: list[int]) -> tuple[int, torch.Tensor, int]:

@@ -6,11 +6,16 @@ Three layouts are understood:
 - `qwen3_5_text` / `qwen3_5_moe_text`: the text model saved on its own, weights under `model.`;
 - `qwen3_next`: flat config, weights under `model.`, GDN projections fused
   (`in_proj_qkvz`, `in_proj_ba`).
+
+RoPE settings (`rope_parameters` / `rope_scaling`: plain or YaRN, any other rope_type refused)
+are read by `rope_config.py`.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from qwen35_ray.model.rope_config import RopeScaling, read_rope_scaling, rope_settings
 
 FAMILIES = {
     "qwen3_5": ("qwen3_5", "model.language_model."),
@@ -52,6 +57,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     fp8_block_size: tuple[int, int] | None  # FP8 block-quantised weights, dequantised on load
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; else YaRN's parameters
 
     @property
     def num_hidden_layers(self) -> int:
@@ -64,6 +70,24 @@ class ModelConfig:
     @property
     def attention_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @property
+    def context_len(self) -> int:
+        """The longest sequence the checkpoint's positions serve: factor x
+        original_max_position_embeddings under YaRN, else max_position_embeddings."""
+        if self.rope_scaling is not None:
+            return self.rope_scaling.context_len
+        return self.max_position_embeddings
+
+    def describe_context(self) -> str:
+        """Where context_len comes from, for error messages."""
+        s = self.rope_scaling
+        if s is None:
+            return f"max_position_embeddings={self.max_position_embeddings}"
+        return (
+            f"YaRN factor {s.factor:g} x original_max_position_embeddings "
+            f"{s.original_max_position_embeddings}"
+        )
 
     @property
     def conv_dim(self) -> int:
@@ -94,7 +118,8 @@ class ModelConfig:
             else "linear_attention"
             for i in range(n)
         ]
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        rope, rope_field = rope_settings(raw, text)
+        rope_scaling = read_rope_scaling(rope, rope_field, text)
         partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
         num_experts = text.get("num_experts", 0) if family != "qwen3_5" else 0
@@ -148,4 +173,5 @@ class ModelConfig:
             eos_token_ids=tuple(eos),
             dtype=str(text.get("dtype") or text.get("torch_dtype") or "bfloat16"),
             fp8_block_size=fp8_block,
+            rope_scaling=rope_scaling,
         )

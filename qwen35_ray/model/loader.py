@@ -4,9 +4,8 @@ import logging
 from pathlib import Path
 
 import torch
-from qwen35_kernels.rope import rope_inv_freq
 
-from qwen35_ray.model.attention import GatedAttention
+from qwen35_ray.model.attention import GatedAttention, rope_frequencies
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.expert_parallel import ExpertShard
 from qwen35_ray.model.linear import column_major
@@ -53,7 +52,7 @@ def load_model(
     net = net.to_empty(device=device)
     for m in net.modules():
         if isinstance(m, GatedAttention):
-            m.inv_freq = rope_inv_freq(config.rotary_dim, config.rope_theta).to(device)
+            m.inv_freq = rope_frequencies(config).to(device)
     if net.expert_load is not None:
         # to_empty left its counters uninitialised
         net.expert_load.reset()

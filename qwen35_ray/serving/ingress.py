@@ -106,7 +106,7 @@ class OpenAIIngress:
         key = self.cfg.resolve_api_key()
         self.authorization = None if key is None else f"Bearer {key}".encode()
         self.max_model_len = min(
-            model_config.max_position_embeddings,
+            model_config.context_len,
             self.cfg.max_model_len(disaggregated=prefill is not None) or 10**9,
         )
         self.defaults = GenerationDefaults.read(path).sampling

@@ -28,21 +28,24 @@ MOE = dict(
 VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)
 
 
-def hf_config(kind: str):
+def hf_config(kind: str, **text):
+    """`text`: settings of the text model on top of TEXT (e.g. rope_parameters)."""
     if kind == "qwen3_5_moe":
-        return transformers.Qwen3_5MoeConfig(text_config={**TEXT, **MOE}, vision_config=VISION)
+        return transformers.Qwen3_5MoeConfig(
+            text_config={**TEXT, **MOE, **text}, vision_config=VISION
+        )
     if kind == "qwen3_5":
-        return transformers.Qwen3_5TextConfig(**TEXT, intermediate_size=96)
+        return transformers.Qwen3_5TextConfig(**TEXT, intermediate_size=96, **text)
     if kind == "qwen3_next":
         # layer 2 dense: exercises mlp_only_layers
         return transformers.Qwen3NextConfig(
-            **TEXT, **MOE, intermediate_size=96, mlp_only_layers=[2]
+            **TEXT, **MOE, intermediate_size=96, mlp_only_layers=[2], **text
         )
     raise ValueError(kind)
 
 
-def hf_model(kind: str):
-    config = hf_config(kind)
+def hf_model(kind: str, **text):
+    config = hf_config(kind, **text)
     cls = {
         "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
         "qwen3_5": transformers.Qwen3_5ForCausalLM,
