@@ -188,6 +188,11 @@ DELEGATED = {
         "qwen35_ray.deploy.k8s_samples",
         "render the KubeRay manifests in k8s/ from deployments/ (`k8s render -h`)",
     ),
+    "serve": (
+        "qwen35_ray.deploy.serve_flags",
+        "serve MODEL on Ray Serve from vLLM's or SGLang's flags; --print-config writes the "
+        "Serve YAML (`serve -h`)",
+    ),
 }
 
 
