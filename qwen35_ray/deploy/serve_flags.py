@@ -10,8 +10,11 @@ refused with the reason and the setting to use instead; a flag we do not know is
 it. Nothing is dropped silently.
 
 Ranks: we have no tensor parallelism. A replica is one expert-parallel group of N rank actors
-(data-parallel attention, experts split over the ranks), so `--tensor-parallel-size N` counts
-ranks only beside `--enable-expert-parallel` (vLLM) or `--ep-size N` (SGLang).
+(data-parallel attention, experts split over the ranks). `--tensor-parallel-size N` (vLLM) or
+`--tp-size N` (SGLang) asks for a model spread over N GPUs; the nearest thing here is N such
+ranks, so that is what it gives, saying so on stderr and in --print-config's header (the seed
+command lines of Qwen's guides then run unchanged). With `--enable-expert-parallel` it counts
+tp x dp ranks, as vLLM does.
 """
 
 import argparse
@@ -57,6 +60,8 @@ class ServeCommand:
     print_config: bool = False
     # the --api-key value, delivered in the environment variable api_key_env names
     api_key: str | None = field(default=None, repr=False)
+    # how a flag was read where its meaning here differs from vLLM's / SGLang's
+    notes: tuple[str, ...] = ()
 
     @property
     def app(self) -> dict:
@@ -85,6 +90,7 @@ class ServeCommand:
             f"(ray start --head --num-cpus {math.ceil(reserved)}) and "
             "run `serve run --address auto FILE`.",
         ]
+        head += [f"# Note: {n}" for n in self.notes]
         env = self.args.get("api_key_env")
         if env:
             head.append(
@@ -166,7 +172,7 @@ def _speculative_refusal(flag: str, method) -> str:
     return f"{flag}: speculative method {method!r} is not supported (only MTP, once issue 22 lands)"
 
 
-def _ranks(a: argparse.Namespace) -> int:
+def _ranks(a: argparse.Namespace, notes: list[str]) -> int:
     tp, dp = a.tp or 1, a.dp or 1
     if a.enable_expert_parallel:
         if a.ep is not None and a.ep != tp * dp:
@@ -183,12 +189,18 @@ def _ranks(a: argparse.Namespace) -> int:
                 f"give --tp-size {a.ep} or leave it out"
             )
         return a.ep
+    if tp > 1 and dp == 1:
+        notes.append(
+            f"tensor parallel size {tp} runs as {tp} expert-parallel ranks per replica: "
+            f"qwen35-ray has no tensor parallelism; each rank holds 1/{tp} of the routed experts "
+            "and all other weights, and runs its own sequences (--ep-size "
+            f"{tp} says the same)"
+        )
+        return tp
     if tp > 1:
         raise ServeFlagError(
-            f"--tensor-parallel-size {tp}: qwen35-ray has no tensor parallelism; its ranks split "
-            f"the experts and each runs its own sequences (expert parallelism, data-parallel "
-            f"attention). Add --enable-expert-parallel (vLLM) or --ep-size {tp} (SGLang) to "
-            f"run {tp} such ranks per replica"
+            f"--tensor-parallel-size {tp} with --data-parallel-size {dp}: without "
+            f"--enable-expert-parallel, give --ep-size {tp} and --num-replicas {dp}"
         )
     if dp > 1:
         raise ServeFlagError(
@@ -279,9 +291,9 @@ def translate(argv: list[str], *, cuda_available=_has_cuda, environ=None) -> Ser
             )
         raise ServeFlagError(f"unexpected argument {unknown[0]!r} (one MODEL only)")
     a.given = {t.partition("=")[0] for t in argv if t.startswith("-")}
-    errors = _refusals(a)
+    errors, notes = _refusals(a), []
     try:
-        ranks = _ranks(a)
+        ranks = _ranks(a, notes)
     except ServeFlagError as e:
         errors.append(str(e))
     if errors:
@@ -339,7 +351,7 @@ def translate(argv: list[str], *, cuda_available=_has_cuda, environ=None) -> Ser
             }
         ],
     }
-    return ServeCommand(config, a.address, _redacted(argv), a.print_config, key)
+    return ServeCommand(config, a.address, _redacted(argv), a.print_config, key, tuple(notes))
 
 
 def cpus_reserved(args: dict, builder: str) -> float:
@@ -367,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServeFlagError as e:
         print(f"qwen35-ray serve: error: {e}", file=sys.stderr)
         return 2
+    for note in cmd.notes:
+        print(f"qwen35-ray serve: note: {note}", file=sys.stderr)
     if cmd.print_config:
         sys.stdout.write(cmd.to_yaml())
         return 0

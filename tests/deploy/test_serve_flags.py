@@ -51,10 +51,17 @@ def valid(config: dict) -> AppConfig:
     return AppConfig.model_validate(config["applications"][0]["args"])
 
 
-def test_vllm_seed_line_asks_for_tensor_parallelism_and_is_told_the_ep_spelling():
-    text = refused(VLLM_SEED)
-    assert "--tensor-parallel-size 8" in text and "no tensor parallelism" in text
-    assert "--enable-expert-parallel" in text
+def test_vllm_seed_line_runs_its_tensor_parallel_size_as_ranks_and_says_so():
+    """The seed line runs unchanged: -tp 8 is the nearest thing we have, 8 EP ranks, and the
+    user is told, on stderr and in --print-config's header."""
+    c = cmd(VLLM_SEED)
+    assert valid(c.config).engine.expert_parallel_size == 8
+    (note,) = c.notes
+    assert "tensor parallel size 8 runs as 8 expert-parallel ranks" in note
+    assert "no tensor parallelism" in note
+    assert "# Note: tensor parallel size 8" in c.to_yaml()
+    assert c.args == cmd(VLLM_SEED + " --enable-expert-parallel").args
+    assert cmd(VLLM_SEED + " --enable-expert-parallel").notes == ()
 
 
 def test_vllm_seed_line_with_expert_parallel_serves_eight_ranks_per_replica():
@@ -71,11 +78,14 @@ def test_vllm_seed_line_with_mtp_is_refused_until_issue_22():
     text = refused(VLLM_SEED + " --enable-expert-parallel " + MTP)
     assert "MTP speculative decoding" in text and "issue 22" in text
     # every problem of the line is reported at once
-    assert "no tensor parallelism" in refused(VLLM_SEED + " " + MTP)
+    assert "issue 22" in refused(VLLM_SEED + " " + MTP)
+    # every problem of the line is reported at once
+    both = refused(VLLM_SEED + " -dp 2 " + MTP)
+    assert "issue 22" in both and "--data-parallel-size 2" in both
 
 
 def test_sglang_seed_line_maps_like_vllms():
-    assert "--ep-size 8" in refused(SGLANG_SEED)
+    assert cmd(SGLANG_SEED).notes and args(SGLANG_SEED) == args(SGLANG_SEED + " --ep-size 8")
     sglang = args(SGLANG_SEED + " --ep-size 8")
     vllm = args("qwen35-tiny --max-model-len 262144 -tp 8 --enable-expert-parallel")
     assert sglang == vllm

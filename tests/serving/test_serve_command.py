@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-1234"
 READY_S = 150
 STOP_S = 40
+# the vLLM seed line of issue 23 at a size for 2 cores, without the MTP flag (issue 22)
 VLLM_LINE = [
     "qwen35-tiny",
-    "--enable-expert-parallel",
-    "-tp",
+    "--tensor-parallel-size",
     "2",
     "--max-model-len",
     "4096",
