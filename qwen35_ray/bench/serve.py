@@ -22,6 +22,7 @@ serving/offline ratio. --out writes JSON (each of its `runs` keyed as vLLM's res
 import asyncio
 import contextlib
 import math
+import shlex
 import subprocess
 import sys
 from datetime import datetime
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         config=str(args.start_yaml) if args.start_yaml else None,
         label=args.label,
         notes=args.notes,
-        command="qwen35-ray bench serve " + " ".join(argv),
+        command="qwen35-ray bench serve " + shlex.join(argv),
         machine=machine,
         worktree_changes=changes,
     )

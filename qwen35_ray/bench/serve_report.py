@@ -109,7 +109,8 @@ def plot(report: dict, path: Path) -> None:
             if any(r.get("offline") for r in runs):
                 ys = [(r.get("offline") or {}).get(f"p50_{name}_ms") for r in runs]
                 ys = [math.nan if y is None else y for y in ys]
-                ax.plot(xs, ys, "-.", marker="x", color="0.4", label=f"offline {name} p50")
+                ax.plot(xs, ys, "-.", marker="x", color=f"C{j}", alpha=0.6,
+                        label=f"offline {name} p50")  # fmt: skip
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("ms")
     ax = axes[1, 1]
@@ -122,6 +123,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel(label)
         if min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     w = report["workload"]
