@@ -289,7 +289,7 @@ class LLMEngine:
             "state_slots_free": cm.slots.num_free,
             "kv_blocks_total": cm.blocks.size,
             "kv_blocks_free": cm.blocks.num_free,
-            "preemptions_total": sch.num_preemptions,
+            **sch.counters(),
             "prompt_tokens_computed_total": self.stats["prompt_tokens_computed"],
             "generation_tokens_total": self.stats["generated_tokens"],
             **self.step_counters.stats(),
@@ -420,6 +420,8 @@ class LLMEngine:
             for s in seqs
         ]
         out = RequestOutput(request_id, prompt, ids, outs, seqs[0].num_cached_tokens, state)
+        if (s0 := seqs[0]).scheduled_time is not None:
+            out.queue_time = s0.scheduled_time - s0.arrival_time
         if out.finished or state is not None:
             self._requests.pop(request_id)
             for s in seqs:

@@ -28,6 +28,8 @@ class RequestOutput:
     request_state: object | None = None
     # why the request failed (errors.RequestError or RequestFailed); it is then finished
     error: Exception | None = None
+    # seconds from entering the engine to its first scheduled step; None until scheduled
+    queue_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -9,6 +9,7 @@ blocks run out for a running sequence, the most recently arrived one is preempte
 blocks are freed and it waits to be recomputed from its tokens.
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # prompt tokens looked up in the prefix cache at admission, and those it held
+        # (vLLM's prefix_cache_queries / prefix_cache_hits)
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -53,6 +57,7 @@ class Scheduler:
             raise RuntimeError("no free state slot or KV blocks for an imported request")
         self.cache.grow(seq, seq.num_tokens)
         seq.status = Status.RUNNING
+        seq.scheduled_time = seq.scheduled_time or time.monotonic()
         self.running.append(seq)
 
     def has_work(self) -> bool:
@@ -91,10 +96,14 @@ class Scheduler:
             if needed > self.cache.blocks.num_free:
                 break
             self.waiting.popleft()
+            if self.cache.prefix_caching:
+                self.prefix_cache_queries += len(seq.prompt_token_ids)
+                self.prefix_cache_hits += hit.num_tokens if hit else 0
             if hit:
                 self.cache.adopt(seq, hit)
             self.cache.grow(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
+            seq.scheduled_time = seq.scheduled_time or time.monotonic()
             self.running.append(seq)
             out.append(Scheduled(seq, n, hit.snapshot if hit else None))
             budget -= n
@@ -115,6 +124,13 @@ class Scheduler:
             if start < point:
                 return min(n, point - start)
         return n
+
+    def counters(self) -> dict:
+        return {
+            "preemptions_total": self.num_preemptions,
+            "prefix_cache_queries_total": self.prefix_cache_queries,
+            "prefix_cache_hits_total": self.prefix_cache_hits,
+        }
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,6 +1,7 @@
 """Sequence: one generation stream of a request and the cache it holds while it runs."""
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class Sequence:
     prefill_only: bool = False  # export a RequestState once the first token is sampled
     grammar: Any = None  # structured.Grammar: where a constrained output is in its grammar
     thinking: Any = None  # reasoning.ThinkingBudget, made at the first sample when one is set
+    # time.monotonic() when it entered this engine, and when a step first scheduled it: the
+    # queue time of serving's metrics
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
