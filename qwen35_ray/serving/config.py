@@ -285,6 +285,14 @@ class AppConfig(BaseModel):
         "the replica serving it died or was stopped mid-stream; then a 503 error event. "
         "0: no migration",
     )
+    log_requests: bool = Field(
+        True,
+        description="one line per HTTP request in the ingress replica's log: id, route, status, "
+        "tokens in/out, TTFT, total time (serving/request_log.py)",
+    )
+    log_prompts: bool = Field(
+        False, description="add each request's prompt text to its log line (log_requests)"
+    )
 
     @property
     def model_name(self) -> str:

@@ -73,7 +73,8 @@ class PrefillServer(LLMServer):
                 last = out
                 yield out
 
-        steps = [step async for step in self._deltas(outputs())]
+        timer = self.metrics.request(len(prompt_token_ids))
+        steps = [step async for step in self._deltas(outputs(), timer)]
         step = {"outputs": [d for s in steps for d in s["outputs"]], "num_cached_tokens": 0}
         step["num_cached_tokens"] = last.num_cached_tokens
         handoff = None
@@ -131,7 +132,11 @@ class DecodeServer(LLMServer):
         self._admit(len(state.prompt_token_ids))
         first = True
         try:
-            async for step in self._deltas(self.engine.import_state(state), handoff["seen"]):
+            timer = self.metrics.request(
+                len(state.prompt_token_ids), "imported", len(state.output_token_ids)
+            )
+            imported = self.engine.import_state(state)
+            async for step in self._deltas(imported, timer, handoff["seen"]):
                 if first:
                     step["receive_s"], first = seconds, False
                 yield step

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
-from starlette.responses import PlainTextResponse
+from starlette.responses import Response
 
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
@@ -41,7 +41,7 @@ from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.disagg import Disaggregator
 from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.fanout import collect_all, start_all
-from qwen35_ray.serving.metrics import render, replica_stats, samples
+from qwen35_ray.serving.metrics import app_families, exposition, install, replica_names
 from qwen35_ray.serving.openapi import request_body
 from qwen35_ray.serving.parsers import prompt_ends_in_reasoning
 from qwen35_ray.serving.protocol import (
@@ -51,6 +51,7 @@ from qwen35_ray.serving.protocol import (
     TokenizeRequest,
 )
 from qwen35_ray.serving.request_body import parse_object, read_capped, validate
+from qwen35_ray.serving.request_log import IngressMetrics, RequestLog, RequestLogMiddleware, tap
 from qwen35_ray.serving.responses import create_response
 from qwen35_ray.serving.responses_protocol import ResponsesRequest
 from qwen35_ray.serving.streams import Migration, guarded, sse, usage
@@ -58,6 +59,8 @@ from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
 log = logging.getLogger("qwen35_ray.serving")
 app = FastAPI(title="qwen35-ray", docs_url=None, redoc_url=None)
+# one log line and the HTTP metrics per request (app.state.request_log, set by the ingress)
+app.add_middleware(RequestLogMiddleware)
 
 
 @app.exception_handler(OpenAIError)
@@ -111,6 +114,24 @@ class OpenAIIngress:
         )
         self.defaults = GenerationDefaults.read(path).sampling
         self.created = int(time.time())
+        pool, replica = replica_names("OpenAIIngress")
+        self.metrics = IngressMetrics(pool, replica, self.cfg.model_name, self._counter_samples)
+        app.state.request_log = RequestLog(
+            self.metrics, self.cfg.log_requests, self.cfg.log_prompts, self.tokenizer.decode
+        )
+        install(self.metrics)
+
+    def _counter_samples(self) -> list[tuple[str, dict, float]]:
+        """This ingress's counters for /metrics: its streams' (or the Disaggregator's)."""
+        if self.pd is None:
+            return [(f"qwen35_ray_{k}", {}, v) for k, v in self.counters.items()]
+        out = [(f"qwen35_ray_{k}", {}, v) for k, v in self.pd.counters.items()]
+        out.append(("qwen35_ray_prefills_in_flight", {}, self.pd.prefills_in_flight))
+        out += [
+            ("qwen35_ray_decode_replica_requests_total", {"decode_replica": replica}, n)
+            for replica, n in self.pd.decode_replicas.items()
+        ]
+        return out
 
     def _check_key(self, request: Request) -> None:
         if self.authorization is None:
@@ -190,6 +211,10 @@ class OpenAIIngress:
         return given or room
 
     def _stream(self, prompt_ids: list[int], params: dict):
+        """The replica stream of one prompt, counted in the request's log line."""
+        return tap(self._replica_stream(prompt_ids, params), prompt_ids)
+
+    def _replica_stream(self, prompt_ids: list[int], params: dict):
         if self.pd is not None:
             return self.pd.generate(prompt_ids, params)
         llm = self.llm.options(stream=True)
@@ -225,19 +250,12 @@ class OpenAIIngress:
         }
 
     @app.get("/metrics")
-    async def metrics(self):
-        if self.pd is None:
-            found = samples({**self.counters, **await self.llm.stats.remote()})
-        else:
-            found = samples({**self.pd.counters, "prefills_in_flight": self.pd.prefills_in_flight})
-            for replica, n in self.pd.decode_replicas.items():
-                found += samples({"decode_replica_requests_total": n}, {"replica": replica})
-            for pool in ("PrefillServer", "DecodeServer"):
-                for stats in await replica_stats(pool):
-                    found += samples(stats, {"pool": pool, "replica": stats.pop("replica")})
-        # replicas per pool and the policies' last decisions (serving/autoscaling.py)
-        found += await autoscaling_samples()
-        return PlainTextResponse(render(found), media_type="text/plain; version=0.0.4")
+    async def metrics(self, request: Request):
+        """Every replica of the app (serving/metrics.py), and the pools' autoscaling."""
+        app_samples = [(f"qwen35_ray_{k}", la, v) for k, la, v in await autoscaling_samples()]
+        found = await app_families(self.metrics, app_samples)
+        body, content_type = exposition(found, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
     async def tokenize(self, request: Request):

@@ -39,7 +39,9 @@ from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.serving.autoscaling_signals import AutoscalingSignals
 from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.errors import EngineLost, OpenAIError, Overloaded, errors_as_items
-from qwen35_ray.serving.metrics import ExpertMetrics
+from qwen35_ray.serving.metrics import install, replica_names
+from qwen35_ray.serving.metrics_engine import EngineMetrics, request_reason
+from qwen35_ray.serving.metrics_ep import ExpertMetrics
 
 log = logging.getLogger("qwen35_ray.serving")
 # Serve writes this logger's INFO lines to the replica's log; others' stop at WARNING there
@@ -84,6 +86,11 @@ class LLMServer(AutoscalingSignals):
             "requests_resumed_total": 0,
         }
         self._exiting = False
+        pool_name, replica = replica_names(type(self).__name__)
+        self.metrics = EngineMetrics(
+            pool_name, replica, cfg.model_name, engine.max_model_len, self.stats
+        )
+        install(self.metrics)
         # why a health check found the EP group broken (a rank gone or not answering)
         self._group_lost: BaseException | None = None
         serve_log.info(
@@ -162,16 +169,22 @@ class LLMServer(AutoscalingSignals):
         if kwargs:
             self.counters["requests_resumed_total"] += 1
             seen = {0: (len(kwargs["resume_token_ids"]), resume["text_chars"])}
+        timer = self.metrics.request(
+            len(prompt_token_ids),
+            "resumed" if kwargs else "new",
+            len(kwargs.get("resume_token_ids", ())),
+        )
         outputs = self.engine.generate(request_id, prompt_token_ids, sp, **kwargs)
-        async for delta in self._deltas(outputs, seen):
+        async for delta in self._deltas(outputs, timer, seen):
             yield delta
 
-    async def _deltas(self, outputs, seen: dict[int, tuple[int, int]] | None = None):
+    async def _deltas(self, outputs, timer, seen: dict[int, tuple[int, int]] | None = None):
         """RequestOutputs -> what each output gained since the last one (or since `seen`:
         index -> (tokens, characters) the client already has). Engine failures become the
-        client's error: 400 for what the request caused, 500 for ours, 503 if the engine died."""
+        client's error: 400 for what the request caused, 500 for ours, 503 if the engine died.
+        timer (metrics_engine.RequestTimer) records the request's metrics."""
         seen = dict(seen or {})
-        finished = False
+        finished, reason = False, "error"
         try:
             async for out in outputs:
                 deltas = []
@@ -190,6 +203,11 @@ class LLMServer(AutoscalingSignals):
                     )
                     seen[o.index] = (len(o.token_ids), len(o.text))
                 finished = out.finished or out.request_state is not None
+                timer.step(sum(len(d["token_ids"]) for d in deltas), out.queue_time)
+                if finished:
+                    # a prefill handed off (request_state) ends on the decode replica
+                    reason = request_reason([o.finish_reason for o in out.outputs])
+                    reason = reason if out.finished else None
                 yield {"outputs": deltas, "num_cached_tokens": out.num_cached_tokens}
         except RequestError as e:
             finished = True
@@ -204,6 +222,8 @@ class LLMServer(AutoscalingSignals):
         finally:
             if not finished:
                 self.counters["requests_aborted_total"] += 1
+                reason = "abort"
+            timer.finish(reason)
 
     def _engine_died(self):
         """The replica cannot serve anymore: say so (503), and leave so Serve replaces it."""
@@ -220,7 +240,9 @@ class LLMServer(AutoscalingSignals):
             timer.start()
 
     def stats(self) -> dict:
-        """Read by the collocated app's /metrics (ExpertMetrics.cached: how fresh)."""
+        """The engine's stats and this replica's counters, with its expert-parallel samples
+        under "labelled": read by its metrics at each scrape (ExpertMetrics.cached: how
+        fresh)."""
         s = self.engine.stats()
         return {
             **self.counters,
@@ -229,13 +251,9 @@ class LLMServer(AutoscalingSignals):
         }
 
     async def record_routing_stats(self) -> dict:
-        """Polled by Serve for the request routers (and read by the ingress's /metrics)."""
-        return {
-            **self.counters,
-            **self.engine.stats(),
-            **await self.expert_metrics.stats(),
-            "replica": serve.get_replica_context().replica_id.unique_id,
-        }
+        """Polled by Serve's controller every second for the request routers: small, as it
+        goes to every router (/metrics reads the replica's registry: serving/metrics.py)."""
+        return self.engine.stats()
 
     def check_health(self) -> None:
         """Fails when the engine died or, for an EP group, when a rank is gone or does not

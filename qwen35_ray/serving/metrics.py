@@ -1,194 +1,152 @@
-"""Prometheus text for /metrics, the per-replica stats of a pool, and a replica's expert
-parallelism samples (ExpertMetrics)."""
+"""GET /metrics: every replica of the app in one scrape, through prometheus_client.
+
+Each Serve replica of the app (every ingress replica, every engine replica of every pool) keeps
+its own prometheus_client registry in its process, installed with `install()`: histograms and
+counters it records as requests go (serving/metrics_engine.py, serving/request_log.py), and
+collectors that read, when scraped, what the replica already counts (engine queues and cache,
+its request counters, expert-parallel samples). Every series carries `pool` (the deployment)
+and `replica` (Serve's replica id), and the engines' and ingress's also `model_name`.
+
+/metrics on any ingress replica reads its own registry, runs `replica_families` in the process
+of every other replica of its app (Ray's `actor.__ray_call__`, a DeveloperAPI that runs a
+function on an actor, off its event loop), adds what the Serve controller knows (replicas per
+pool, the autoscaling policies' last decisions), merges families of one name, and renders them
+with prometheus_client's own exposition (Prometheus text, or OpenMetrics when the scraper asks
+for it). So whichever ingress replica Serve's proxy picks, one scrape shows the whole app, and
+its counts are exact at that moment.
+
+Why not Ray's metrics agent (`ray.util.metrics`): its series reach Prometheus through one agent
+per node, so the app's own /metrics could not show them without reading every agent back; they
+are reported periodically (`metrics_report_interval_ms`), so a scrape right after a load run
+lags; and every series gets Ray's labels (session, node, worker). Ray's and Serve's own metrics
+(`ray_serve_*`) stay there; docs/metrics.md says how to scrape both. Why not Serve's
+`record_routing_stats`: the controller polls it every second and sends it to every router;
+histograms do not belong there, so that stays small.
+"""
 
 import asyncio
 import logging
-import time
 
 import ray
-import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from ray import serve
 
-from qwen35_ray.model.expert_parallel import expert_ranges
+from qwen35_ray.serving.metrics_catalog import families
 
 log = logging.getLogger("qwen35_ray.serving")
 
-Sample = tuple[str, dict[str, str], float]
+# a replica that does not answer a scrape within this is left out of it (replica_scraped 0)
+SCRAPE_TIMEOUT_S = 5.0
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
 
-# counters by name, kept as gauges: sizes and window counts, not running totals
-GAUGES = ("expert_bytes_total",)
-# MoE layers x experts up to which /metrics carries each expert's token count (expert_tokens):
-# the tiny checkpoints (8 x 16) do; Qwen3.5-397B-A17B's 60 x 512 would be 30,720 series per
-# replica, so large models get the per-layer max/mean gauges only (see expert_samples)
-PER_EXPERT_SERIES_LIMIT = 4096
-# expert-parallel stats cost a call to every rank: refreshed at most this often, and a refresh
-# that takes longer than the timeout (a rank stuck) leaves the last samples in place
-EXPERT_STATS_MAX_AGE_S = 1.0
-EXPERT_STATS_TIMEOUT_S = 2.0
+# this process's metrics: an object with collect() -> prometheus_client families
+_source = None
 
 
-def kind(name: str) -> str:
-    if name.endswith(("_free", "slots_total", "blocks_total")) or name in GAUGES:
-        return "gauge"
-    return "counter" if name.endswith("_total") else "gauge"
+def install(source) -> None:
+    """Make `source` what this replica's process reports (one Serve replica per process)."""
+    global _source
+    _source = source
 
 
-def render(samples: list[Sample]) -> str:
-    """One TYPE line per metric, then its samples (Prometheus text format 0.0.4)."""
-    by_name: dict[str, list[Sample]] = {}
-    for sample in samples:
-        by_name.setdefault(sample[0], []).append(sample)
-    lines = []
-    for name, group in by_name.items():
-        lines.append(f"# TYPE qwen35_ray_{name} {kind(name)}")
-        for _, labels, value in group:
-            tags = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"qwen35_ray_{name}{{{tags}}} {value}".replace("{}", ""))
-    return "\n".join(lines) + "\n"
+def replica_names(default_pool: str) -> tuple[str, str]:
+    """(deployment, replica id) of the calling Serve replica; (default_pool, "local") outside
+    Serve."""
+    try:
+        ctx = serve.get_replica_context()
+    except Exception:
+        return default_pool, "local"
+    return ctx.deployment, ctx.replica_id.unique_id
 
 
-def samples(stats: dict, labels: dict | None = None) -> list[Sample]:
-    """A replica's stats as samples: its numbers, plus the labelled samples it carries under
-    "labelled" (per rank, layer or expert), each with the replica's labels added."""
-    labels = labels or {}
-    out = [
-        (k, labels, v)
-        for k, v in stats.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
-    out += [(name, {**labels, **own}, v) for name, own, v in stats.get("labelled", [])]
-    return out
+def replica_families(_actor=None) -> list:
+    """This process's families (run in another replica's process through __ray_call__)."""
+    return [] if _source is None else list(_source.collect())
 
 
-async def replica_stats(deployment: str) -> list[dict]:
-    """record_routing_stats() of every live replica of a deployment in this app.
+async def app_families(own_source, app_samples=()) -> list:
+    """The families of every replica of the calling replica's app, merged: `own_source`'s
+    (this replica's), the others' asked through Ray, `app_samples` (name, labels, value) and
+    qwen35_ray_replica_scraped{pool,replica}."""
+    ctx = serve.get_replica_context()
+    prefix = f"{REPLICA_ACTOR_PREFIX}{ctx.app_name}#"
+    own = f"{prefix}{ctx.deployment}#{ctx.replica_id.unique_id}"
+    # listing actors and looking them up are calls to the GCS: off the event loop
+    refs = await asyncio.to_thread(_ask_replicas, prefix, own)
+    found = [await asyncio.to_thread(own_source.collect)]
+    answered = {own}
+    waiting = {asyncio.ensure_future(_get(ref)): name for name, ref in refs.items()}
+    if waiting:
+        done, late = await asyncio.wait(waiting, timeout=SCRAPE_TIMEOUT_S)
+        for task in late:
+            task.cancel()
+        for task in done:
+            if task.result() is not None:
+                found.append(task.result())
+                answered.add(waiting[task])
+    scraped = []
+    for name in sorted({*refs, own}):
+        _, pool, replica = name.removeprefix(REPLICA_ACTOR_PREFIX).split("#", 2)
+        up = int(name in answered)
+        scraped.append(("qwen35_ray_replica_scraped", {"pool": pool, "replica": replica}, up))
+    found.append(list(families([*scraped, *app_samples])))
+    return merge(found)
 
-    Serve names replica actors "SERVE_REPLICA::<app>#<deployment>#<id>" in namespace "serve";
-    a replica that dies while asked is skipped."""
-    prefix = f"SERVE_REPLICA::{serve.get_replica_context().app_name}#{deployment}#"
-    names = [
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == "serve" and a["name"].startswith(prefix)
-    ]
-    out = []
-    for name in sorted(names):
-        try:
-            out.append(await ray.get_actor(name, namespace="serve").record_routing_stats.remote())
-        except (ray.exceptions.RayError, ValueError):
+
+def _ask_replicas(prefix: str, own: str) -> dict:
+    """{actor name: ref of its replica_families()} for the app's other live replicas (Serve
+    names them "SERVE_REPLICA::<app>#<deployment>#<id>" in namespace "serve")."""
+    refs = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        name = a["name"]
+        if a["namespace"] != "serve" or not name.startswith(prefix) or name == own:
             continue
-    return out
-
-
-def expert_samples(size: int, infos: list[dict], load) -> list[Sample]:
-    """A replica's expert-parallel samples. infos: each rank's executor info(); load: the
-    group's ExpertLoadSnapshot (None: a dense model). Series:
-    - expert_parallel_size; expert_bytes_resident{rank} and expert_bytes_total (all ranks);
-    - all_to_all_bytes_total{rank} and all_to_all_seconds_total{rank} (sent, and spent in the
-      all-to-alls, since start);
-    - over the load window (expert_load_window_steps steps), per MoE layer (the model's MoE
-      layers in order, from 0): expert_load_max_over_mean{layer} (tokens of the busiest expert
-      over the mean) and rank_load_max_over_mean{layer} (the same per rank: the busiest rank
-      sets the layer's pace; 1.0 is perfect balance, 0 a layer that routed nothing);
-    - expert_tokens{layer,expert}: tokens routed to each expert, only while layers x experts
-      <= PER_EXPERT_SERIES_LIMIT."""
-    out: list[Sample] = [("expert_parallel_size", {}, size)]
-    for info in infos:
-        rank = {"rank": str(info["rank"])}
-        if "expert_bytes" in info:
-            out.append(("expert_bytes_resident", rank, info["expert_bytes"]))
-        if "all_to_all_bytes" in info:
-            out.append(("all_to_all_bytes_total", rank, info["all_to_all_bytes"]))
-            out.append(("all_to_all_seconds_total", rank, info["all_to_all_seconds"]))
-    if infos and "expert_bytes_total" in infos[0]:
-        out.append(("expert_bytes_total", {}, infos[0]["expert_bytes_total"]))
-    if load is None or load.counts.numel() == 0:
-        return out
-    counts = load.counts.double()  # [L, E]
-    ranks = torch.stack(
-        [counts[:, a:b].sum(1) for a, b in expert_ranges(counts.shape[1], size)], 1
-    )  # [L, N]
-    out.append(("expert_load_window_steps", {}, load.steps))
-    for name, per in (("expert_load_max_over_mean", counts), ("rank_load_max_over_mean", ranks)):
-        mean = per.mean(1)
-        ratio = torch.where(mean > 0, per.max(1).values / mean.clamp(min=1e-12), 0.0)
-        out += [(name, {"layer": str(i)}, round(float(r), 6)) for i, r in enumerate(ratio)]
-    if counts.numel() <= PER_EXPERT_SERIES_LIMIT:
-        out += [
-            ("expert_tokens", {"layer": str(i), "expert": str(e)}, int(n))
-            for i, row in enumerate(load.counts.tolist())
-            for e, n in enumerate(row)
-        ]
-    return out
-
-
-class ExpertMetrics:
-    """The expert samples of one replica's engine (LLMEngine or DPEngine), cached: reading
-    them asks every rank, so it runs in a worker thread, at most every
-    EXPERT_STATS_MAX_AGE_S."""
-
-    def __init__(self, engine):
-        if hasattr(engine, "rank_info"):  # DPEngine: its ranks' executors are actors
-            self.size, self._infos, self._load = engine.size, engine.rank_info, engine.expert_load
-        else:
-            executor = engine.executor
-            self.size, self._infos, self._load = 1, lambda: [executor.info()], executor.expert_load
-        self.samples: list[Sample] = [("expert_parallel_size", {}, self.size)]
-        self._at = float("-inf")
-        self._refresh: asyncio.Task | None = None
-
-    def collect(self) -> list[Sample]:
-        """Ask the ranks now (blocking)."""
-        return expert_samples(self.size, self._infos(), self._load())
-
-    def describe(self) -> str:
-        """For the start-up log: what each rank holds of the experts."""
-        infos = self._infos()
-        if not infos or "expert_bytes" not in infos[0]:
-            return ""
-        held = ", ".join(f"{i['expert_bytes'] / 2**20:.1f}" for i in infos)
-        return f", expert MiB per rank {held} of {infos[0]['expert_bytes_total'] / 2**20:.1f}"
-
-    def cached(self) -> dict:
-        """For a sync caller: in a worker thread (where Serve runs sync methods), samples at
-        most EXPERT_STATS_MAX_AGE_S old, asked for here; on an event loop, the last ones at
-        once, and a refresh started for the next call."""
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            self._start_refresh(loop)
-        elif self._stale():
-            self._collect_now()
-        return {"labelled": self.samples}
+            actor = ray.get_actor(name, namespace="serve")
+        except (ray.exceptions.RayError, ValueError):
+            continue  # gone since it was listed
+        refs[name] = actor.__ray_call__.remote(replica_families)
+    return refs
 
-    async def stats(self) -> dict:
-        """Fresh samples (the cached ones if the ranks take over EXPERT_STATS_TIMEOUT_S)."""
-        task = self._start_refresh(asyncio.get_running_loop())
-        if task is not None:
-            await asyncio.wait({task}, timeout=EXPERT_STATS_TIMEOUT_S)
-        return {"labelled": self.samples}
 
-    def _stale(self) -> bool:
-        return time.monotonic() - self._at > EXPERT_STATS_MAX_AGE_S
+async def _get(ref):
+    try:
+        return await ref
+    except ray.exceptions.RayError as e:  # a replica that died while asked
+        log.debug("a replica did not give its metrics: %s", e)
+        return None
 
-    def _start_refresh(self, loop) -> asyncio.Task | None:
-        if self._refresh is None and self._stale():
-            self._refresh = loop.create_task(self._run_refresh())
-        return self._refresh
 
-    async def _run_refresh(self) -> None:
-        try:
-            await asyncio.to_thread(self._collect_now)
-        finally:
-            self._refresh = None
+def merge(sources: list[list]) -> list:
+    """Families of one name from several replicas as one family (their series differ in
+    pool and replica). The first source's HELP and type stand."""
+    merged: dict[str, object] = {}
+    for source in sources:
+        for family in source:
+            if family.name not in merged:
+                merged[family.name] = family
+                continue
+            kept = merged[family.name]
+            if kept.type != family.type:
+                log.warning("metric %s is a %s and a %s", family.name, kept.type, family.type)
+                continue
+            kept.samples = [*kept.samples, *family.samples]
+    return list(merged.values())
 
-    def _collect_now(self) -> None:
-        try:
-            self.samples = self.collect()
-        except Exception as e:
-            # a rank that is gone: the health check replaces the replica
-            log.debug("expert stats unavailable: %s", e)
-        finally:
-            self._at = time.monotonic()
+
+class _Families:
+    def __init__(self, found: list):
+        self.found = found
+
+    def collect(self):
+        return self.found
+
+
+def exposition(found: list, accept: str | None) -> tuple[bytes, str]:
+    """(body, content type) of families in the format `accept` asks for, by
+    prometheus_client's negotiation."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(found))
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type

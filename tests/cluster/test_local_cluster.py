@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from http_helpers import client, metrics, prompt_ids
+from http_helpers import client, metrics, prompt_ids, total
 
 from qwen35_ray import LLM
 
@@ -141,7 +141,7 @@ def offline():
 
 
 def test_long_prompts_cross_nodes_and_answer_as_offline(cluster, offline):
-    before = metrics(cluster.url).get("qwen35_ray_transfers_total", 0)
+    before = total(metrics(cluster.url), "qwen35_ray_transfers_total")
     c = client(cluster.url)
     for n in PROMPT_LENGTHS:
         choice = c.completions.create(
@@ -149,7 +149,7 @@ def test_long_prompts_cross_nodes_and_answer_as_offline(cluster, offline):
         ).choices[0]
         assert (choice.text, choice.finish_reason) == offline[n], f"{n}-token prompt"
     # each prompt's state went from the prefill replica to the decode replica
-    after = metrics(cluster.url)["qwen35_ray_transfers_total"]
+    after = total(metrics(cluster.url), "qwen35_ray_transfers_total")
     assert after - before == len(PROMPT_LENGTHS)
 
 

@@ -4,6 +4,7 @@ feeds them (SignalMeter, AutoscalingSignals): no Ray cluster."""
 import logging
 
 import pytest
+from http_helpers import parse
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
@@ -18,7 +19,8 @@ from qwen35_ray.serving.autoscaling import (
     replica_signals,
 )
 from qwen35_ray.serving.autoscaling_signals import SIGNALS, AutoscalingSignals, SignalMeter
-from qwen35_ray.serving.metrics import render
+from qwen35_ray.serving.metrics import exposition
+from qwen35_ray.serving.metrics_catalog import families
 
 IDLE = {"queued_prompt_tokens": 0, "prefill_tokens_per_second": 4000.0}
 DECODE_IDLE = {"kv_block_occupancy": 0.0, "slot_occupancy": 0.0, "itl_seconds": 0.0}
@@ -293,17 +295,17 @@ def test_decisions_as_metrics_samples():
         "scale_ups": 3,
         "scale_downs": 2,
     }
-    text = render(decision_samples("PrefillServer", record))
-    assert 'qwen35_ray_autoscaling_desired_replicas{pool="PrefillServer"} 2' in text
-    assert 'qwen35_ray_autoscaling_decision{pool="PrefillServer",direction="up",code="ttft"} 1' in (
-        text
-    )
+    samples = [(f"qwen35_ray_{n}", la, v) for n, la, v in decision_samples("PrefillServer", record)]
+    text = exposition(list(families(samples)), None)[0].decode()
+    found = parse(text)
+    pool = {"pool": "PrefillServer"}
+    assert ("qwen35_ray_autoscaling_desired_replicas", pool, 2) in found
+    decision = {**pool, "direction": "up", "code": "ttft"}
+    assert ("qwen35_ray_autoscaling_decision", decision, 1) in found
     assert "# TYPE qwen35_ray_autoscaling_scale_ups_total counter" in text
-    assert 'qwen35_ray_autoscaling_pool_ttft_estimate_seconds{pool="PrefillServer"} 2.0' in text
-    assert (
-        'qwen35_ray_autoscaling_queued_prompt_tokens{pool="PrefillServer",replica="abc"} 8000'
-        in text
-    )
+    assert ("qwen35_ray_autoscaling_pool_ttft_estimate_seconds", pool, 2.0) in found
+    queued = ("qwen35_ray_autoscaling_queued_prompt_tokens", {**pool, "replica": "abc"}, 8000)
+    assert queued in found
 
 
 def stats(**kw) -> dict:

@@ -16,7 +16,7 @@ import openai
 import pytest
 import ray
 import torch
-from http_helpers import client, metrics, prompt_ids
+from http_helpers import by_label, client, delta, metrics, prompt_ids
 from json_schemas import WEATHER_ARGS
 from ray import cloudpickle
 from serve_fixtures import running_apps
@@ -114,16 +114,8 @@ def test_disaggregated_equals_collocated(urls):
     after = metrics(urls[1])
     moved = sum(n >= MIN_PREFILL for n in LENGTHS) * 2
     local = len(jobs) - moved
-    assert (
-        after["qwen35_ray_requests_disaggregated_total"]
-        - before.get("qwen35_ray_requests_disaggregated_total", 0)
-        == moved
-    )
-    assert (
-        after["qwen35_ray_requests_local_prefill_total"]
-        - before.get("qwen35_ray_requests_local_prefill_total", 0)
-        == local
-    )
+    assert delta(before, after, "qwen35_ray_requests_disaggregated_total") == moved
+    assert delta(before, after, "qwen35_ray_requests_local_prefill_total") == local
 
 
 def test_chat_streaming_equals_collocated(urls):
@@ -193,7 +185,7 @@ def test_logprobs_follow_the_request_to_decode(urls):
         )
     for (t0, lp0, top0), (t1, lp1, top1) in zip(*chats):
         assert t0 == t1 and abs(lp0 - lp1) < 1e-5 and close_logprobs(top1, top0)
-    assert metrics(urls[1])[name] - before.get(name, 0) == 2
+    assert delta(before, metrics(urls[1]), name) == 2
 
 
 def test_32_concurrent_streams_use_both_decode_replicas(urls):
@@ -207,11 +199,9 @@ def test_32_concurrent_streams_use_both_decode_replicas(urls):
     co = [complete(urls[0], ids, False, **kw) for ids, _, kw in jobs]
     assert pd == co
     after = metrics(urls[1])
-    served = {
-        name: after[name] - before.get(name, 0)
-        for name in after
-        if name.startswith("qwen35_ray_decode_replica_requests_total")
-    }
+    name = "qwen35_ray_decode_replica_requests_total"
+    was = by_label(before, name, "decode_replica")
+    served = {r: n - was.get(r, 0) for r, n in by_label(after, name, "decode_replica").items()}
     assert len(served) == 2 and all(n > 0 for n in served.values()), served
     assert sum(served.values()) == 32
 
@@ -222,13 +212,16 @@ def test_bytes_moved_equal_the_state_formula(urls):
         before = metrics(urls[1])
         complete(urls[1], prompt_ids(n, n), False, temperature=0, max_tokens=3)
         after = metrics(urls[1])
-        delta = {k[len("qwen35_ray_") :]: v - before.get(k, 0) for k, v in after.items()}
+        grew = {
+            k: delta(before, after, f"qwen35_ray_{k}", pool="OpenAIIngress")
+            for k in ("transfer_bytes_total", "transfer_wire_bytes_total", "transfers_total")
+        }
 
         # the prefill computed the n prompt tokens; the first sampled token is not yet in K/V
-        assert delta["transfer_bytes_total"] == state_nbytes(config, torch.float32, n)
+        assert grew["transfer_bytes_total"] == state_nbytes(config, torch.float32, n)
         # what the object store holds beyond the payload: the JSON header and the RNG state
-        assert 0 < delta["transfer_wire_bytes_total"] - delta["transfer_bytes_total"] < 8192 + 8 * n
-        assert delta["transfers_total"] == 1
+        assert 0 < grew["transfer_wire_bytes_total"] - grew["transfer_bytes_total"] < 8192 + 8 * n
+        assert grew["transfers_total"] == 1
 
 
 def test_handoff_through_the_ingress_is_a_reference(urls, tmp_path):
@@ -254,14 +247,14 @@ def test_handoff_through_the_ingress_is_a_reference(urls, tmp_path):
 def test_prefill_routing_follows_the_prefix(urls):
     """A repeated prompt goes to the prefill replica that computed it first, so it computes
     only the tokens after its last cached block boundary (300 -> 12)."""
-    name = 'qwen35_ray_prompt_tokens_computed_total{pool="PrefillServer"'
+    name = "qwen35_ray_prompt_tokens_computed_total"
     before = metrics(urls[1])
     for k in range(3):
         ids = prompt_ids(300, 400 + k)
         for _ in range(2):
             complete(urls[1], ids, False, temperature=0, max_tokens=2)
     after = metrics(urls[1])
-    computed = sum(v - before.get(key, 0) for key, v in after.items() if key.startswith(name))
+    computed = delta(before, after, name, pool="PrefillServer")
     assert computed == 3 * (300 + 300 - 288)
 
 
@@ -301,8 +294,7 @@ def test_structured_outputs_follow_the_request_to_decode(urls):
         outs.append((answer, call.function.name, call.function.arguments))
     assert outs[0] == outs[1]
     after = metrics(urls[1])
-    name = "qwen35_ray_requests_disaggregated_total"
-    assert after[name] - before.get(name, 0) == 2
+    assert delta(before, after, "qwen35_ray_requests_disaggregated_total") == 2
 
 
 def test_decode_replica_killed_mid_run(urls):
@@ -350,12 +342,13 @@ def test_decode_replica_killed_mid_run(urls):
             f.result(timeout=180)
     assert results == [(400, "length")] * 8, results
     after = metrics(urls[1])
-    on_victim = f'qwen35_ray_decode_replica_requests_total{{replica="{victim.rsplit("#", 1)[1]}"}}'
-    moved = after[on_victim] - before.get(on_victim, 0)
+    served = "qwen35_ray_decode_replica_requests_total"
+    on_victim = victim.rsplit("#", 1)[1]
+    moved = by_label(after, served, "decode_replica").get(on_victim, 0) - by_label(
+        before, served, "decode_replica"
+    ).get(on_victim, 0)
     assert 0 < moved < 8
-    assert (
-        after["qwen35_ray_migrations_total"] - before.get("qwen35_ray_migrations_total", 0) == moved
-    )
+    assert delta(before, after, "qwen35_ray_migrations_total") == moved
     # new requests succeed while Serve replaces the replica
     for i in range(4):
         text, tokens, reason = complete(urls[1], prompt_ids(30, 300 + i), False, max_tokens=4)

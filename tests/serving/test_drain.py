@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 import requests
-from http_helpers import metrics, prompt_ids
+from http_helpers import growth, metrics, prompt_ids
 from ray import serve
 from ray.serve._private.common import DeploymentID
 from serve_fixtures import free_port
@@ -107,7 +107,7 @@ def scale_down_under_streams(url: str, app_name: str, jobs: list):
     (stopped,) = names - replicas(app_name, "LLMServer")
     results = streams.join()
     after = metrics(base)
-    return results, held[stopped], {k: after[k] - before.get(k, 0) for k in after}
+    return results, held[stopped], growth(before, after)
 
 
 def test_a_stopped_replica_finishes_its_streams_within_the_timeout(cluster):

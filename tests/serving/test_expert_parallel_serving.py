@@ -12,13 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from http_helpers import client, metrics, prompt_ids
+from http_helpers import by_label, client, delta, metrics, prompt_ids, series, total
 from serve_fixtures import running_apps
 
 from qwen35_ray import LLM, SamplingParams
 from qwen35_ray.model.expert_load import ExpertLoadSnapshot
 from qwen35_ray.serving.builder import build_app, build_pd_app
-from qwen35_ray.serving.metrics import expert_samples
+from qwen35_ray.serving.metrics_ep import expert_samples
 
 MODEL = "qwen35-tiny"
 MIN_PREFILL = 16
@@ -48,10 +48,6 @@ def urls():
 def offline():
     """The EP=1 reference, in this process."""
     return LLM(MODEL, dtype="float32", **ENGINE)
-
-
-def delta(after: dict, before: dict, name: str) -> float:
-    return after.get(name, 0) - before.get(name, 0)
 
 
 def reference(llm: LLM, ids: list[int], params: SamplingParams) -> tuple[str, list[str]]:
@@ -94,7 +90,7 @@ def test_completions_equal_the_offline_ep1_engine(urls, offline):
         assert pd == want, f"disaggregated, decode EP=2, {len(ids)}-token prompt, stream={stream}"
     after = metrics(urls[1])
     moved = sum(2 for n in LENGTHS if n >= MIN_PREFILL)
-    assert delta(after, before, "qwen35_ray_requests_disaggregated_total") == moved
+    assert delta(before, after, "qwen35_ray_requests_disaggregated_total") == moved
 
     ids = prompt_ids(50, 99)
     seeded = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=8)
@@ -148,19 +144,13 @@ def test_state_moves_from_an_ep1_pool_to_an_ep2_pool(urls, offline):
     want = reference(offline, ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert got == want
     after = metrics(urls[1])
-    assert delta(after, before, "qwen35_ray_transfers_total") == 1
-    imports = [k for k in after if k.startswith('qwen35_ray_imports_total{pool="DecodeServer"')]
-    assert sum(delta(after, before, k) for k in imports) == 1
+    assert delta(before, after, "qwen35_ray_transfers_total") == 1
+    assert delta(before, after, "qwen35_ray_imports_total", pool="DecodeServer") == 1
 
 
-def labelled(m: dict, name: str, **labels) -> dict[str, float]:
-    """Samples of one metric whose labels include `labels`."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return {
-        k: v
-        for k, v in m.items()
-        if k.startswith(f"qwen35_ray_{name}{{") and all(w in k for w in want)
-    }
+def labelled(m: list, name: str, **labels) -> dict[tuple, float]:
+    """Series of one metric whose labels include `labels`."""
+    return series(m, f"qwen35_ray_{name}", **{k: str(v) for k, v in labels.items()})
 
 
 def test_metrics_show_the_expert_parallel_group(urls):
@@ -177,11 +167,11 @@ def test_metrics_show_the_expert_parallel_group(urls):
             break
         time.sleep(0.5)
     assert m, "no all-to-all traffic in /metrics"
-    assert m["qwen35_ray_expert_parallel_size"] == 2
-    total = m["qwen35_ray_expert_bytes_total"]
+    assert total(m, "qwen35_ray_expert_parallel_size") == 2
+    whole = total(m, "qwen35_ray_expert_bytes_total")
     resident = labelled(m, "expert_bytes_resident")
     # 16 experts over 2 ranks: each holds exactly half
-    assert sorted(resident.values()) == [total / 2, total / 2]
+    assert sorted(resident.values()) == [whole / 2, whole / 2]
     assert len(labelled(m, "all_to_all_seconds_total")) == 2
     layers = labelled(m, "expert_load_max_over_mean")
     assert len(layers) == 8 and all(v >= 1 for v in layers.values())
@@ -192,8 +182,7 @@ def test_metrics_show_the_expert_parallel_group(urls):
     assert per_layer[0] > 0 and per_layer[0] % 4 == 0 and len(set(per_layer)) == 1
 
     pd = metrics(urls[1])
-    sizes = labelled(pd, "expert_parallel_size")
-    assert {k.split('pool="')[1].split('"')[0]: v for k, v in sizes.items()} == {
+    assert by_label(pd, "qwen35_ray_expert_parallel_size", "pool") == {
         "PrefillServer": 1,
         "DecodeServer": 2,
     }

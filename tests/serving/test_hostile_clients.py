@@ -8,6 +8,7 @@ The tests run in file order and share the server; the last one checks what the o
 
 import asyncio
 import json
+import re
 import socket
 import time
 
@@ -15,6 +16,7 @@ import jsonschema
 import openai
 import pytest
 import requests
+from http_helpers import totals
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from json_schemas import WEATHER_ARGS
@@ -361,13 +363,8 @@ def test_clients_that_leave_free_their_requests(server):
 
 
 def _metrics(url: str) -> dict[str, float]:
-    text = requests.get(url + "/metrics", timeout=30).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0].removeprefix("qwen35_ray_")] = float(value)
-    return out
+    """/metrics summed per sample name, without the qwen35_ray prefix (one engine replica)."""
+    return {re.sub("^qwen35_ray[:_]", "", k): v for k, v in totals(url).items()}
 
 
 def _idle_within(url: str, seconds: float) -> bool:
@@ -375,8 +372,8 @@ def _idle_within(url: str, seconds: float) -> bool:
     while time.time() < deadline:
         m = _metrics(url)
         if (
-            m["running"] == 0
-            and m["waiting"] == 0
+            m["num_requests_running"] == 0
+            and m["num_requests_waiting"] == 0
             and m["state_slots_free"] == m["state_slots_total"]
             and m["kv_blocks_free"] == m["kv_blocks_total"]
         ):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import requests
+from http_helpers import totals
 from serve_fixtures import running_app
 
 from qwen35_ray.cli import main as cli
@@ -48,15 +49,6 @@ def error_of(r, status: int) -> dict:
     assert error["message"] and error["type"] and error["code"] == status
     assert "Traceback" not in r.text and KEY not in r.text
     return error
-
-
-def metrics(url) -> dict:
-    text = requests.get(url + "/metrics", timeout=10).text
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
 
 
 def test_the_key_from_the_file_is_required(url):
@@ -174,11 +166,12 @@ def test_chunked_body_over_the_cap_is_413(url):
 
 
 def test_completions_with_one_bad_prompt_start_nothing(url):
-    before = metrics(url)["qwen35_ray_requests_total"]
+    before = totals(url)["qwen35_ray_requests_total"]
     body = {"model": MODEL, "prompt": ["Hello", "word " * 1200], "max_tokens": 50}
     assert "context" in error_of(post(url, "/v1/completions", body), 400)["message"]
-    after = metrics(url)
-    assert after["qwen35_ray_requests_total"] == before and after["qwen35_ray_running"] == 0
+    after = totals(url)
+    assert after["qwen35_ray_requests_total"] == before
+    assert after["qwen35_ray:num_requests_running"] == 0
 
 
 def test_openapi_describes_every_post_body(url):
@@ -194,9 +187,9 @@ def test_still_serves_with_everything_free_after_the_battery(url):
     assert r.status_code == 200, r.text
     deadline = time.time() + 20
     while time.time() < deadline:
-        m = metrics(url)
+        m = totals(url)
         free = m["qwen35_ray_state_slots_free"] == m["qwen35_ray_state_slots_total"]
-        if m["qwen35_ray_running"] == 0 and free:
+        if m["qwen35_ray:num_requests_running"] == 0 and free:
             return
         time.sleep(0.2)
-    pytest.fail(f"work left running: {metrics(url)}")
+    pytest.fail(f"work left running: {totals(url)}")

@@ -5,6 +5,7 @@ import json
 import openai
 import pytest
 import requests
+from http_helpers import totals
 from serve_fixtures import running_app
 
 from qwen35_ray.cli import main as cli
@@ -271,12 +272,7 @@ def test_server_keeps_serving_after_the_battery(client):
 
 
 def metrics(server) -> dict:
-    text = requests.get(server[0] + "/metrics", timeout=10).text
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    return totals(server[0])
 
 
 def test_client_disconnect_aborts_and_frees(server):
@@ -299,7 +295,7 @@ def test_client_disconnect_aborts_and_frees(server):
         m = metrics(server)
         if (
             m["qwen35_ray_requests_aborted_total"] > before
-            and m["qwen35_ray_running"] == 0
+            and m["qwen35_ray:num_requests_running"] == 0
             and m["qwen35_ray_state_slots_free"] == m["qwen35_ray_state_slots_total"]
             and m["qwen35_ray_kv_blocks_free"] == m["qwen35_ray_kv_blocks_total"]
         ):

@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 import requests
+from http_helpers import totals
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from json_schemas import PERSON, WEATHER_ARGS
@@ -309,12 +310,7 @@ def test_fuzzed_bodies_never_get_a_5xx(url):
 
 
 def metrics(url: str) -> dict:
-    text = requests.get(url + "/metrics", timeout=10).text
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    return totals(url)
 
 
 def test_a_client_leaving_a_stream_aborts_its_request(url):
@@ -329,7 +325,7 @@ def test_a_client_leaving_a_stream_aborts_its_request(url):
         m = metrics(url)
         if (
             m["qwen35_ray_requests_aborted_total"] > before
-            and m["qwen35_ray_running"] == 0
+            and m["qwen35_ray:num_requests_running"] == 0
             and m["qwen35_ray_state_slots_free"] == m["qwen35_ray_state_slots_total"]
         ):
             return
