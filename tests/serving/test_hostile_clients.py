@@ -212,7 +212,8 @@ def _bounded(body):
     """Keep generation short: the fuzzer tests what the server accepts, not how long it talks."""
     if isinstance(body, dict):
         for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-            if isinstance(body.get(key), int) and body[key] > 4:
+            # an explicit null means "the rest of the context", as absent does
+            if key in body and (body[key] is None or isinstance(body[key], int) and body[key] > 4):
                 body[key] = 4
         body.setdefault("max_tokens", 4)
         # /v1/responses' name for it; the other routes ignore the field
