@@ -18,8 +18,9 @@ from torch import nn
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] matrix stored as its transpose."""
-    return weight.t().contiguous().t()
+    """The same [out, in] matrix stored as its transpose; for a stack of matrices ([E, out,
+    in], the routed experts), each matrix so."""
+    return weight.mT.contiguous().mT
 
 
 def fuse_rows(modules: list[nn.Module]) -> torch.Tensor:

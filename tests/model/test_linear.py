@@ -7,7 +7,7 @@ from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.gdn import GatedDeltaNet
 from qwen35_ray.model.linear import project
 from qwen35_ray.model.loader import load_model
-from qwen35_ray.model.mlp import SparseMoE
+from qwen35_ray.model.mlp import Experts, SparseMoE
 
 
 def test_loaded_projections_are_views_of_one_column_major_weight(tmp_path):
@@ -39,3 +39,9 @@ def test_loaded_projections_are_views_of_one_column_major_weight(tmp_path):
     assert seen == set(fused_kinds)
     matrices = [p for p in model.parameters() if p.dim() == 2]
     assert all(p.stride(0) == 1 for p in matrices if p is not model.embed_tokens.weight)
+    # the stacked routed experts: each expert's matrix column-major, read as its transpose
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts
+    for m in experts:
+        for p in (m.gate_up_proj, m.down_proj):
+            assert p.stride(1) == 1 and p.stride(2) == p.shape[1]
