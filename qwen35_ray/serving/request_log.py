@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
 from qwen35_ray.serving.metrics_catalog import BUCKETS, families, help_of
@@ -213,7 +214,12 @@ class RequestLogMiddleware:
         sent = cancelled = failed = False
 
         async def receive_disconnect():
-            message = await receive()
+            try:
+                message = await receive()
+            except TaskCancelledError:
+                # Serve's proxy cancelled the request because its client left: a disconnect
+                # (Starlette then stops the response), not a fault of the app
+                message = {"type": "http.disconnect"}
             # after the whole response, a disconnect is the client done with it
             if message["type"] == "http.disconnect" and not sent:
                 record.cancelled = True
