@@ -11,4 +11,8 @@ import torch
 # triton is first imported
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Engines compile their decode step in the background by default (EngineConfig.compile_decode
+# None); hundreds of test engines doing so would compete for the CPU. Tests of the compiled
+# step ask for it (compile_decode=True), or clear this (test_serve_run, the default path).
+os.environ.setdefault("QWEN35_RAY_COMPILE_DECODE", "0")
 sys.path.insert(0, str(Path(__file__).parent / "support"))

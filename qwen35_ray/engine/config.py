@@ -16,8 +16,11 @@ class EngineConfig:
     num_snapshot_slots: int | None = None  # None: as many as max_num_seqs
     # GDN state memory (running slots + snapshots); None: max_num_seqs (+ snapshots) slots
     state_memory_bytes: int | None = None
-    # CPU: run steps of pure decodes as one torch.compile graph (compiled at start-up)
-    compile_decode: bool = False
+    # CPU: run steps of pure decodes as one torch.compile graph (engine/decode_graph.py).
+    # None (auto): on for a CPU engine in one process, compiled in the background while the
+    # first steps run eagerly (QWEN35_RAY_COMPILE_DECODE=0 turns it off); True: compiled at
+    # start-up, before the first step; False: never
+    compile_decode: bool | None = None
     # while others wait to be admitted, one prefill chunk takes at most this many tokens of a
     # step; None: max(block_size, max_num_batched_tokens // 8); 0: no limit
     long_prefill_token_threshold: int | None = None

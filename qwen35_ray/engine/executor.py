@@ -10,6 +10,7 @@ Slot copies (prefix-cache snapshots) may be deferred, but stay in program order 
 later call: an executor applies them before the next step, read or write.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,13 +108,14 @@ class InProcessExecutor:
             device,
         )  # fmt: skip
         compiled = None
-        if ec.compile_decode:
-            if torch.device(device).type != "cpu":
-                raise ValueError("compile_decode is for CPU engines")
+        if compiles_decode(ec.compile_decode, device, model):
             from qwen35_ray.engine.decode_graph import CompiledDecode
 
-            compiled = CompiledDecode(model, cache)
-            compiled.warmup()
+            compiled = CompiledDecode(model, cache, size.num_slots)
+            if ec.compile_decode:
+                compiled.warmup()
+            else:
+                compiled.start()
         return cls(model, config, cache, device, compiled)
 
     def __init__(self, model, config, cache: HybridCache, device="cpu", compiled=None):
@@ -121,6 +123,12 @@ class InProcessExecutor:
 
         self.model, self.config, self.cache = model, config, cache
         self.runner = ModelRunner(model, cache, device, compiled)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the compiled decode step of a background compile; True once decode steps
+        run compiled, False without one (or when it failed)."""
+        compiled = self.runner.compiled_decode
+        return compiled is not None and compiled.wait(timeout)
 
     def execute(self, batch: StepBatch) -> StepResult:
         for src, dst in batch.restores:
@@ -161,3 +169,16 @@ class InProcessExecutor:
 
     def shutdown(self) -> None:
         pass
+
+
+def compiles_decode(setting: bool | None, device, model) -> bool:
+    """EngineConfig.compile_decode resolved: True and False as given (True off the CPU is an
+    error); None (auto) compiles for a CPU model in this process, not an expert-parallel rank
+    (its MoE exchange cannot be in a graph), unless QWEN35_RAY_COMPILE_DECODE=0."""
+    cpu = torch.device(device).type == "cpu"
+    if setting is None:
+        off = os.environ.get("QWEN35_RAY_COMPILE_DECODE", "1") == "0"
+        return cpu and getattr(model, "expert_parallel", None) is None and not off
+    if setting and not cpu:
+        raise ValueError("compile_decode is for CPU engines")
+    return setting

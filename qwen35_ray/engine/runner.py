@@ -57,8 +57,9 @@ class ModelRunner:
         batch = ForwardBatch.build(step.chunks, self.cache.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)  # [T]
         sampling = step.sampling
-        if self.compiled_decode is not None and batch.num_decodes == batch.num_seqs:
-            logits = self.compiled_decode(input_ids, batch)
+        compiled = self.compiled_decode
+        if compiled is not None and compiled.ready and batch.num_decodes == batch.num_seqs:
+            logits = compiled(input_ids, batch)
             # the graph runs decode_step, which leaves closing the step to its caller
             if (load := getattr(self.model, "expert_load", None)) is not None:
                 load.end_step()

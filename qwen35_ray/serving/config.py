@@ -164,8 +164,11 @@ class EngineArgs(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
     state_memory_bytes: int | None = Field(None, ge=1)
-    compile_decode: bool = Field(
-        False, description="CPU: decode steps as one torch.compile graph, compiled at start-up"
+    compile_decode: bool | None = Field(
+        None,
+        description="CPU: decode steps as one torch.compile graph. None (auto): compiled in the "
+        "background on a CPU engine of one process while the first steps run eagerly; True: "
+        "compiled at start-up; False: never",
     )
     long_prefill_token_threshold: int | None = Field(
         None,

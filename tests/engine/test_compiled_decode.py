@@ -5,19 +5,24 @@ Most tests share one compiled engine; compiling takes tens of seconds on 2 cores
 Inductor's cache."""
 
 import pytest
+import torch
 from engine_fixtures import checkpoint, hf_greedy, make_engine, prompt, run, tiny_tokenizer
 
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.decode_kv import GROW
 
 GREEDY = dict(temperature=0, ignore_eos=True)
+# the test checkpoint has 8 experts, top 3: compiled, batches of up to 21 sequences (64
+# pairs, gathers_experts) run the graph with gathered experts, larger ones the other one
+LARGE = 24
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     ref, path = checkpoint("qwen3_5_moe", tmp_path_factory)
     tok = tiny_tokenizer(tmp_path_factory)
-    compiled = make_engine(path, tok, max_num_seqs=8, compile_decode=True)
+    # more slots than the batches that run with gathered experts (see the last test)
+    compiled = make_engine(path, tok, max_num_seqs=LARGE, compile_decode=True)
     return ref, path, tok, compiled
 
 
@@ -27,8 +32,8 @@ def tokens(done):
 
 def test_compiled_decode_equals_eager_and_transformers(setup):
     """Six requests ending at different steps, so the batch shrinks to one sequence; the
-    longest grows its copy past the first GROW tokens. The checkpoint has 8
-    experts, top 3: batches of up to 5 run the graph with gathered experts, 6 the other one."""
+    longest grows its copy past the first GROW tokens. All run the graph with gathered
+    experts."""
     ref, path, tok, compiled = setup
     lengths = [1, 9, 30, 77, GROW - 3, 140]
     requests = {
@@ -40,10 +45,25 @@ def test_compiled_decode_equals_eager_and_transformers(setup):
     for rid, (ids, params) in requests.items():
         assert got[rid] == hf_greedy(ref, ids, params.max_tokens), rid
     assert compiled.cache_manager.is_empty
-    # every request decoded through the graphs: at least its longest run of decode steps
+    assert compiled.executor.wait_compiled(timeout=0)  # compiled at start-up: ready at once
+    # every request decoded through the gathered graph: at least its longest run of decodes
     steps = compiled.executor.runner.compiled_decode.steps
-    assert len(steps) == 2 and min(steps) > 0
-    assert sum(steps) >= max(p.max_tokens for _, p in requests.values()) - 1
+    assert len(steps) == 2 and steps[0] >= max(p.max_tokens for _, p in requests.values()) - 1
+
+
+def test_compiled_decode_of_a_batch_past_the_gathered_experts(setup):
+    """LARGE requests at once: their decode steps run the graph with every expert dense, and
+    give what the eager engine gives."""
+    _, path, tok, compiled = setup
+    before = list(compiled.executor.runner.compiled_decode.steps)
+    requests = {
+        f"b{i}": (prompt(3 + 5 * i, seed=300 + i), SamplingParams(max_tokens=4, **GREEDY))
+        for i in range(LARGE)
+    }
+    got = tokens(run(compiled, requests))
+    assert got == tokens(run(make_engine(path, tok, max_num_seqs=LARGE), requests))
+    assert compiled.executor.runner.compiled_decode.steps[1] > before[1]
+    assert compiled.cache_manager.is_empty
 
 
 def test_compiled_decode_after_prefix_hits_and_slot_reuse(setup):
@@ -97,3 +117,28 @@ def test_a_second_model_in_the_process_gets_its_own_graph(setup, tmp_path_factor
     assert got == tokens(run(make_engine(path, tok, max_num_seqs=4), requests))
     for rid, (ids, params) in requests.items():
         assert got[rid] == hf_greedy(ref, ids, params.max_tokens), rid
+
+
+def test_background_compile_takes_over_without_recompiling(setup, monkeypatch):
+    """The default (compile_decode None, auto): the engine starts at once and decodes eagerly
+    while its graph compiles in the background on stand-in states; once ready, the decode
+    steps run the graph, which the live cache's shapes do not make recompile. The tokens are
+    the eager engine's throughout."""
+    _, path, tok, _ = setup
+    monkeypatch.delenv("QWEN35_RAY_COMPILE_DECODE", raising=False)
+    engine = make_engine(path, tok, max_num_seqs=4)
+    compiled = engine.executor.runner.compiled_decode
+    assert compiled is not None
+    eager = make_engine(path, tok, max_num_seqs=4, compile_decode=False)
+    assert eager.executor.runner.compiled_decode is None
+    first = {"e": (prompt(20, seed=400), SamplingParams(max_tokens=6, **GREEDY))}
+    assert tokens(run(engine, first)) == tokens(run(eager, first))
+    assert engine.executor.wait_compiled(timeout=600), compiled.error
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    later = {
+        f"l{i}": (prompt(n, seed=410 + i), SamplingParams(max_tokens=8, **GREEDY))
+        for i, n in enumerate([3, 40, GROW + 9])
+    }
+    assert tokens(run(engine, later)) == tokens(run(eager, later))
+    assert compiled.steps[0] >= 7
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
