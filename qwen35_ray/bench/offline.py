@@ -1,5 +1,11 @@
 """`qwen35-ray bench offline`: one workload through our engine and through transformers'
-batched generate on the same checkpoint; tokens/s of each, their ratio, peak memory."""
+batched generate on the same checkpoint; tokens/s of each, their ratio, peak memory.
+
+Ours is the engine `LLM(model=..., dtype=...)` builds with no other option (compiled decode
+step on CPU, by default in the background: its start-up is counted until it is ready) and,
+for comparison, the same with compile_decode=False. Both keep `concurrency` requests in flight;
+transformers runs batches of `concurrency` prompts. `--context` measures something else: one
+decode step at each context length (offline_context.py)."""
 
 import argparse
 import os
@@ -45,28 +51,36 @@ def workload(num_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run_ours(path, prompts, new_tokens, concurrency, dtype, compile_decode=False) -> dict:
-    from qwen35_ray.engine.llm_engine import LLMEngine
+def run_ours(path, prompts, new_tokens, concurrency, dtype, **engine_kwargs) -> dict:
+    """The engine `LLM(model=path, dtype=dtype, **engine_kwargs)` builds (no engine_kwargs:
+    the defaults), `concurrency` requests in flight: a new one is added as one finishes.
+    start-up counts until decode steps run at full speed, its background compile included."""
     from qwen35_ray.engine.sampling_params import SamplingParams
+    from qwen35_ray.llm import LLM
 
     start = time.perf_counter()
-    engine = LLMEngine.from_pretrained(
-        str(path), dtype=dtype, max_num_seqs=concurrency, compile_decode=compile_decode
-    )
+    engine = LLM(model=str(path), dtype=dtype, **engine_kwargs).engine
+    compiled = engine.executor.wait_compiled()
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    todo = list(enumerate(prompts))[::-1]
     with PeakRSS() as mem:
         start = time.perf_counter()
-        for i, ids in enumerate(prompts):
-            engine.add_request(str(i), ids, params)
-        while engine.has_unfinished():
-            engine.step()
+        running = 0
+        while todo or running:
+            while todo and running < concurrency:
+                i, ids = todo.pop()
+                engine.add_request(str(i), ids, params)
+                running += 1
+            running -= sum(out.finished for out in engine.step())
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
         "tokens_per_s": len(prompts) * new_tokens / seconds,
         "peak_extra_mib": mem.extra_mib,
         "startup_s": startup,
+        "compiled": compiled,
+        "engine_kwargs": engine_kwargs,
     }
 
 
@@ -111,12 +125,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 1])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--no-eager", action="store_true", help="skip the run with compile_decode=False")
     p.add_argument(
-        "--no-compile", action="store_true", help="skip the run with compile_decode=True"
+        "--context",
+        type=int,
+        nargs="+",
+        help="instead: the time of one decode step at each of these context lengths",
+    )
+    p.add_argument(
+        "--context-batch", type=int, nargs="+", default=[1], help="sequences per step (--context)"
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     path = resolve_model(args.model)
+    report = {
+        "bench": "offline",
+        "model": args.model,
+        "dtype": args.dtype,
+        "machine": machine_info("cpu"),
+        "command": "qwen35-ray bench offline " + " ".join(argv or []),
+    }
+    if args.context:
+        from qwen35_ray.bench.offline_context import ratios, run
+
+        report["bench"] = "offline-context"
+        report["results"] = run(path, args.context, args.context_batch, args.dtype)
+        report["longest_over_shortest"] = ratios(report["results"])
+        for b, r in report["longest_over_shortest"].items():
+            print(f"batch {b}: {max(args.context)} over {min(args.context)} tokens: x{r:.2f}")
+        write_report(args.out, report)
+        return 0
     vocab = ModelConfig.from_hf(path).vocab_size
     prompts = workload(args.num_prompts, vocab)
     results = []
@@ -126,26 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         row = {"concurrency": c, "num_prompts": len(subset), "new_tokens": args.new_tokens}
         print(f"[bench offline] ours, concurrency {c}, {len(subset)} prompts ...", flush=True)
         row["ours"] = run_ours(path, subset, args.new_tokens, c, args.dtype)
-        if not args.no_compile:
-            print(f"[bench offline] ours with compile_decode, concurrency {c} ...", flush=True)
-            row["ours_compiled"] = run_ours(path, subset, args.new_tokens, c, args.dtype, True)
+        if not args.no_eager:
+            print(
+                f"[bench offline] ours with compile_decode=False, concurrency {c} ...", flush=True
+            )
+            row["ours_eager"] = run_ours(
+                path, subset, args.new_tokens, c, args.dtype, compile_decode=False
+            )
         if not args.skip_transformers:
             print(f"[bench offline] transformers, concurrency {c} ...", flush=True)
             row["transformers"] = run_transformers(path, subset, args.new_tokens, c, args.dtype)
             hf = row["transformers"]["tokens_per_s"]
             row["speedup"] = row["ours"]["tokens_per_s"] / hf
-            if "ours_compiled" in row:
-                row["speedup_compiled"] = row["ours_compiled"]["tokens_per_s"] / hf
+            if "ours_eager" in row:
+                row["speedup_eager"] = row["ours_eager"]["tokens_per_s"] / hf
         results.append(row)
         print(_line(row), flush=True)
-    report = {
-        "bench": "offline",
-        "model": args.model,
-        "dtype": args.dtype,
-        "machine": machine_info("cpu"),
-        "results": results,
-        "command": "qwen35-ray bench offline " + " ".join(argv or []),
-    }
+    report["results"] = results
     write_report(args.out, report)
     return 0
 
@@ -154,20 +189,18 @@ def _line(row: dict) -> str:
     ours = row["ours"]
     text = (
         f"concurrency {row['concurrency']:>3}: ours {ours['tokens_per_s']:8.1f} tok/s "
-        f"(+{ours['peak_extra_mib']:.0f} MiB)"
+        f"(+{ours['peak_extra_mib']:.0f} MiB, start-up {ours['startup_s']:.0f} s"
+        f"{'' if ours['compiled'] else ', not compiled'})"
     )
-    if "ours_compiled" in row:
-        comp = row["ours_compiled"]
-        text += (
-            f", compiled {comp['tokens_per_s']:8.1f} tok/s (+{comp['peak_extra_mib']:.0f} MiB, "
-            f"start-up {comp['startup_s']:.0f} s)"
-        )
+    if "ours_eager" in row:
+        eager = row["ours_eager"]
+        text += f", eager {eager['tokens_per_s']:8.1f} tok/s (+{eager['peak_extra_mib']:.0f} MiB)"
     if "transformers" in row:
         hf = row["transformers"]
         text += (
             f", transformers {hf['tokens_per_s']:8.1f} tok/s "
             f"(+{hf['peak_extra_mib']:.0f} MiB), x{row['speedup']:.2f}"
         )
-        if "speedup_compiled" in row:
-            text += f" (compiled x{row['speedup_compiled']:.2f})"
+        if "speedup_eager" in row:
+            text += f" (eager x{row['speedup_eager']:.2f})"
     return text
