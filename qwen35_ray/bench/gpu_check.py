@@ -1,0 +1,328 @@
+"""gpu_check: every GPU figure the project needs, in one command (scripts/gpu_check.sh).
+
+Each step runs in its own process with its own time limit, so one that fails or hangs costs
+only itself; every step's result (or its error and the end of its output) lands in one JSON.
+`--dry-run` runs the same steps on CPU at tiny shapes (CI runs it).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STEPS = ("facts", "pytest_gpu", "bench_kernels", "engine_parity", "sampler", "engine_speed")
+
+# Qwen3.5-35B-A3B's text widths (its config.json), with fewer layers
+A3B_TEXT = {
+    "hidden_size": 2048,
+    "head_dim": 256,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "vocab_size": 248320,
+    "max_position_embeddings": 262144,
+    "rope_parameters": {
+        "mrope_interleaved": True,
+        "mrope_section": [11, 11, 10],
+        "partial_rotary_factor": 0.25,
+        "rope_theta": 10000000,
+        "rope_type": "default",
+    },
+}
+
+
+def _device(dry: bool) -> str:
+    return "cpu" if dry else "cuda"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_facts(dry: bool) -> dict:
+    import triton
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "commit": os.environ.get("QWEN35_COMMIT"),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=p.total_memory / 2**30)
+        try:
+            out["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out["nvidia_smi"] = repr(e)
+    return out
+
+
+def step_pytest_gpu(dry: bool) -> dict:
+    xml = Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "pytest-gpu.xml"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+            "tests/kernels/test_kernels_gpu.py", f"--junitxml={xml}"]  # fmt: skip
+    p = subprocess.run(args, capture_output=True, text=True)
+    import xml.etree.ElementTree as ET
+
+    cases = []
+    if xml.exists():
+        for tc in ET.parse(xml).getroot().iter("testcase"):
+            status = "passed"
+            msg = None
+            for child in tc:
+                if child.tag in ("failure", "error", "skipped"):
+                    status = child.tag
+                    msg = (child.get("message") or "")[:400]
+            cases.append({"name": tc.get("name"), "status": status, "time": tc.get("time"),
+                          "message": msg})  # fmt: skip
+    return {"rc": p.returncode, "cases": cases, "tail": (p.stdout + p.stderr)[-3000:]}
+
+
+def step_bench_kernels(dry: bool) -> dict:
+    from qwen35_ray.bench.kernels import run_kernel_bench
+
+    rows = run_kernel_bench(_device(dry), quick=dry, progress=lambda m: print(m, flush=True))
+    return {"rows": rows}
+
+
+def _greedy(llm, prompts, n):
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def step_engine_parity(dry: bool) -> dict:
+    """The tiny checkpoints on the GPU against the CPU: the same greedy tokens."""
+    from qwen35_ray import LLM
+
+    prompts = ["The capital of France is", "def fib(n):", "1, 2, 3, 4,", "Hello " * 40]
+    out = {}
+    for name in ("qwen35-tiny", "qwen35-tiny-dense"):
+        for dtype in ("float32", "bfloat16"):
+            ref = _greedy(LLM(name, dtype=dtype, device="cpu", compile_decode=False), prompts, 8)
+            t0 = time.perf_counter()
+            llm = LLM(name, dtype=dtype, device=_device(dry), compile_decode=False)
+            got = _greedy(llm, prompts, 8)
+            same = [a == b for a, b in zip(ref, got)]
+            out[f"{name}/{dtype}"] = {"same": same, "ref": ref, "got": got,
+                                      "seconds": time.perf_counter() - t0}  # fmt: skip
+            print(name, dtype, same, flush=True)
+    return out
+
+
+def step_sampler(dry: bool) -> dict:
+    """Today's sampler at the real vocabulary, the model's default settings."""
+    from qwen35_ray.engine.executor import SampleRow
+    from qwen35_ray.engine.sampler import sample
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    device = _device(dry)
+    V = 248320
+    params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
+    out = {}
+    for B in (1, 64) if not dry else (1, 4):
+        logits = torch.randn(B, V, device=device) * 4
+        rows = [SampleRow(str(i), params, seed=i, position=0) for i in range(B)]
+        sample(logits, rows)
+        _sync(device)
+        t0 = time.perf_counter()
+        n = 3
+        for _ in range(n):
+            sample(logits, rows)
+        _sync(device)
+        out[f"B={B}"] = {"ms": (time.perf_counter() - t0) / n * 1e3}
+        print("sampler", B, out[f"B={B}"], flush=True)
+    return out
+
+
+# --dry-run: the same structure at small widths
+DRY_TEXT = {"hidden_size": 256, "head_dim": 64, "num_attention_heads": 4, "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+            "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64, "vocab_size": 4096}  # fmt: skip
+
+
+def write_a3b_checkpoint(out_dir: Path, layers: int, dry: bool = False) -> Path:
+    """A config + tokenizer directory at 35B-A3B widths (weights come from the dummy loader)."""
+    from qwen35_ray.model.tiny.checkpoint import SPECIAL_TOKENS, TEXT_CONFIG, write_tokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out_dir)
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
+    text = {**TEXT_CONFIG, **A3B_TEXT, **(DRY_TEXT if dry else {}), "num_hidden_layers": layers, "layer_types": types,
+            "model_type": "qwen3_5_moe_text", "router_aux_loss_coef": 0.001,
+            "eos_token_id": ids["<|im_end|>"], "bos_token_id": None, "pad_token_id": None}  # fmt: skip
+    raw = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+           "text_config": text, "tie_word_embeddings": False}  # fmt: skip
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|im_end|>"]]}))
+    return out_dir
+
+
+def _dummy_weights():
+    """Patch the loader to fill parameters with scaled random values on their device."""
+    import math
+
+    import qwen35_ray.model.loader as loader
+
+    def fill(net, config, path, **kw):
+        g = torch.Generator(device=next(net.parameters()).device).manual_seed(0)
+        for name, p in net.named_parameters():
+            if name.endswith("A_log"):
+                p.uniform_(0.0, 2.7, generator=g)
+            elif name.endswith("dt_bias") or "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+
+    loader.load_weights = fill
+    loader.weights_fingerprint = lambda path: "dummy"
+
+
+def step_engine_speed(dry: bool) -> dict:
+    """bf16 35B-A3B widths, few layers, random weights: decode steps and prefill."""
+    from qwen35_ray import LLM
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    _dummy_weights()
+    device = _device(dry)
+    layers = 4
+    path = write_a3b_checkpoint(Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "a3b", layers, dry)
+    t0 = time.perf_counter()
+    llm = LLM(str(path), dtype="bfloat16", device=device, compile_decode=False,
+              max_num_seqs=64, max_num_batched_tokens=8192,
+              kv_cache_memory_bytes=(4 if not dry else 1) * 2**30)  # fmt: skip
+    out = {"layers": layers, "load_s": time.perf_counter() - t0}
+    print("loaded", out, flush=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for n in (1024, 8192) if not dry else (64,):
+        ids = torch.randint(1000, 4000 if dry else 100000, (n,)).tolist()
+        llm.generate({"prompt_token_ids": ids}, greedy)
+        _sync(device)
+        t = time.perf_counter()
+        llm.generate({"prompt_token_ids": ids[::-1]}, greedy)
+        _sync(device)
+        out[f"prefill_{n}_ms"] = (time.perf_counter() - t) * 1e3
+        print("prefill", n, out[f"prefill_{n}_ms"], flush=True)
+    for B in (1, 16, 64) if not dry else (1, 4):
+        prompts = [{"prompt_token_ids": torch.randint(1000, 4000 if dry else 100000, (32,)).tolist()} for _ in range(B)]
+        p1 = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        llm.generate(prompts, p1)
+        n_out = 34 if not dry else 6
+        pn = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        _sync(device)
+        t = time.perf_counter()
+        llm.generate(prompts, pn)
+        _sync(device)
+        t_n = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.generate(prompts, p1)
+        _sync(device)
+        t_1 = time.perf_counter() - t
+        step = (t_n - t_1) / (n_out - 2)
+        out[f"decode_step_B{B}_ms"] = step * 1e3
+        print("decode", B, step * 1e3, flush=True)
+    out["profile_B16"] = _profile(llm, device, dry)
+    return out
+
+
+def _profile(llm, device: str, dry: bool) -> list[dict]:
+    """The ops that take a 16-sequence decode's time (8 steps), by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    prompts = [{"prompt_token_ids": list(range(1000, 1032))} for _ in range(16)]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+        _sync(device)
+    key = "device_time_total" if device == "cuda" else "cpu_time_total"
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:25]:
+        rows.append({"name": e.key[:80], "count": e.count, "ms": getattr(e, key) / 1e3,
+                     "cpu_ms": e.cpu_time_total / 1e3})  # fmt: skip
+    print(prof.key_averages().table(sort_by=key, row_limit=20)[-6000:], flush=True)
+    return rows
+
+
+def run_step(name: str, dry: bool) -> None:
+    result = globals()[f"step_{name}"](dry)
+    print("GPU_CHECK_RESULT " + json.dumps(result, default=str), flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="gpu_check")
+    ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny shapes")
+    ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    ap.add_argument("--out", type=Path, default=Path("gpu-check.json"))
+    ap.add_argument("--timeout", type=float, default=150, help="seconds per step")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for all the steps")
+    ap.add_argument("--step", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.step:
+        run_step(args.step, args.dry_run)
+        return 0
+    report = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "steps": {}}  # fmt: skip
+    deadline = time.perf_counter() + args.budget
+    for name in args.steps:
+        t0 = time.perf_counter()
+        limit = min(args.timeout, deadline - t0)
+        if limit < 5:
+            report["steps"][name] = {"rc": "skipped", "reason": "out of --budget"}
+            continue
+        cmd = [sys.executable, "-m", "qwen35_ray.bench.gpu_check", "--step", name]
+        cmd += ["--dry-run"] if args.dry_run else []
+        print(f"== {name}", flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            text = p.stdout + p.stderr
+            rc = p.returncode
+        except subprocess.TimeoutExpired as e:
+            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            text += (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            rc = "timeout"
+        result = None
+        for line in text.splitlines():
+            if line.startswith("GPU_CHECK_RESULT "):
+                result = json.loads(line[len("GPU_CHECK_RESULT "):])
+        entry = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "result": result}
+        if rc != 0 or result is None:
+            entry["tail"] = text[-4000:]
+        report["steps"][name] = entry
+        print(f"   rc={rc} {entry['seconds']} s", flush=True)
+        if result is None or rc != 0:
+            print(text[-1500:], flush=True)
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
