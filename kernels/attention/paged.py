@@ -2,8 +2,9 @@
 
 The cache of one layer is [N, P, Hkv, D] (N blocks of P tokens); sequence b owns the blocks
 listed in block_tables[b], and its token at position p lives in block block_tables[b][p // P]
-at offset p % P. A token's flat slot is block * P + offset (slot_mapping). CUDA tensors go to
-the Triton kernels of paged_triton.py.
+at offset p % P. A token's flat slot is block * P + offset (slot_mapping). paged_attention
+sends CUDA tensors to the Triton kernels of paged_triton.py and others to
+paged_attention_torch.
 """
 
 import torch
@@ -45,6 +46,22 @@ def paged_attention(
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_q_len
         )
+    return paged_attention_torch(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_q_len
+    )
+
+
+def paged_attention_torch(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [N, P, Hkv, D]
+    v_cache: torch.Tensor,  # [N, P, Hkv, D]
+    block_tables: torch.Tensor,  # [B, M]
+    cu_seqlens_q: torch.Tensor,  # [B+1]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    max_q_len: int | None = None,
+) -> torch.Tensor:
+    """paged_attention in PyTorch: SDPA per sequence, or one masked matmul for decodes."""
     B = seq_lens.shape[0]
     if max_q_len == 1:
         return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale)

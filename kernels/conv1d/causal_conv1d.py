@@ -1,8 +1,9 @@
 """Causal depthwise conv1d with SiLU: varlen prefill and single-step decode over state slots.
 
 A slot holds the last W-1 inputs of its sequence ([C, W-1]), so a sequence can continue in a
-later step (chunked prefill, decode) exactly as if it had been run in one piece. CUDA tensors go
-to the Triton kernels of causal_conv1d_triton.py.
+later step (chunked prefill, decode) exactly as if it had been run in one piece. The public
+functions send CUDA tensors to the Triton kernels of causal_conv1d_triton.py and others to the
+`_torch` paths here.
 """
 
 import torch
@@ -25,6 +26,19 @@ def causal_conv1d_varlen(
         return causal_conv1d_varlen_triton(
             x, weight, cu_seqlens, conv_state, state_indices, has_initial_state
         )
+    return causal_conv1d_varlen_torch(
+        x, weight, cu_seqlens, conv_state, state_indices, has_initial_state
+    )
+
+
+def causal_conv1d_varlen_torch(
+    x: torch.Tensor,  # [T, C]
+    weight: torch.Tensor,  # [C, W]
+    cu_seqlens: torch.Tensor,  # [B+1]
+    conv_state: torch.Tensor,  # [S, C, W-1] slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    has_initial_state: torch.Tensor,  # [B] bool
+) -> torch.Tensor:
     C, W = weight.shape
     T, B, P = x.shape[0], state_indices.shape[0], W - 1
     dev = x.device
@@ -66,6 +80,15 @@ def causal_conv1d_update(
         from qwen35_kernels.conv1d.causal_conv1d_triton import causal_conv1d_update_triton
 
         return causal_conv1d_update_triton(x, weight, conv_state, state_indices)
+    return causal_conv1d_update_torch(x, weight, conv_state, state_indices)
+
+
+def causal_conv1d_update_torch(
+    x: torch.Tensor,  # [B, C]
+    weight: torch.Tensor,  # [C, W]
+    conv_state: torch.Tensor,  # [S, C, W-1] slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+) -> torch.Tensor:
     y, conv_state[state_indices] = causal_conv1d_step(x, weight, conv_state[state_indices])
     return y
 

@@ -4,8 +4,8 @@ Within a chunk of C tokens the C rank-one delta updates collapse into one triang
 (the WY representation), so the sequential work is one small matmul step per chunk instead of
 one per token. The PyTorch path below runs the in-chunk algebra for every chunk of the batch at
 once and then carries the states chunk by chunk, all sequences together; the q.k and k.k
-products are formed once per key head for the value heads it serves. CUDA tensors go to the
-Triton kernels of chunk_triton.py.
+products are formed once per key head for the value heads it serves. The public functions send
+CUDA tensors to the Triton kernels of chunk_triton.py and others to the `_torch` paths here.
 """
 
 import torch
@@ -124,6 +124,26 @@ def chunk_gated_delta_rule(
             q, k, v, g, beta, cu_seqlens, state, state_indices, has_initial_state,
             scale, use_qk_l2norm, chunk_size or 64,
         )  # fmt: skip
+    return chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, cu_seqlens, state, state_indices, has_initial_state,
+        scale, use_qk_l2norm, chunk_size,
+    )  # fmt: skip
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,  # [T, H, K]
+    k: torch.Tensor,  # [T, H, K]
+    v: torch.Tensor,  # [T, HV, V]
+    g: torch.Tensor,  # [T, HV] log decay
+    beta: torch.Tensor,  # [T, HV]
+    cu_seqlens: torch.Tensor,  # [B+1]
+    state: torch.Tensor,  # [S, HV, K, V] fp32 state slots, updated in place
+    state_indices: torch.Tensor,  # [B] slot of each sequence
+    has_initial_state: torch.Tensor,  # [B] bool: start from the slot (else from zeros)
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     chunk_size = chunk_size or CPU_CHUNK_SIZE
     K = k.shape[-1]
     scale = K**-0.5 if scale is None else scale
@@ -156,15 +176,59 @@ def chunk_gated_delta_rule_with_gating(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """chunk_gated_delta_rule with gdn_gating fused in: g and beta never reach memory on GPU."""
-    if use_triton(q):
-        from qwen35_kernels.gdn.chunk_triton import chunk_gated_delta_rule_triton
+    impl = (
+        chunk_gated_delta_rule_with_gating_triton
+        if use_triton(q)
+        else chunk_gated_delta_rule_with_gating_torch
+    )
+    return impl(
+        q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, has_initial_state,
+        scale, use_qk_l2norm, chunk_size,
+    )  # fmt: skip
 
-        return chunk_gated_delta_rule_triton(
-            q, k, v, None, None, cu_seqlens, state, state_indices, has_initial_state,
-            scale, use_qk_l2norm, chunk_size or 64, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
-        )  # fmt: skip
+
+def chunk_gated_delta_rule_with_gating_torch(
+    q: torch.Tensor,  # [T, H, K]
+    k: torch.Tensor,  # [T, H, K]
+    v: torch.Tensor,  # [T, HV, V]
+    a: torch.Tensor,  # [T, HV] decay projection
+    b: torch.Tensor,  # [T, HV] write-strength projection
+    A_log: torch.Tensor,  # [HV]
+    dt_bias: torch.Tensor,  # [HV]
+    cu_seqlens: torch.Tensor,  # [B+1]
+    state: torch.Tensor,  # [S, HV, K, V] fp32 state slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    has_initial_state: torch.Tensor,  # [B] bool
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     g, beta = gdn_gating(a, b, A_log, dt_bias)
-    return chunk_gated_delta_rule(
+    return chunk_gated_delta_rule_torch(
         q, k, v, g, beta, cu_seqlens, state, state_indices, has_initial_state,
         scale, use_qk_l2norm, chunk_size,
+    )  # fmt: skip
+
+
+def chunk_gated_delta_rule_with_gating_triton(
+    q: torch.Tensor,  # [T, H, K]
+    k: torch.Tensor,  # [T, H, K]
+    v: torch.Tensor,  # [T, HV, V]
+    a: torch.Tensor,  # [T, HV] decay projection
+    b: torch.Tensor,  # [T, HV] write-strength projection
+    A_log: torch.Tensor,  # [HV]
+    dt_bias: torch.Tensor,  # [HV]
+    cu_seqlens: torch.Tensor,  # [B+1]
+    state: torch.Tensor,  # [S, HV, K, V] fp32 state slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    has_initial_state: torch.Tensor,  # [B] bool
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    from qwen35_kernels.gdn.chunk_triton import chunk_gated_delta_rule_triton
+
+    return chunk_gated_delta_rule_triton(
+        q, k, v, None, None, cu_seqlens, state, state_indices, has_initial_state,
+        scale, use_qk_l2norm, chunk_size or 64, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
     )  # fmt: skip

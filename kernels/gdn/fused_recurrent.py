@@ -4,6 +4,10 @@ One token per sequence for plain decode ([B, H, K] inputs), or T tokens per sequ
 speculative verification ([B, T, H, K] inputs). For the latter `intermediate_states`
 [B, T, HV, K, V] receives the state after every position, so the engine can restart from the
 state after the last accepted token; the slot itself ends at the state after all T tokens.
+
+The public functions send CUDA tensors to the Triton kernel of fused_recurrent_triton.py and
+others to the `_torch` paths here; the `_with_gating` pair takes the projections a and b and
+computes the decay and write strength (gdn_gating) inside, fused into the kernel on Triton.
 """
 
 import torch
@@ -35,6 +39,25 @@ def fused_recurrent_gated_delta_rule(
             q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm,
             intermediate_states=intermediate_states,
         )  # fmt: skip
+    return fused_recurrent_gated_delta_rule_torch(
+        q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm,
+        intermediate_states=intermediate_states,
+    )  # fmt: skip
+
+
+def fused_recurrent_gated_delta_rule_torch(
+    q: torch.Tensor,  # [B, H, K] or [B, T, H, K]
+    k: torch.Tensor,  # [B, H, K] or [B, T, H, K]
+    v: torch.Tensor,  # [B, HV, V] or [B, T, HV, V]
+    g: torch.Tensor,  # [B, HV] or [B, T, HV] log decay
+    beta: torch.Tensor,  # [B, HV] or [B, T, HV]
+    state: torch.Tensor,  # [S, HV, K, V] fp32 state slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    *,
+    intermediate_states: torch.Tensor | None = None,  # [B, T, HV, K, V] fp32, written
+) -> torch.Tensor:
     one_token = q.dim() == 3
     out_dtype = v.dtype
     if one_token:
@@ -104,17 +127,57 @@ def fused_recurrent_gated_delta_rule_with_gating(
     intermediate_states: torch.Tensor | None = None,  # [B, T, HV, K, V] fp32, written
 ) -> torch.Tensor:
     """fused_recurrent_gated_delta_rule with gdn_gating fused in."""
-    if use_triton(q):
-        from qwen35_kernels.gdn.fused_recurrent_triton import (
-            fused_recurrent_gated_delta_rule_triton,
-        )
+    impl = (
+        fused_recurrent_gated_delta_rule_with_gating_triton
+        if use_triton(q)
+        else fused_recurrent_gated_delta_rule_with_gating_torch
+    )
+    return impl(
+        q, k, v, a, b, A_log, dt_bias, state, state_indices, scale, use_qk_l2norm,
+        intermediate_states=intermediate_states,
+    )  # fmt: skip
 
-        return fused_recurrent_gated_delta_rule_triton(
-            q, k, v, None, None, state, state_indices, scale, use_qk_l2norm,
-            intermediate_states=intermediate_states, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
-        )  # fmt: skip
+
+def fused_recurrent_gated_delta_rule_with_gating_torch(
+    q: torch.Tensor,  # [B, H, K] or [B, T, H, K]
+    k: torch.Tensor,  # [B, H, K] or [B, T, H, K]
+    v: torch.Tensor,  # [B, HV, V] or [B, T, HV, V]
+    a: torch.Tensor,  # [B, HV] or [B, T, HV] decay projection
+    b: torch.Tensor,  # [B, HV] or [B, T, HV] write-strength projection
+    A_log: torch.Tensor,  # [HV]
+    dt_bias: torch.Tensor,  # [HV]
+    state: torch.Tensor,  # [S, HV, K, V] fp32 state slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    *,
+    intermediate_states: torch.Tensor | None = None,  # [B, T, HV, K, V] fp32, written
+) -> torch.Tensor:
     g, beta = gdn_gating(a, b, A_log, dt_bias)
-    return fused_recurrent_gated_delta_rule(
+    return fused_recurrent_gated_delta_rule_torch(
         q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm,
         intermediate_states=intermediate_states,
+    )  # fmt: skip
+
+
+def fused_recurrent_gated_delta_rule_with_gating_triton(
+    q: torch.Tensor,  # [B, H, K] or [B, T, H, K]
+    k: torch.Tensor,  # [B, H, K] or [B, T, H, K]
+    v: torch.Tensor,  # [B, HV, V] or [B, T, HV, V]
+    a: torch.Tensor,  # [B, HV] or [B, T, HV] decay projection
+    b: torch.Tensor,  # [B, HV] or [B, T, HV] write-strength projection
+    A_log: torch.Tensor,  # [HV]
+    dt_bias: torch.Tensor,  # [HV]
+    state: torch.Tensor,  # [S, HV, K, V] fp32 state slots, updated in place
+    state_indices: torch.Tensor,  # [B]
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    *,
+    intermediate_states: torch.Tensor | None = None,  # [B, T, HV, K, V] fp32, written
+) -> torch.Tensor:
+    from qwen35_kernels.gdn.fused_recurrent_triton import fused_recurrent_gated_delta_rule_triton
+
+    return fused_recurrent_gated_delta_rule_triton(
+        q, k, v, None, None, state, state_indices, scale, use_qk_l2norm,
+        intermediate_states=intermediate_states, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
     )  # fmt: skip

@@ -1,7 +1,8 @@
 """Routed expert MLP: token copies sorted by expert, one GEMM pair per expert that has tokens.
 
-CUDA tensors go to the Triton grouped GEMMs of fused_moe_triton.py. On CPU, small batches
-(decode) avoid the per-expert Python loop, whose cost is the loop, not the arithmetic:
+fused_moe sends CUDA tensors to the Triton grouped GEMMs of fused_moe_triton.py and others to
+fused_moe_torch. On CPU, small batches (decode) avoid the per-expert Python loop, whose cost is
+the loop, not the arithmetic:
 - few (token, expert) pairs (`gathers_experts`): each pair's weights are gathered and the pairs
   run as two batched matrix-vector products, reading only the chosen experts (one sequence
   reads k of E);
@@ -65,6 +66,16 @@ def fused_moe(
         from qwen35_kernels.moe.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(x, w_gate_up, w_down, topk_weights, topk_ids)
+    return fused_moe_torch(x, w_gate_up, w_down, topk_weights, topk_ids)
+
+
+def fused_moe_torch(
+    x: torch.Tensor,  # [T, H]
+    w_gate_up: torch.Tensor,  # [E, 2I, H] gate rows first
+    w_down: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
     T, k = topk_ids.shape
     E = w_gate_up.shape[0]
     if gathers_experts(T, k, E, compiled=torch.compiler.is_compiling()):

@@ -14,6 +14,14 @@ def topk_softmax(
         from qwen35_kernels.moe.fused_moe_triton import topk_softmax_triton
 
         return topk_softmax_triton(router_logits, top_k, renormalize)
+    return topk_softmax_torch(router_logits, top_k, renormalize)
+
+
+def topk_softmax_torch(
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
