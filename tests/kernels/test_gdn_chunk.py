@@ -1,5 +1,7 @@
 """Chunked gated delta rule (prefill) against the token-by-token fp32 recurrence."""
 
+import contextlib
+
 import pytest
 import torch
 from kernel_asserts import (
@@ -16,6 +18,7 @@ from qwen35_kernels.gdn import (
     chunk_gated_delta_rule_with_gating,
     gdn_gating,
 )
+from qwen35_kernels.gdn.chunk_triton import _chunk_fwd
 from qwen35_kernels.gdn.naive import naive_recurrent_gated_delta_rule
 
 LENS = [63, 65, 1, 7]  # ragged, one short of a chunk, one past it, a single token
@@ -125,3 +128,46 @@ def test_chunk_gated_delta_rule_triton_without_l2norm():
         )
         assert_close(f"o of sequence {i}", o.cpu()[s:e], ref_o, torch.float32)
         assert_close(f"final state of sequence {i}", state.cpu()[slot], ref_h, torch.float32)
+
+
+@contextlib.contextmanager
+def _programs_in_reverse():
+    """The interpreter runs a launch's programs one after another in grid order; this runs
+    them in the reverse order."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    set_grid_idx = builder.set_grid_idx
+
+    def reverse(self, x, y, z):
+        nx, ny, nz = self.grid_dim
+        set_grid_idx(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    builder.set_grid_idx = reverse
+    try:
+        yield
+    finally:
+        builder.set_grid_idx = set_grid_idx
+
+
+@pytest.mark.skipif(
+    TRITON_DEVICE != "cpu", reason="orders programs through the CPU interpreter; on a GPU "
+    "test_kernels_gpu.py checks that two runs give the same bits"
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunk_gated_delta_rule_triton_program_order(dtype):
+    """No program reads what another program of the same launch writes: every launch gives
+    the same bits, intermediates included, with its programs run in reverse. On a GPU the
+    programs of a launch run in no fixed order, so a dependency between them is a race."""
+    x = _inputs(dtype, TRITON_DEVICE)
+    runs = []
+    for order in (contextlib.nullcontext(), _programs_in_reverse()):
+        state = x["state"].clone()
+        with order, nan_filled_buffers():
+            o, stages = _chunk_fwd(
+                *(x[n] for n in ("q", "k", "v", "g", "beta")), *_args(x, state),
+                None, True, 64, None, None, None, None,
+            )  # fmt: skip
+        runs.append({"o": o, "state": state, **stages})
+    for name, first in runs[0].items():
+        assert torch.equal(first, runs[1][name]), f"{name} depends on the order of programs"
