@@ -2,10 +2,16 @@
 
 import pytest
 import torch
-from kernel_asserts import assert_close, cu_seqlens
+from kernel_asserts import assert_close, cu_seqlens, rel_rms
 from qwen35_kernels.attention import paged_attention
 from qwen35_kernels.attention.naive import naive_attention
-from qwen35_kernels.gdn import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from qwen35_kernels.gdn import (
+    chunk_gated_delta_rule,
+    chunk_triton,
+    fused_recurrent_gated_delta_rule,
+    gdn_gating,
+)
+from qwen35_kernels.gdn.chunk_triton import _chunk_fwd
 from qwen35_kernels.gdn.naive import naive_recurrent_gated_delta_rule
 from qwen35_kernels.moe import fused_moe, topk_softmax
 from qwen35_kernels.moe.naive import naive_moe
@@ -37,30 +43,63 @@ def test_chunk_gated_delta_rule_cuda(dtype):
         )
         assert_close(f"o {i}", o[s:e], ref_o.float(), dtype)
         assert_close(f"state {i}", st[slot], ref_h, dtype)
+        if dtype == torch.bfloat16:
+            # the kernel's bf16 roundings, emulated on CPU, give 2.5e-3 to 3.5e-3 on the
+            # kernel tests' inputs: a bar of 1e-2 leaves room for tf32 and still catches the
+            # 2.2e-2 to 2.6e-2 of the racing kernel the H100 and H200 ran
+            for name, out, ref in (("o", o[s:e], ref_o), ("state", st[slot], ref_h)):
+                err = rel_rms(out, ref)
+                assert err <= 1e-2, f"{name} {i}: relative RMS error {err:.2e} > 1e-2"
 
 
-def test_chunk_gated_delta_rule_cuda_repeatable():
-    """Two runs on the same bf16 inputs give the same bits. The [bf16] case above measured
-    2.2e-2 and 2.6e-2 on an H100 for the same seeded inputs, while the kernel's casts emulated
-    on CPU (round to nearest even, tf32 dots) give 3e-3: a run-to-run difference would point to
-    a race rather than rounding."""
+def _gdn_chunk_stages(lens, H, HV, dtype=torch.bfloat16, runs=3):
+    """o, the final states and every intermediate buffer of `runs` identical calls."""
     torch.manual_seed(42)
-    lens, H, HV, K, V = [1000, 63, 65], 4, 16, 128, 128
-    T = sum(lens)
-    q, k = (torch.randn(T, H, K, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-    v = torch.randn(T, HV, V, dtype=torch.bfloat16, device="cuda")
+    T, K = sum(lens), 128
+    q, k = (torch.randn(T, H, K, dtype=dtype, device="cuda") for _ in range(2))
+    v = torch.randn(T, HV, K, dtype=dtype, device="cuda")
     g, beta = gdn_gating(torch.randn(T, HV), torch.randn(T, HV), torch.rand(HV).log(),
                          torch.randn(HV))  # fmt: skip
-    state = torch.randn(4, HV, K, V, device="cuda")
-    idx, hi = torch.tensor([3, 0, 1], device="cuda"), torch.tensor([True, False, True]).cuda()
-    runs = []
-    for _ in range(2):
+    B = len(lens)
+    state = torch.randn(B + 1, HV, K, K, device="cuda")
+    idx = torch.arange(B, 0, -1, device="cuda")
+    hi = (torch.arange(B, device="cuda") % 2) == 0
+    out = []
+    for _ in range(runs):
         st = state.clone()
-        o = chunk_gated_delta_rule(q, k, v, g.cuda(), beta.cuda(), cu_seqlens(lens).cuda(), st,
-                                   idx, hi)  # fmt: skip
-        runs.append((o, st))
-    assert torch.equal(runs[0][0], runs[1][0]), "outputs differ between two identical runs"
-    assert torch.equal(runs[0][1], runs[1][1]), "states differ between two identical runs"
+        o, stages = _chunk_fwd(
+            q, k, v, g.cuda(), beta.cuda(), cu_seqlens(lens).cuda(), st, idx, hi,
+            None, True, 64, None, None, None, None,
+        )  # fmt: skip
+        out.append({**stages, "o": o, "state": st})
+    return out
+
+
+@pytest.mark.parametrize(
+    "lens,H,HV", [([1000, 63, 65], 4, 16), ([8192], 16, 64)], ids=["ragged", "397B-8192"]
+)
+@pytest.mark.parametrize(
+    "num_warps,BV", [(2, 32), (4, 32), (4, 64)], ids=["fwd_h-w2-bv32", "w4-bv32", "w4-bv64"]
+)
+def test_chunk_gated_delta_rule_cuda_repeatable(monkeypatch, lens, H, HV, num_warps, BV):
+    """Identical calls give the same bits, stage by stage. The old single-program kernel gave
+    2.2e-2 and 2.6e-2 in two H100 runs and differed between two H200 runs on bf16 inputs,
+    though no program of it reads what another program of its launch writes (the interpreter
+    test test_chunk_gated_delta_rule_triton_program_order): a race in the compiled tensor-core
+    code, as in Triton's tl.dot recurrence reports (triton-lang/triton#9871) for a loop-carried
+    dot state on four warps. The default fwd_h config (two warps, BV=32) must repeat; the
+    four-warp ones say whether the race is there on this GPU and Triton, and where: the
+    first stage that differs names the launch."""
+    default = (chunk_triton.FWD_H_NUM_WARPS, chunk_triton.FWD_H_BV)
+    monkeypatch.setattr(chunk_triton, "FWD_H_NUM_WARPS", num_warps)
+    monkeypatch.setattr(chunk_triton, "FWD_H_BV", BV)
+    runs = _gdn_chunk_stages(lens, H, HV)
+    differ = [
+        name for name in runs[0] if not all(torch.equal(runs[0][name], r[name]) for r in runs[1:])
+    ]
+    if (num_warps, BV) != default and differ:
+        pytest.xfail(f"fwd_h at num_warps={num_warps}, BV={BV} is not repeatable: {differ}")
+    assert not differ, f"stages that differ between identical runs: {differ}"
 
 
 def test_fused_recurrent_gated_delta_rule_cuda():
