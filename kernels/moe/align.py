@@ -1,8 +1,9 @@
 """Token copies sorted by expert, each expert's run padded to a multiple of the GEMM block.
 
-The layout of vLLM's moe_align_block_size, built from a few device-side torch ops (no host
-sync): the grouped GEMM gives every block of `block_m` sorted entries to one expert, so a block
-never mixes experts and an expert without tokens owns no block.
+The layout of vLLM's moe_align_block_size, built from a few device-side torch ops of static
+sizes (no host sync, so a CUDA graph can capture it): the grouped GEMM gives every block of
+`block_m` sorted entries to one expert, so a block never mixes experts and an expert without
+tokens owns no block.
 """
 
 import torch
@@ -22,7 +23,9 @@ def moe_align_block_size(
     # at most one partial block per expert, and never more blocks than copies
     M = min(N + num_experts * (block_m - 1), N * block_m)
     M = (M + block_m - 1) // block_m * block_m
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: on CUDA it reads the largest id back to the host to size its output
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     order = torch.argsort(flat, stable=True)

@@ -40,8 +40,10 @@ class ForwardBatch:
 
     @property
     def is_decode(self) -> bool:
-        """Every sequence adds one token to existing state: the single-step kernels apply."""
-        return self.max_q_len == 1 and bool(self.has_initial_state.all())
+        """Every sequence adds one token to existing state: the single-step kernels apply.
+        Decided on the host (num_decodes counts the chunks), never by reading a device
+        tensor: a CUDA graph cannot capture a host sync."""
+        return self.num_seqs > 0 and self.num_decodes == self.num_seqs
 
     @cached_property
     def parts(self) -> tuple["ForwardBatch | None", "ForwardBatch | None"]:
@@ -52,12 +54,14 @@ class ForwardBatch:
             return self, None
         if D == 0:
             return None, self
+        T = self.positions.shape[0]
         return self._rows(0, D, 0, D, max_q_len=1), self._rows(
-            D, B, D, int(self.cu_seqlens[-1]), max_q_len=self.max_q_len
+            D, B, D, T, max_q_len=self.max_q_len
         )
 
     def _rows(self, b0, b1, t0, t1, max_q_len):
-        decode = max_q_len == 1 and bool(self.has_initial_state[b0:b1].all())
+        # the decodes lead the batch: rows from 0 are all decodes, rows from num_decodes none
+        decode = b0 == 0 and b1 <= self.num_decodes
         return ForwardBatch(
             positions=self.positions[t0:t1],
             cu_seqlens=self.cu_seqlens[b0 : b1 + 1] - t0,
