@@ -14,6 +14,7 @@ from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.request_state import model_fingerprint
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.kernel_backend import kernel_backend
 from qwen35_ray.model.loader import resolve_dtype
 from qwen35_ray.model.source import resolve_model
 from qwen35_ray.model.weights import weights_fingerprint
@@ -87,6 +88,8 @@ def start_dp_engine(path, dtype, device, ep, placement_group, engine_config):
             f"compile_decode is for a single-process engine; with expert_parallel_size="
             f"{ep.size} set compile_decode=False"
         )
+    # an unusable backend fails here, before any rank starts
+    kernel_backend(ec.kernels, device)
     torch_dtype = resolve_dtype(dtype, config)
     max_model_len = resolve_max_model_len(config, ec)
     # each rank's cache is an EP=1 engine's: its own slots and blocks for its own sequences

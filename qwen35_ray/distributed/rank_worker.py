@@ -61,8 +61,9 @@ class RankWorker:
         shard = ExpertShard(self.rank, self.size, config.num_experts)
         self.expert_range = (shard.start, shard.stop)
         model, config, _ = load_model(
-            path, dtype=dtype, device=device, expert_shard=shard, progress=False
-        )
+            path, dtype=dtype, device=device, expert_shard=shard, progress=False,
+            kernels=engine_config.kernels,
+        )  # fmt: skip
         self.model = model
         torch_dtype = next(model.parameters()).dtype
         self.executor = InProcessExecutor.create(

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from qwen35_ray.model.kernel_backend import KERNELS
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -19,8 +21,14 @@ class EngineConfig:
     # CPU: run steps of pure decodes as one torch.compile graph (engine/decode_graph.py).
     # None (auto): on for a CPU engine in one process, compiled in the background while the
     # first steps run eagerly (QWEN35_RAY_COMPILE_DECODE=0 turns it off); True: compiled at
-    # start-up, before the first step; False: never
+    # start-up, before the first step; False: never. The graph is made of the PyTorch paths:
+    # with kernels='triton' None stays off and True is an error
     compile_decode: bool | None = None
+    # the model's ops, chosen once when it is built (model/kernel_backend.py): auto (Triton
+    # kernels on CUDA, PyTorch paths on CPU), torch (the PyTorch paths on any device, a
+    # reference on GPU), triton (the Triton kernels; on CPU only under TRITON_INTERPRET=1,
+    # slow, for tests)
+    kernels: str = "auto"
     # while others wait to be admitted, one prefill chunk takes at most this many tokens of a
     # step; None: max(block_size, max_num_batched_tokens // 8); 0: no limit
     long_prefill_token_threshold: int | None = None
@@ -29,6 +37,14 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels={self.kernels!r} is not one of {', '.join(KERNELS)}")
+        if self.kernels == "triton" and self.compile_decode:
+            raise ValueError(
+                "compile_decode=True compiles the PyTorch paths of the decode step, and "
+                "kernels='triton' runs the Triton kernels instead; set compile_decode=False "
+                "(or leave it None) or use kernels='torch'"
+            )
         if (self.long_prefill_token_threshold or 0) < 0:
             raise ValueError(
                 f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 0 "

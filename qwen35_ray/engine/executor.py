@@ -102,10 +102,11 @@ class InProcessExecutor:
     @classmethod
     def create(cls, model, config, size, ec, dtype, device="cpu") -> "InProcessExecutor":
         """The model with a new HybridCache of `size` (engine.cache_sizing.CacheSize) and the
-        compiled decode graphs when ec.compile_decode."""
+        compiled decode graphs when ec.compile_decode. The cache keeps DecodeKV copies only
+        for a model on the torch kernels (model/kernel_backend.py)."""
         cache = HybridCache.allocate(
             config, size.num_slots + size.num_snapshots, size.num_blocks, ec.block_size, dtype,
-            device,
+            device, decode_kv=_torch_kernels(model),
         )  # fmt: skip
         compiled = None
         if compiles_decode(ec.compile_decode, device, model):
@@ -172,13 +173,26 @@ class InProcessExecutor:
 
 
 def compiles_decode(setting: bool | None, device, model) -> bool:
-    """EngineConfig.compile_decode resolved: True and False as given (True off the CPU is an
-    error); None (auto) compiles for a CPU model in this process, not an expert-parallel rank
-    (its MoE exchange cannot be in a graph), unless QWEN35_RAY_COMPILE_DECODE=0."""
+    """EngineConfig.compile_decode resolved: True and False as given (True off the CPU, or on
+    the Triton kernels, is an error); None (auto) compiles for a CPU model on the torch kernels
+    in this process, not an expert-parallel rank (its MoE exchange cannot be in a graph),
+    unless QWEN35_RAY_COMPILE_DECODE=0."""
     cpu = torch.device(device).type == "cpu"
     if setting is None:
         off = os.environ.get("QWEN35_RAY_COMPILE_DECODE", "1") == "0"
-        return cpu and getattr(model, "expert_parallel", None) is None and not off
+        single = getattr(model, "expert_parallel", None) is None
+        return cpu and _torch_kernels(model) and single and not off
     if setting and not cpu:
         raise ValueError("compile_decode is for CPU engines")
+    if setting and not _torch_kernels(model):
+        raise ValueError(
+            "compile_decode=True compiles the PyTorch paths, and this model runs the Triton "
+            "kernels (kernels='triton'); set compile_decode=False or kernels='torch'"
+        )
     return setting
+
+
+def _torch_kernels(model) -> bool:
+    """The model runs the PyTorch paths (model/kernel_backend.py)."""
+    kernels = getattr(model, "kernels", None)
+    return kernels is None or kernels.is_torch

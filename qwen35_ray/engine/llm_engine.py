@@ -25,6 +25,7 @@ from qwen35_ray.engine.step_plan import Plan, forced_token, plan_step
 from qwen35_ray.engine.step_stats import StepCounters
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.generation_config import GenerationDefaults
+from qwen35_ray.model.kernel_backend import kernel_backend
 from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.weights import tensor_fingerprint
 
@@ -59,6 +60,7 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(config, ec)
         if executor is None:
             dtype = next(model.parameters()).dtype
+            _check_kernels(model, ec.kernels, device)
         elif dtype is None or fingerprint is None:
             raise ValueError("an engine given an executor needs the model's dtype and fingerprint")
         self.dtype = dtype
@@ -91,9 +93,10 @@ class LLMEngine:
     def from_pretrained(cls, model: str, dtype="auto", device="cpu", **engine_kwargs):
         import transformers
 
-        net, config, path = load_model(model, dtype=dtype, device=device)
+        ec = EngineConfig(**engine_kwargs)
+        net, config, path = load_model(model, dtype=dtype, device=device, kernels=ec.kernels)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        return cls(net, config, tokenizer, EngineConfig(**engine_kwargs), path, device)
+        return cls(net, config, tokenizer, ec, path, device)
 
     def default_sampling_params(self, **overrides) -> SamplingParams:
         return SamplingParams(**{**self.generation_defaults, **overrides})
@@ -427,6 +430,19 @@ class LLMEngine:
             for s in seqs:
                 self._detok.pop(id(s), None)
         return out
+
+
+def _check_kernels(model, kernels: str, device) -> None:
+    """The model's kernel backend, chosen when it was loaded, is the one EngineConfig.kernels
+    names for this device."""
+    built = getattr(model, "kernels", None)
+    wanted = kernel_backend(kernels, device)
+    if built is not None and built is not wanted:
+        raise ValueError(
+            f"EngineConfig.kernels={kernels!r} means the {wanted.name} kernels on "
+            f"{torch.device(device).type}, but the model was loaded with the {built.name} "
+            f"kernels; load it with load_model(..., kernels={kernels!r})"
+        )
 
 
 def _seed(params: SamplingParams, index: int) -> int:

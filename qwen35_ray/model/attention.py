@@ -5,20 +5,21 @@ Legend: T = tokens, Hq/Hkv = query/KV heads, D = head dim.
 """
 
 import torch
-from qwen35_kernels.attention import paged_attention, write_kv
 from qwen35_kernels.rope import apply_rope, rope_inv_freq, yarn_inv_freq
 from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decode_kv import DecodeKV
+from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.linear import fuse_rows, project
 from qwen35_ray.model.norm import RMSNorm
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: KernelBackend = TORCH):
         super().__init__()
+        self.kernels = kernels
         self.Hq, self.Hkv = config.num_attention_heads, config.num_key_value_heads
         self.D = config.head_dim
         hidden = config.hidden_size
@@ -27,8 +28,8 @@ class GatedAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.Hkv * self.D, bias=False)
         self.v_proj = nn.Linear(hidden, self.Hkv * self.D, bias=False)
         self.o_proj = nn.Linear(self.Hq * self.D, hidden, bias=False)
-        self.q_norm = RMSNorm(self.D, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.D, config.rms_norm_eps)
+        self.q_norm = RMSNorm(self.D, config.rms_norm_eps, kernels)
+        self.k_norm = RMSNorm(self.D, config.rms_norm_eps, kernels)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         # YaRN's attention factor multiplies cos and sin (1.0 for plain RoPE)
         self.rope_scale = (
@@ -49,11 +50,11 @@ class GatedAttention(nn.Module):
         batch: ForwardBatch,
         key_cache: torch.Tensor,  # [N, P, Hkv, D] this layer's blocks
         value_cache: torch.Tensor,
-        decode_kv: DecodeKV | None = None,  # CPU decode reads K/V from here
+        decode_kv: DecodeKV | None = None,  # CPU decode reads K/V from here (torch kernels)
     ) -> torch.Tensor:
         T = x.shape[0]
         q, gate, k, v = self._project(x, batch.positions)
-        write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
+        self.kernels.write_kv(k, v, key_cache, value_cache, batch.slot_mapping)
         parts = []
         for p, (q_part, k_part, v_part) in self._split((q, k, v), batch):
             if p.max_q_len == 1 and decode_kv is not None:
@@ -63,7 +64,7 @@ class GatedAttention(nn.Module):
             if decode_kv is not None:
                 decode_kv.invalidate(p.state_indices.tolist())
             parts.append(
-                paged_attention(
+                self.kernels.paged_attention(
                     q_part,
                     key_cache,
                     value_cache,
@@ -97,7 +98,8 @@ class GatedAttention(nn.Module):
         lengths: torch.Tensor,  # [R] earlier tokens of each slot
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward() for one decode token per sequence without writing any cache: (out
-        [B, hidden], the new k and v [B, Hkv, D] for the caller to store)."""
+        [B, hidden], the new k and v [B, Hkv, D] for the caller to store). For the compiled
+        CPU decode step, which exists only with the torch kernel backend."""
         B = x.shape[0]
         q, gate, k, v = self._project(x, positions)
         o = self.decode_attend(q, k, v, K, V, rows, lengths)

@@ -21,7 +21,8 @@ class HybridCache:
     key: torch.Tensor  # [n_attn, N, P, Hkv, D]; the MTP layers' caches come last
     value: torch.Tensor  # [n_attn, N, P, Hkv, D]
     block_size: int
-    # CPU only: each attention layer's contiguous K/V copy for decode (decode_kv.py)
+    # CPU with the torch kernels only: each attention layer's contiguous K/V copy for decode
+    # (decode_kv.py)
     decode_kv: list[DecodeKV] = field(default_factory=list)
 
     def decode_kv_of(self, layer: int) -> DecodeKV | None:
@@ -59,13 +60,16 @@ class HybridCache:
         dtype: torch.dtype,
         device="cpu",
         with_mtp: bool = False,
+        decode_kv: bool = True,
     ) -> "HybridCache":
+        """decode_kv: keep DecodeKV copies (on CPU only), which the torch kernels' attention
+        decodes from; the Triton kernels read the paged blocks."""
         n_gdn = len(config.gdn_layers)
         n_attn = len(config.attention_layers) + (config.mtp_num_hidden_layers if with_mtp else 0)
         W = config.linear_conv_kernel_dim
         Hkv, D = config.num_key_value_heads, config.head_dim
         kv_shape = (n_attn, num_blocks, block_size, Hkv, D)
-        on_cpu = torch.device(device).type == "cpu"
+        copies = decode_kv and torch.device(device).type == "cpu"
         return cls(
             conv=torch.zeros(n_gdn, num_slots, config.conv_dim, W - 1, dtype=dtype, device=device),
             recurrent=torch.zeros(
@@ -80,7 +84,7 @@ class HybridCache:
             key=torch.zeros(kv_shape, dtype=dtype, device=device),
             value=torch.zeros(kv_shape, dtype=dtype, device=device),
             block_size=block_size,
-            decode_kv=[DecodeKV(num_slots, Hkv, D, dtype) for _ in range(n_attn)] if on_cpu else [],
+            decode_kv=[DecodeKV(num_slots, Hkv, D, dtype) for _ in range(n_attn)] if copies else [],
         )
 
     def copy_slot(self, src: int, dst: int) -> None:

@@ -9,6 +9,7 @@ from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decode_kv import DecodeKV
 from qwen35_ray.model.expert_parallel import ExpertParallel
 from qwen35_ray.model.gdn import GatedDeltaNet
+from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.mlp import MLP, SparseMoE
 from qwen35_ray.model.norm import RMSNorm
 
@@ -20,19 +21,21 @@ class DecoderLayer(nn.Module):
         layer_type: str,
         moe: bool,
         expert_parallel: ExpertParallel | None = None,
+        kernels: KernelBackend = TORCH,
     ):
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config)
+            self.linear_attn = GatedDeltaNet(config, kernels)
         else:
-            self.self_attn = GatedAttention(config)
+            self.self_attn = GatedAttention(config, kernels)
         if moe:
-            self.mlp = SparseMoE(config, expert_parallel)
+            self.mlp = SparseMoE(config, expert_parallel, kernels)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(H, eps, kernels)
+        self.post_attention_layernorm = RMSNorm(H, eps, kernels)
 
     def fuse_projections(self) -> None:
         (

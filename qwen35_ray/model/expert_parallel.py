@@ -13,6 +13,7 @@ S = pairs this rank sends, R = pairs it receives.
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -86,11 +87,18 @@ class ExpertParallel:
     """The routed experts of one rank, called like fused_moe with this rank's local weights:
     (x [T, H], w_gate_up [E_local, 2I, H], w_down [E_local, H, I], topk_weights [T, k],
     topk_ids [T, k] global ids) -> [T, H]. One object serves every MoE layer of a model, so
-    its counters add up the whole forward."""
+    its counters add up the whole forward. `experts` computes this rank's pairs: the model's
+    kernel backend's fused_moe (by default the op that dispatches on the device)."""
 
-    def __init__(self, shard: ExpertShard, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        shard: ExpertShard,
+        group: dist.ProcessGroup | None = None,
+        experts: Callable = fused_moe,
+    ):
         self.shard = shard
         self.group = group
+        self.experts = experts
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._checked = False
         self._bytes = 0
@@ -141,7 +149,7 @@ class ExpertParallel:
         ids = meta[:, :1].long()
         weights = meta[:, 1:].to(topk_weights.dtype)
         # k=1 with the pair's weight: the results come back already weighted
-        y = fused_moe(got[:, :H].contiguous(), w_gate_up, w_down, weights, ids)  # [R, H]
+        y = self.experts(got[:, :H].contiguous(), w_gate_up, w_down, weights, ids)  # [R, H]
         back = y.new_empty(sum(send), H)  # [S, H]
         self._all_to_all(back, y, send, recv)
         # summed in fp32 as the local kernels combine a token's choices, rounded once

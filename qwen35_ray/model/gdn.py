@@ -4,25 +4,21 @@ Legend: T = tokens, H/HV = key/value heads, K/V = their head dims, C = conv chan
 """
 
 import torch
-from qwen35_kernels.conv1d import causal_conv1d_step, causal_conv1d_update, causal_conv1d_varlen
-from qwen35_kernels.gdn import (
-    chunk_gated_delta_rule,
-    fused_recurrent_gated_delta_rule,
-    gated_delta_step,
-    gdn_gating,
-    prepare_qk,
-)
+from qwen35_kernels.conv1d import causal_conv1d_step
+from qwen35_kernels.gdn import gated_delta_step, gdn_gating, prepare_qk
 from torch import nn
 
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.linear import fuse_rows, project
 from qwen35_ray.model.norm import GatedRMSNorm
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: KernelBackend = TORCH):
         super().__init__()
+        self.kernels = kernels
         self.H, self.HV = config.linear_num_key_heads, config.linear_num_value_heads
         self.K, self.V = config.linear_key_head_dim, config.linear_value_head_dim
         hidden, C, W = config.hidden_size, config.conv_dim, config.linear_conv_kernel_dim
@@ -35,7 +31,7 @@ class GatedDeltaNet(nn.Module):
         self.conv1d.weight = nn.Parameter(torch.zeros(C, 1, W))
         self.A_log = nn.Parameter(torch.zeros(self.HV))
         self.dt_bias = nn.Parameter(torch.ones(self.HV))
-        self.norm = GatedRMSNorm(self.V, config.rms_norm_eps)
+        self.norm = GatedRMSNorm(self.V, config.rms_norm_eps, kernels)
         self.out_proj = nn.Linear(self.HV * self.V, hidden, bias=False)
         self.register_buffer("in_proj_fused", None, persistent=False)
 
@@ -72,12 +68,12 @@ class GatedDeltaNet(nn.Module):
 
     def _mix(self, qkv, a, b, batch: ForwardBatch, conv_state, recurrent_state):
         """Conv and gated delta rule over a batch that is all decodes or all prefill chunks."""
-        T = qkv.shape[0]
+        T, ops = qkv.shape[0], self.kernels
         weight = self.conv1d.weight[:, 0, :]
         if batch.is_decode:
-            qkv = causal_conv1d_update(qkv, weight, conv_state, batch.state_indices)
+            qkv = ops.causal_conv1d_update(qkv, weight, conv_state, batch.state_indices)
         else:
-            qkv = causal_conv1d_varlen(
+            qkv = ops.causal_conv1d_varlen(
                 qkv,
                 weight,
                 batch.cu_seqlens,
@@ -88,17 +84,17 @@ class GatedDeltaNet(nn.Module):
         q, k, v = qkv.split([self.H * self.K, self.H * self.K, self.HV * self.V], dim=-1)
         q, k = q.view(T, self.H, self.K), k.view(T, self.H, self.K)
         v = v.view(T, self.HV, self.V)
-        g, beta = gdn_gating(a, b, self.A_log, self.dt_bias)
+        # the decay and write strength come from a and b inside the rule (gdn_gating)
+        gating = (a, b, self.A_log, self.dt_bias)
         if batch.is_decode:
-            return fused_recurrent_gated_delta_rule(
-                q, k, v, g, beta, recurrent_state, batch.state_indices
+            return ops.fused_recurrent_gated_delta_rule(
+                q, k, v, *gating, recurrent_state, batch.state_indices
             )
-        return chunk_gated_delta_rule(
+        return ops.chunk_gated_delta_rule(
             q,
             k,
             v,
-            g,
-            beta,
+            *gating,
             batch.cu_seqlens,
             recurrent_state,
             batch.state_indices,
@@ -113,7 +109,8 @@ class GatedDeltaNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward() for one decode token per sequence, on states passed in and returned
         instead of slots written: (out [B, hidden], conv', recurrent'). For the compiled
-        decode step, which must not write its inputs."""
+        decode step, which must not write its inputs; it runs the PyTorch paths and exists
+        only with the torch kernel backend."""
         B = x.shape[0]
         qkv, z, b, a = self._project(x)
         qkv, conv = causal_conv1d_step(qkv, self.conv1d.weight[:, 0, :], conv)

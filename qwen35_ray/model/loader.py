@@ -8,6 +8,7 @@ import torch
 from qwen35_ray.model.attention import GatedAttention, rope_frequencies
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.expert_parallel import ExpertShard
+from qwen35_ray.model.kernel_backend import KernelBackend, kernel_backend
 from qwen35_ray.model.linear import column_major
 from qwen35_ray.model.mlp import Experts
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
@@ -37,9 +38,12 @@ def load_model(
     with_mtp: bool = False,
     progress: bool = True,
     expert_shard: ExpertShard | None = None,
+    kernels: str | KernelBackend = "auto",
 ) -> tuple[Qwen35ForCausalLM, ModelConfig, Path]:
     """The model at `model` (a directory, hub id or embedded name), ready for inference; with
-    `expert_shard`, one rank of an expert-parallel group that reads only its experts."""
+    `expert_shard`, one rank of an expert-parallel group that reads only its experts. kernels:
+    auto, torch or triton (model/kernel_backend.py), resolved here for `device`."""
+    backend = kernel_backend(kernels, device)
     path = resolve_model(str(model))
     config = ModelConfig.from_hf(path)
     torch_dtype = resolve_dtype(dtype, config)
@@ -47,7 +51,9 @@ def load_model(
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device("meta"):
-            net = Qwen35ForCausalLM(config, with_mtp=with_mtp, expert_shard=expert_shard)
+            net = Qwen35ForCausalLM(
+                config, with_mtp=with_mtp, expert_shard=expert_shard, kernels=backend
+            )
     finally:
         torch.set_default_dtype(previous)
     net = net.to_empty(device=device)

@@ -5,11 +5,11 @@ Legend: T = tokens, E = experts (E_local: those this rank holds), I = expert wid
 
 import torch
 import torch.nn.functional as F
-from qwen35_kernels.moe import fused_moe, topk_softmax
 from torch import nn
 
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.expert_parallel import ExpertParallel
+from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.linear import fuse_rows, project
 
 
@@ -55,8 +55,14 @@ class SparseMoE(nn.Module):
     only its shard of the routed experts and reaches the others through it; the router and
     the shared expert stay whole on every rank."""
 
-    def __init__(self, config: ModelConfig, expert_parallel: ExpertParallel | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        expert_parallel: ExpertParallel | None = None,
+        kernels: KernelBackend = TORCH,
+    ):
         super().__init__()
+        self.kernels = kernels
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         self.gate = Router(config)
@@ -65,8 +71,9 @@ class SparseMoE(nn.Module):
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.register_buffer("in_fused", None, persistent=False)
-        # the routed experts' backend, chosen once: same call either way
-        self.routed = fused_moe if expert_parallel is None else expert_parallel
+        # the routed experts' backend, chosen once: same call either way (an ExpertParallel
+        # runs its shard with the same kernels)
+        self.routed = kernels.fused_moe if expert_parallel is None else expert_parallel
         # [E] int64 routed pairs per expert, installed by ExpertLoad on the layers it tracks
         self.register_buffer("expert_counts", None, persistent=False)
 
@@ -80,7 +87,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
         logits, shared_gate, gate, up = project(x, self.in_fused, self._in_projs())
-        weights, ids = topk_softmax(logits, self.top_k, self.renormalize)
+        weights, ids = self.kernels.topk_softmax(logits, self.top_k, self.renormalize)
         if self.expert_counts is not None:
             flat = ids.reshape(-1)
             self.expert_counts.index_add_(0, flat, torch.ones_like(flat))

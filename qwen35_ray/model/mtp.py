@@ -12,21 +12,23 @@ from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decoder import DecoderLayer
+from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.norm import RMSNorm
 
 
 class MultiTokenPredictor(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: KernelBackend = TORCH):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
         moe = config.num_experts > 0
-        self.pre_fc_norm_embedding = RMSNorm(H, eps)
-        self.pre_fc_norm_hidden = RMSNorm(H, eps)
+        self.pre_fc_norm_embedding = RMSNorm(H, eps, kernels)
+        self.pre_fc_norm_hidden = RMSNorm(H, eps, kernels)
         self.fc = nn.Linear(2 * H, H, bias=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, "full_attention", moe) for _ in range(config.mtp_num_hidden_layers)
+            DecoderLayer(config, "full_attention", moe, kernels=kernels)
+            for _ in range(config.mtp_num_hidden_layers)
         )
-        self.norm = RMSNorm(H, eps)
+        self.norm = RMSNorm(H, eps, kernels)
 
     def forward(
         self,

@@ -6,6 +6,10 @@ Python objects inside the model.
 
 Built with an ExpertShard, the model is one rank of an expert-parallel group (see
 expert_parallel.py): it holds its shard of the routed experts and every other weight whole.
+
+Its ops (norms, attention, conv, gated delta rule, router, experts) come from one KernelBackend
+given when it is built (kernel_backend.py: the PyTorch paths or the Triton kernels), held by
+every module that calls them.
 """
 
 import torch
@@ -17,6 +21,7 @@ from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decoder import DecoderLayer
 from qwen35_ray.model.expert_load import ExpertLoad
 from qwen35_ray.model.expert_parallel import ExpertParallel, ExpertShard
+from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.mlp import Experts, SparseMoE
 from qwen35_ray.model.mtp import MultiTokenPredictor
 from qwen35_ray.model.norm import RMSNorm
@@ -24,31 +29,36 @@ from qwen35_ray.model.norm import RMSNorm
 
 class Qwen35ForCausalLM(nn.Module):
     def __init__(
-        self, config: ModelConfig, with_mtp: bool = False, expert_shard: ExpertShard | None = None
+        self,
+        config: ModelConfig,
+        with_mtp: bool = False,
+        expert_shard: ExpertShard | None = None,
+        kernels: KernelBackend = TORCH,
     ):
         super().__init__()
         self.config = config
         self.expert_shard = expert_shard
+        self.kernels = kernels
         # one rank holding every expert needs no exchange
         self.expert_parallel = None
         if expert_shard is not None and expert_shard.size > 1:
-            self.expert_parallel = _expert_parallel(config, with_mtp, expert_shard)
+            self.expert_parallel = _expert_parallel(config, with_mtp, expert_shard, kernels)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, t, moe, self.expert_parallel)
+            DecoderLayer(config, t, moe, self.expert_parallel, kernels)
             for t, moe in zip(config.layer_types, config.moe_layers)
         )
         moe_layers = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
         # the served tokens' routing; the MTP layer's drafts are not tracked
         self.expert_load = ExpertLoad(moe_layers, config.num_experts) if moe_layers else None
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = None
         if with_mtp:
             if config.mtp_num_hidden_layers == 0:
                 raise ValueError("this checkpoint has no MTP layer (mtp_num_hidden_layers=0)")
-            self.mtp = MultiTokenPredictor(config)
+            self.mtp = MultiTokenPredictor(config, kernels)
         # index of each layer's state in the HybridCache (GDN slots or attention blocks)
         kinds = config.layer_types
         self._cache_index = [kinds[:i].count(kinds[i]) for i in range(len(kinds))]
@@ -115,10 +125,11 @@ class Qwen35ForCausalLM(nn.Module):
         values: list[torch.Tensor],
     ):
         """forward() + compute_logits() for a batch of decodes without writing the cache, so it
-        can be compiled into one graph: (logits [B, vocab] fp32, conv', recurrent' [n_gdn, B,
-        ...] of the batch's sequences, the new keys and values [n_attn, B, Hkv, D]). The
-        caller stores the states. The slots are read here, by `rows`, so a compiled graph
-        reads them where they are instead of from a gathered copy."""
+        can be compiled into one graph (CPU, torch kernel backend only): (logits [B, vocab]
+        fp32, conv', recurrent' [n_gdn, B, ...] of the batch's sequences, the new keys and
+        values [n_attn, B, Hkv, D]). The caller stores the states. The slots are read here,
+        by `rows`, so a compiled graph reads them where they are instead of from a gathered
+        copy."""
         x = self.embed_tokens(input_ids)
         new_conv, new_rec, new_k, new_v = [], [], [], []
         for layer, idx in zip(self.layers, self._cache_index):
@@ -155,7 +166,9 @@ class Qwen35ForCausalLM(nn.Module):
         return self.mtp(self.embed_tokens(input_ids), hidden, batch, cache, first_kv)
 
 
-def _expert_parallel(config: ModelConfig, with_mtp: bool, shard: ExpertShard) -> ExpertParallel:
+def _expert_parallel(
+    config: ModelConfig, with_mtp: bool, shard: ExpertShard, kernels: KernelBackend
+) -> ExpertParallel:
     if shard.num_experts != config.num_experts:
         raise ValueError(
             f"the expert shard splits {shard.num_experts} experts but the model has "
@@ -166,4 +179,4 @@ def _expert_parallel(config: ModelConfig, with_mtp: bool, shard: ExpertShard) ->
             f"with_mtp=True is not supported with expert_parallel_size={shard.size} (the MTP "
             "layer's experts are not sharded yet); set with_mtp=False or expert_parallel_size=1"
         )
-    return ExpertParallel(shard)
+    return ExpertParallel(shard, experts=kernels.fused_moe)

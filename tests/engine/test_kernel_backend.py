@@ -1,0 +1,164 @@
+"""EngineConfig.kernels: the Triton kernels (on CPU under Triton's interpreter, as conftest sets
+it) generate the greedy tokens of the PyTorch paths through prefill, chunked prefill, decode, a
+prefix-cache hit and an exported and imported request; the choice is made once, when the model
+is built, and really routes every op to its side."""
+
+import pytest
+import torch
+import triton.language as tl
+from engine_fixtures import prompt
+from triton.runtime.jit import KernelInterface
+
+from qwen35_ray.engine.config import EngineConfig
+from qwen35_ray.engine.executor import compiles_decode
+from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.engine.request_state import RequestState
+from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.model import kernel_backend as kb
+from qwen35_ray.model.kernel_backend import TORCH, TRITON, kernel_backend
+from qwen35_ray.model.loader import load_model
+from qwen35_ray.model.mlp import SparseMoE
+
+GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+# the Triton modules every model launches kernels from; the MoE model also the experts'
+TRITON_MODULES = {
+    "qwen35_kernels.attention.paged_triton",
+    "qwen35_kernels.conv1d.causal_conv1d_triton",
+    "qwen35_kernels.gdn.chunk_triton",
+    "qwen35_kernels.gdn.fused_recurrent_triton",
+    "qwen35_kernels.norm.rms_norm_triton",
+}
+MOE_MODULE = "qwen35_kernels.moe.fused_moe_triton"
+
+
+def engine(name: str, kernels: str, device: str = "cpu") -> LLMEngine:
+    # 4-token blocks and 8-token steps: the 13-token prompt prefills in chunks, beside the
+    # other request's decodes
+    return LLMEngine.from_pretrained(
+        name, dtype="float32", device=device, kernels=kernels, block_size=4,
+        max_num_batched_tokens=8, compile_decode=False,
+    )  # fmt: skip
+
+
+def finish(e: LLMEngine) -> dict:
+    done = {}
+    while e.has_unfinished():
+        for out in e.step():
+            if out.finished or out.request_state is not None:
+                done[out.request_id] = out
+    return done
+
+
+def scenario(name: str, kernels: str, device: str = "cpu") -> dict:
+    """Each request's tokens (and the cached prompt tokens of the one that hits the prefix
+    cache) through one engine."""
+    e = engine(name, kernels, device)
+    a = prompt(13, 1)
+    e.add_request("a", a, GREEDY)
+    e.add_request("b", prompt(5, 2), GREEDY)
+    done = finish(e)
+    # a's GDN states were kept at its last block boundary: 12 of c's 14 prompt tokens hit
+    e.add_request("c", a[:12] + prompt(2, 3), GREEDY)
+    done |= finish(e)
+    e.add_request("d", prompt(9, 4), GREEDY, prefill_only=True)
+    state = finish(e)["d"].request_state
+    e.import_request(RequestState.from_bytes(state.to_bytes()))
+    done |= finish(e)
+    out = {rid: o.outputs[0].token_ids for rid, o in done.items()}
+    out["c cached"] = done["c"].num_cached_tokens
+    return out
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The modules of the Triton kernels launched while the test runs."""
+    seen = set()
+    launch = KernelInterface.__getitem__
+
+    def counted(self, grid):
+        seen.add(self.fn.__module__)
+        return launch(self, grid)
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", counted)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["qwen35-tiny", "qwen35-tiny-dense"])
+def test_triton_kernels_generate_the_tokens_of_the_torch_paths(name, launches):
+    reference = scenario(name, "torch")
+    assert launches == set()
+    assert reference["c cached"] == 12
+    assert len(reference["d"]) == GREEDY.max_tokens
+    got = scenario(name, "triton")
+    expected = TRITON_MODULES | ({MOE_MODULE} if name == "qwen35-tiny" else set())
+    assert expected <= launches
+    assert got == reference
+
+
+def test_the_choice_per_device():
+    assert kernel_backend("auto", "cpu") is TORCH
+    assert kernel_backend("auto", "cuda") is TRITON
+    assert kernel_backend("torch", "cuda") is TORCH
+    assert kernel_backend("triton", "cpu") is TRITON
+
+
+def test_every_module_holds_the_backend_chosen_at_load():
+    model, _, _ = load_model("qwen35-tiny", dtype="float32", progress=False, kernels="triton")
+    holders = [m for m in model.modules() if hasattr(m, "kernels")]
+    # the model, its norms, attention, GDN and MoE layers (the MTP head is not loaded)
+    assert len(holders) > 3 * len(model.layers)
+    assert all(m.kernels is TRITON for m in holders)
+    moe = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    assert moe and all(m.routed is TRITON.fused_moe for m in moe)
+    default, _, _ = load_model("qwen35-tiny", dtype="float32", progress=False)
+    assert all(m.kernels is TORCH for m in default.modules() if hasattr(m, "kernels"))
+
+
+def test_a_bad_value_names_the_field():
+    with pytest.raises(ValueError, match="kernels='cuda' is not one of auto, torch, triton"):
+        EngineConfig(kernels="cuda")
+    with pytest.raises(ValueError, match="kernels='gpu'"):
+        load_model("qwen35-tiny", progress=False, kernels="gpu")
+
+
+def test_triton_on_cpu_without_the_interpreter_names_the_fix(monkeypatch):
+    monkeypatch.setattr(kb, "INTERPRET", tl.constexpr(False))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*kernels='torch'"):
+        kernel_backend("triton", "cpu")
+    assert kernel_backend("triton", "cuda") is TRITON
+
+
+def test_compiled_decode_stays_with_the_torch_kernels(monkeypatch):
+    with pytest.raises(ValueError, match="compile_decode=True.*kernels='triton'"):
+        EngineConfig(kernels="triton", compile_decode=True)
+    monkeypatch.setenv("QWEN35_RAY_COMPILE_DECODE", "1")
+    triton_model, _, _ = load_model("qwen35-tiny", progress=False, kernels="triton")
+    torch_model, _, _ = load_model("qwen35-tiny", progress=False, kernels="torch")
+    assert compiles_decode(None, "cpu", torch_model)
+    assert not compiles_decode(None, "cpu", triton_model)
+    with pytest.raises(ValueError, match="compile_decode=True.*compile_decode=False"):
+        compiles_decode(True, "cpu", triton_model)
+
+
+def test_an_engine_on_the_triton_kernels_reads_the_paged_blocks():
+    e = LLMEngine.from_pretrained("qwen35-tiny-dense", dtype="float32", kernels="triton")
+    assert e.executor.runner.compiled_decode is None
+    # no DecodeKV copies: attention decodes from the paged blocks, as on a GPU
+    assert e.executor.cache.decode_kv == []
+
+
+def test_the_engine_refuses_a_model_loaded_with_other_kernels():
+    model, config, path = load_model("qwen35-tiny-dense", dtype="float32", progress=False)
+    with pytest.raises(ValueError, match="kernels='triton'.*load_model\\(..., kernels='triton'\\)"):
+        LLMEngine(model, config, None, EngineConfig(kernels="triton"), path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["qwen35-tiny", "qwen35-tiny-dense"])
+def test_on_cuda_triton_and_auto_generate_the_tokens_of_torch(name, launches):
+    reference = scenario(name, "torch", "cuda")
+    assert launches == set()
+    for kernels in ("triton", "auto"):
+        assert scenario(name, kernels, "cuda") == reference, kernels
+    assert TRITON_MODULES <= launches
