@@ -308,6 +308,7 @@ def translate(argv: list[str], *, cuda_available=_has_cuda, environ=None) -> Ser
             "block_size",
             "kv_cache_memory_bytes",
             "enable_prefix_caching",
+            "kernels",
         )
         if (v := getattr(a, k)) is not None
     }

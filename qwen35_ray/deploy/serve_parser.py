@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: cuda if this machine sees a GPU, else cpu",
     )
+    m.add_argument(
+        "--kernels",
+        choices=["auto", "torch", "triton"],
+        default=None,
+        help="the model's ops: auto (Triton kernels on cuda, PyTorch paths on cpu), torch (the "
+        "PyTorch paths, a reference on cuda), triton (on cpu only under TRITON_INTERPRET=1)",
+    )
     m.add_argument("--max-model-len", "--context-length", type=_positive_int)
     m.add_argument(
         "--max-num-seqs",

@@ -170,6 +170,13 @@ class EngineArgs(BaseModel):
         "background on a CPU engine of one process while the first steps run eagerly; True: "
         "compiled at start-up; False: never",
     )
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto",
+        description="the model's ops: auto (Triton kernels on CUDA, PyTorch paths on CPU), "
+        "torch (the PyTorch paths on any device, a reference on GPU), triton (the Triton "
+        "kernels; on CPU only under TRITON_INTERPRET=1, slow, for tests). compile_decode stays "
+        "off with triton",
+    )
     long_prefill_token_threshold: int | None = Field(
         None,
         ge=0,
