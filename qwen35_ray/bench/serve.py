@@ -9,6 +9,14 @@ a JSON array; ShareGPT {"conversations": [{"from", "value"}]} or {"messages": [{
 Every run of a sweep gets prompts of its own, so the prefix cache never serves one run from an
 earlier one's; --num-warmups requests of their own go first and are not counted.
 
+Our apps: --start-yaml deployments/qwen35.yaml benches the collocated app, --start-yaml
+deployments/qwen35-pd.yaml the disaggregated one (a prefill and a decode pool; --offline then
+takes the decode pool's engine settings, --offline-pool another's); --base-url an app already
+running (serve run, qwen35-ray serve). With --start-yaml the bench waits for the engines'
+compiled decode step, and records each run's engine steps (from /metrics), the CPU seconds of
+every process of the cluster and, with --py-spy, a sampled profile of the engine replicas,
+the ingress and Serve's proxy.
+
 Load: --max-concurrency N... (closed loop, N in flight) and/or --request-rate R... (open loop,
 Poisson arrivals, or gamma with --burstiness); each value, or pair of values, is one run.
 
@@ -22,13 +30,14 @@ serving/offline ratio. --out writes JSON (each of its `runs` keyed as vLLM's res
 import asyncio
 import contextlib
 import math
+import os
 import shlex
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 
-from qwen35_ray.bench import serve_report
+from qwen35_ray.bench import serve_profile, serve_report
 from qwen35_ray.bench.serve_args import parser
 from qwen35_ray.bench.serve_client import Endpoint, first_model, run_load, send, session
 from qwen35_ray.bench.serve_data import ChatDataset, load_tokenizer, random_requests
@@ -89,7 +98,11 @@ class Workload:
         }
 
 
-async def run(args, base_url: str, slo: dict, percentiles: list[float]) -> dict:
+async def run(
+    args, base_url: str, slo: dict, percentiles: list[float], app: str | None = None
+) -> dict:
+    """app: the Serve app of a cluster this process started and is connected to (--start-yaml),
+    whose engines it waits for and whose processes it profiles; None for any other server."""
     model = args.model or await first_model(base_url, args.api_key)
     tokenizer_id = args.tokenizer or model
     print(f"[bench serve] {base_url}, model {model}, tokenizer {tokenizer_id}", flush=True)
@@ -109,9 +122,17 @@ async def run(args, base_url: str, slo: dict, percentiles: list[float]) -> dict:
         offline = OfflineEngine(yaml_path, args.app, args.offline_pool, args.offline_threads)
         print(f"[bench serve] offline engine: {offline.settings}", flush=True)
 
+    compiled = None
+    if app is not None and args.compile_wait > 0:
+        print("[bench serve] waiting for the served engines' compiled decode step", flush=True)
+        compiled = await serve_profile.wait_compiled(app, args.compile_wait)
+        print(f"[bench serve] compiled: {compiled}", flush=True)
+
     def count(text: str) -> int:
         return len(tok.encode(text, add_special_tokens=False))
 
+    cpu = serve_profile.ClusterCPU() if app is not None else None
+    metrics_url = base_url.rstrip("/") + "/metrics"
     runs = []
     async with session(args.request_timeout) as http:
         served = lambda r: send(http, ep, r, count)  # noqa: E731
@@ -121,7 +142,18 @@ async def run(args, base_url: str, slo: dict, percentiles: list[float]) -> dict:
             arrivals = f"{args.seed}:arrivals:{k}"
             if warm:
                 await run_load(served, warm, conc)
-            records, duration = await run_load(served, reqs, conc, rate, args.burstiness, arrivals)
+            steps0 = await serve_profile.engine_steps(http, metrics_url)
+            cpu0 = cpu.sample() if cpu is not None else None
+            spy = contextlib.nullcontext()
+            if args.py_spy is not None and cpu is not None:
+                tag = f"{args.label or 'serve'}-c{conc}-r{rate:g}"
+                spy = serve_profile.PySpy(args.py_spy, spied(cpu.pids()), tag)
+            with spy:
+                records, duration = await run_load(
+                    served, reqs, conc, rate, args.burstiness, arrivals
+                )
+            cpu1 = cpu.sample() if cpu is not None else None
+            steps1 = await serve_profile.engine_steps(http, metrics_url)
             row = {
                 "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
                 "endpoint_type": "openai-chat" if args.endpoint == "chat" else "openai",
@@ -141,14 +173,34 @@ async def run(args, base_url: str, slo: dict, percentiles: list[float]) -> dict:
             }
             if args.save_detailed:
                 row.update(detailed(records))
+            row["engine_steps"] = serve_profile.steps_between(steps0, steps1, duration)
+            if cpu is not None:
+                row["cpu_seconds"] = serve_profile.ClusterCPU.between(cpu0, cpu1)
+                row["cpu_wait_seconds"] = serve_profile.ClusterCPU.between(cpu0, cpu1, 2)
+            if isinstance(spy, serve_profile.PySpy):
+                row["py_spy"] = spy.summary
             if offline is not None:
                 offline_send = lambda r: offline.send(r, temperature, args.ignore_eos)  # noqa: E731
                 if warm:
                     await run_load(offline_send, warm, conc)
+                before, t0, w0 = offline.stats(), os.times(), serve_profile.runqueue_s(os.getpid())
                 recs, secs = await run_load(
                     offline_send, reqs, conc, rate, args.burstiness, arrivals
                 )
+                after, t1, w1 = offline.stats(), os.times(), serve_profile.runqueue_s(os.getpid())
                 row["offline"] = summarize(recs, secs, percentiles, slo)
+                d = {
+                    k: b - a
+                    for (k, a), b in zip(
+                        serve_profile.engine_counters(before).items(),
+                        serve_profile.engine_counters(after).values(),
+                    )
+                }
+                row["offline"]["engine_steps"] = serve_profile.step_summary(d, secs)
+                row["offline"]["cpu_seconds"] = round(
+                    (t1.user + t1.system) - (t0.user + t0.system), 2
+                )
+                row["offline"]["cpu_wait_seconds"] = round(w1 - w0, 2)
                 row["serving_offline_output_throughput_ratio"] = (
                     row["output_throughput"] / row["offline"]["output_throughput"]
                     if row["offline"]["output_throughput"]
@@ -167,9 +219,16 @@ async def run(args, base_url: str, slo: dict, percentiles: list[float]) -> dict:
         "goodput_slo_ms": slo or None,
         "metric_percentiles": percentiles,
         "offline": offline.settings if offline else None,
+        "served_decode_compiled": compiled,
         "failed": sum(r["failed"] for r in runs),
         "runs": runs,
     }
+
+
+def spied(pids: dict[int, str]) -> dict[int, str]:
+    """The processes --py-spy records: the engine replicas, the ingress and the proxy."""
+    keep = ("Server", "Ingress", "ProxyActor")
+    return {pid: name for pid, name in pids.items() if any(k in name for k in keep)}
 
 
 def worktree_changes() -> list[str] | None:
@@ -219,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         app = app_name(args.start_yaml, args.app)
         cluster = serve_yaml(args.start_yaml, args.num_cpus, app, args.port)
     else:
+        app = None
         cluster = contextlib.nullcontext((args.base_url.rstrip("/"), False))
-    with cluster as (url, _):
-        report = asyncio.run(run(args, url, slo, percentiles))
+    with cluster as (url, started):
+        report = asyncio.run(run(args, url, slo, percentiles, app if started else None))
     report.update(
         config=str(args.start_yaml) if args.start_yaml else None,
         label=args.label,

@@ -124,6 +124,23 @@ def parser(description: str = "") -> argparse.ArgumentParser:
         "as Ray gives its replica)",
     )
     p.add_argument(
+        "--compile-wait",
+        type=float,
+        default=600,
+        help="with --start-yaml: seconds to wait for each served engine's compiled decode "
+        "step (compile_decode auto compiles in the background) before the first run; 0: do "
+        "not wait. The --offline engine is always waited for",
+    )
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --start-yaml: py-spy record the engine replicas, the ingress and Serve's "
+        "proxy during each run (raw stacks in DIR); each run keeps a summary (functions with "
+        "most samples)",
+    )
+    p.add_argument(
         "--request-timeout",
         type=float,
         default=600,

@@ -4,9 +4,13 @@ HTTP client times them: TTFT to the first step output with a token, ITL between 
 that add tokens, latency to the last. The ratio of the two runs is what Ray Serve, HTTP, SSE and
 the ingress cost.
 
-Threads: a Ray actor runs torch with OMP_NUM_THREADS = its num_cpus (1 for num_cpus 1 or
-less), so by default the offline engine gets the pool's num_cpus threads too (at least 1);
---offline-threads sets another number. The run records both.
+Threads: the offline engine runs the torch threads the pool's replicas run (its torch_threads,
+else what Ray gives an actor: its num_cpus rounded down, at least 1); --offline-threads sets
+another number. The run records both.
+
+Compiled decode: with compile_decode auto (the default) the engine compiles in the background;
+the offline engine is waited for before any request (its start-up counts the wait), as
+bench serve waits for the served replicas' (LLMServer.wait_compiled), so both run compiled.
 """
 
 import itertools
@@ -15,6 +19,10 @@ from pathlib import Path
 
 from qwen35_ray.bench.serve_client import BenchRequest
 from qwen35_ray.bench.serve_metrics import RequestRecord
+
+# the longest wait for a compiled decode step (a cold compile takes about a minute on 2 cores,
+# over 90 s with the host busy)
+COMPILE_WAIT_S = 600
 
 
 def application(path: Path, app: str | None) -> dict:
@@ -56,12 +64,13 @@ class OfflineEngine:
                 f"is expert-parallel (expert_parallel_size {e.expert_parallel_size})"
             )
         pool_cpus = getattr(cfg, pool).num_cpus
-        self.threads = threads or max(1, int(pool_cpus))
+        self.threads = threads or getattr(cfg, pool).threads
         torch.set_num_threads(self.threads)
         start = time.perf_counter()
         self.engine = LLMEngine.from_pretrained(
             cfg.model, dtype=cfg.dtype, device=cfg.device, **e.engine_kwargs
         )
+        compiled = self.engine.executor.wait_compiled(COMPILE_WAIT_S)
         self.settings = {
             "config": str(yaml_path),
             "pool": pool,
@@ -70,11 +79,17 @@ class OfflineEngine:
             "device": cfg.device,
             "engine": e.engine_kwargs,
             "pool_num_cpus": pool_cpus,
+            "pool_torch_threads": getattr(cfg, pool).torch_threads,
             "torch_threads": self.threads,
+            "decode_compiled": compiled,
             "startup_s": time.perf_counter() - start,
         }
         self._async = None
         self._ids = itertools.count()
+
+    def stats(self) -> dict:
+        """The engine's counters (steps and their seconds), safe while it steps."""
+        return self._async.stats() if self._async is not None else self.engine.load_stats()
 
     def prompt_ids(self, req: BenchRequest) -> list[int]:
         tok = self.engine.tokenizer

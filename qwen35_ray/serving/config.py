@@ -212,6 +212,17 @@ class EnginePoolConfig(DeploymentConfig):
     # a partial `engine` merged over the top-level one (AppConfig.engine_for), e.g.
     # decode_server: {engine: {expert_parallel_size: 2}}; only the keys given count
     engine: EngineArgs | None = None
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of each replica's engine (set in its constructor); None: "
+        "what Ray gives an actor, its num_cpus rounded down, at least 1",
+    )
+
+    @property
+    def threads(self) -> int:
+        """The torch threads a replica of this pool runs."""
+        return self.torch_threads or max(1, int(self.num_cpus))
 
     @field_serializer("engine")
     def _given_only(self, engine: EngineArgs | None):
@@ -294,6 +305,15 @@ class AppConfig(BaseModel):
         description="times one streamed request (n=1) may resume on another replica after "
         "the replica serving it died or was stopped mid-stream; then a 503 error event. "
         "0: no migration",
+    )
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="a stream's tokens after its first are sent at most this often, those of "
+        "several engine steps in one chunk (the first token and the finish go at once); each "
+        "chunk costs the replica, the ingress and the proxy CPU (serving/coalesce.py). 0: "
+        "one chunk per engine step",
     )
     log_requests: bool = Field(
         True,

@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from qwen35_ray.serving import transfer
+from qwen35_ray.serving.coalesce import coalesced
 from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
 from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items, raise_error_item
 from qwen35_ray.serving.llm_server import LLMServer
@@ -136,7 +137,8 @@ class DecodeServer(LLMServer):
                 len(state.prompt_token_ids), "imported", len(state.output_token_ids)
             )
             imported = self.engine.import_state(state)
-            async for step in self._deltas(imported, timer, handoff["seen"]):
+            deltas = self._deltas(imported, timer, handoff["seen"])
+            async for step in coalesced(deltas, self.config.stream_interval_s):
                 if first:
                     step["receive_s"], first = seconds, False
                 yield step

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import ray
+import torch
 from ray import serve
 
 from qwen35_ray.distributed.build import build_engine
@@ -37,6 +38,7 @@ from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.serving.autoscaling_signals import AutoscalingSignals
+from qwen35_ray.serving.coalesce import coalesced
 from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.errors import EngineLost, OpenAIError, Overloaded, errors_as_items
 from qwen35_ray.serving.metrics import install, replica_names
@@ -63,6 +65,10 @@ class LLMServer(AutoscalingSignals):
         cfg = AppConfig.model_validate(config)
         self.config, self.pool = cfg, pool
         e = cfg.engine_for(pool)
+        threads = getattr(cfg, pool).torch_threads
+        if threads is not None:
+            # before the engine exists: a compiled decode step fixes its threads when traced
+            torch.set_num_threads(threads)
         ep = EPConfig(
             e.expert_parallel_size, e.rank_num_cpus, e.rank_num_gpus, e.placement_strategy
         )
@@ -175,7 +181,8 @@ class LLMServer(AutoscalingSignals):
             len(kwargs.get("resume_token_ids", ())),
         )
         outputs = self.engine.generate(request_id, prompt_token_ids, sp, **kwargs)
-        async for delta in self._deltas(outputs, timer, seen):
+        deltas = self._deltas(outputs, timer, seen)
+        async for delta in coalesced(deltas, self.config.stream_interval_s):
             yield delta
 
     async def _deltas(self, outputs, timer, seen: dict[int, tuple[int, int]] | None = None):
@@ -254,6 +261,14 @@ class LLMServer(AutoscalingSignals):
         """Polled by Serve's controller every second for the request routers: small, as it
         goes to every router (/metrics reads the replica's registry: serving/metrics.py)."""
         return self.engine.stats()
+
+    async def wait_compiled(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the engine's compiled decode step (compile_decode auto
+        compiles it in the background while the first steps run eagerly), so a benchmark
+        measures the steady state. True once decode steps run compiled; False without a
+        compiled step (compile_decode False, expert-parallel, a failed compile) or on timeout."""
+        wait = getattr(self.engine.engine.executor, "wait_compiled", None)
+        return wait is not None and await asyncio.to_thread(wait, timeout_s)
 
     def check_health(self) -> None:
         """Fails when the engine died or, for an EP group, when a rank is gone or does not
