@@ -31,9 +31,13 @@ from qwen35_kernels.triton_utils import dot
 from qwen35_kernels.utils import next_pow2, prepare_chunk_indices, prepare_chunk_offsets
 
 BT = 64
-# fwd_h: V block and warps. Two warps per program with BV = 32 keep clear of the tl.dot
-# recurrence miscompiles Triton 3.4-3.7 showed at four warps (triton-lang/triton#9871, #10590)
-FWD_H_BV, FWD_H_NUM_WARPS = 32, 2
+# fwd_h's V block, warps and pipeline stages. On two warps the dots lower to synchronous
+# mma.sync rather than Hopper's asynchronous wgmma (which needs four), away from the class of
+# tl.dot recurrence races Triton 3.4-3.7 showed on four warps (triton-lang/triton#9871,
+# #10590) and from whatever made the old four-warp kernel unrepeatable. Compiled for sm_90 on
+# CPU (Triton 3.9, its ptxas): BV=16 on one stage takes 251 registers with no spill, while BV=32
+# spills 192 bytes and two stages spill 24; four warps (wgmma) at BV=32 take 160.
+FWD_H_BV, FWD_H_NUM_WARPS, FWD_H_NUM_STAGES = 16, 2, 1
 
 
 @triton.jit
@@ -229,7 +233,7 @@ def _chunk_fwd(
     chunk_gdn_fwd_h_kernel[(triton.cdiv(V, BV), B * HV)](
         k, k_rstd, w, u, gc, h, v_new, state, state_indices, has_initial_state, cu_seqlens,
         chunk_offsets, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision,
-        num_warps=FWD_H_NUM_WARPS,
+        num_warps=FWD_H_NUM_WARPS, num_stages=FWD_H_NUM_STAGES,
     )  # fmt: skip
 
     o = torch.empty(T, HV, V, dtype=dtype, device=dev)

@@ -50,6 +50,25 @@ def _fla():
     return fla_chunk, fla_recurrent
 
 
+def _with_fwd_h(config, fn):
+    """fn run with the chunk kernel's fwd_h at (num_warps, BV, num_stages) = config."""
+    from qwen35_kernels.gdn import chunk_triton
+
+    names = ("FWD_H_NUM_WARPS", "FWD_H_BV", "FWD_H_NUM_STAGES")
+
+    def call():
+        saved = [getattr(chunk_triton, n) for n in names]
+        for name, value in zip(names, config):
+            setattr(chunk_triton, name, value)
+        try:
+            return fn()
+        finally:
+            for name, value in zip(names, saved):
+                setattr(chunk_triton, name, value)
+
+    return call
+
+
 def _gdn_prefill(s, device, dtype, T):
     q, k, v, g, beta = _gdn_inputs(s, (T,), dtype, device)
     cu = torch.tensor([0, T], dtype=torch.int32, device=device)
@@ -60,6 +79,10 @@ def _gdn_prefill(s, device, dtype, T):
     # the token loop takes minutes at 397B shapes beyond 4096 tokens; skipped there
     ref = (lambda: naive_recurrent_gated_delta_rule(q, k, v, g, beta)) if T <= 4096 else None
     others = {}
+    if device == "cuda":
+        # the recurrence kernel on four warps (wgmma) beside its default two (mma.sync), in
+        # the JSON only: speedup_vs_fwd_h_w4_bv32 above 1 when the default is faster
+        others["fwd_h_w4_bv32"] = _with_fwd_h((4, 32, 3), fast)
     fla = _fla() if device == "cuda" else None
     if fla:
         # flash-linear-attention gets q and k repeated to the value heads

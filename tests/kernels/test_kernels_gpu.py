@@ -79,26 +79,28 @@ def _gdn_chunk_stages(lens, H, HV, dtype=torch.bfloat16, runs=3):
     "lens,H,HV", [([1000, 63, 65], 4, 16), ([8192], 16, 64)], ids=["ragged", "397B-8192"]
 )
 @pytest.mark.parametrize(
-    "num_warps,BV", [(2, 32), (4, 32), (4, 64)], ids=["fwd_h-w2-bv32", "w4-bv32", "w4-bv64"]
+    "config", [(2, 16, 1), (4, 32, 3), (4, 64, 2)], ids=["fwd_h-w2-bv16", "w4-bv32", "w4-bv64"]
 )
-def test_chunk_gated_delta_rule_cuda_repeatable(monkeypatch, lens, H, HV, num_warps, BV):
+def test_chunk_gated_delta_rule_cuda_repeatable(monkeypatch, lens, H, HV, config):
     """Identical calls give the same bits, stage by stage. The old single-program kernel gave
     2.2e-2 and 2.6e-2 in two H100 runs and differed between two H200 runs on bf16 inputs,
     though no program of it reads what another program of its launch writes (the interpreter
     test test_chunk_gated_delta_rule_triton_program_order): a race in the compiled tensor-core
     code, as in Triton's tl.dot recurrence reports (triton-lang/triton#9871) for a loop-carried
-    dot state on four warps. The default fwd_h config (two warps, BV=32) must repeat; the
-    four-warp ones say whether the race is there on this GPU and Triton, and where: the
-    first stage that differs names the launch."""
-    default = (chunk_triton.FWD_H_NUM_WARPS, chunk_triton.FWD_H_BV)
-    monkeypatch.setattr(chunk_triton, "FWD_H_NUM_WARPS", num_warps)
-    monkeypatch.setattr(chunk_triton, "FWD_H_BV", BV)
+    dot state on four warps. The default fwd_h config (two warps, BV=16, one stage) must
+    repeat; the four-warp ones (the old kernel's: 4 warps, BV=32, 3 stages) say whether that
+    race is there on this GPU and Triton, and where: the first stage that differs names the
+    launch."""
+    names = ("FWD_H_NUM_WARPS", "FWD_H_BV", "FWD_H_NUM_STAGES")
+    default = tuple(getattr(chunk_triton, n) for n in names)
+    for name, value in zip(names, config):
+        monkeypatch.setattr(chunk_triton, name, value)
     runs = _gdn_chunk_stages(lens, H, HV)
     differ = [
         name for name in runs[0] if not all(torch.equal(runs[0][name], r[name]) for r in runs[1:])
     ]
-    if (num_warps, BV) != default and differ:
-        pytest.xfail(f"fwd_h at num_warps={num_warps}, BV={BV} is not repeatable: {differ}")
+    if config != default and differ:
+        pytest.xfail(f"fwd_h at (num_warps, BV, num_stages)={config} is not repeatable: {differ}")
     assert not differ, f"stages that differ between identical runs: {differ}"
 
 
