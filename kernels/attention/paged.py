@@ -94,8 +94,9 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
     P, Hkv = k_cache.shape[1], k_cache.shape[2]
     M = (int(seq_lens.max()) + P - 1) // P
     tables = block_tables[:, :M]
-    k = k_cache[tables].view(B, M * P, Hkv, D).permute(0, 2, 3, 1).to(q.dtype)  # [B, Hkv, D, n]
-    v = v_cache[tables].view(B, M * P, Hkv, D).transpose(1, 2).to(q.dtype)  # [B, Hkv, n, D]
+    # reshape: a strided table (a CUDA graph's static one) gathers into a strided tensor
+    k = k_cache[tables].reshape(B, M * P, Hkv, D).permute(0, 2, 3, 1).to(q.dtype)  # [B, Hkv, D, n]
+    v = v_cache[tables].reshape(B, M * P, Hkv, D).transpose(1, 2).to(q.dtype)  # [B, Hkv, n, D]
     valid = torch.arange(M * P, device=q.device)[None, :] < seq_lens[:, None]  # [B, n]
     # slots past a sequence's end may hold anything, NaN included, and 0 * NaN poisons the sum
     # (zeroed in place: the gather made v a fresh copy)
