@@ -52,8 +52,8 @@ class ModelRunner:
         return {i: (t, lp) for i, t, lp in zip(batch.sampling, tokens, logprobs)}
 
     def _forward(self, step: StepBatch) -> torch.Tensor | None:
-        """The model over every chunk: logits [B, V] on the CPU of the sampling rows, None when
-        no row samples."""
+        """The model over every chunk: logits [B, V] of the sampling rows, on the model's
+        device (sampling runs there), None when no row samples."""
         batch = ForwardBatch.build(step.chunks, self.cache.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)  # [T]
         sampling = step.sampling
@@ -68,7 +68,7 @@ class ModelRunner:
         if not sampling:
             return None
         rows = batch.last_token_indices[torch.tensor(sampling, device=self.device)]
-        return self.model.compute_logits(hidden[rows]).cpu()
+        return self.model.compute_logits(hidden[rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow], masks):
         """Tokens and logprobs for the rows (logits [B, V]). A row whose grammar mask or

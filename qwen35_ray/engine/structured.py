@@ -223,11 +223,19 @@ def _strict_json_values(fmt):
 
 def apply_bitmask(logits: torch.Tensor, masks: Masks) -> torch.Tensor:
     """logits [B, V] with the tokens each filled row's grammar forbids set to -inf (a copy; the
-    model's own distribution stays for logprobs)."""
+    model's own distribution stays for logprobs), on the logits' device: only the filled rows'
+    packed words [b, W] travel there. Tokens past the bitmask's width stay as they are, as in
+    xgrammar's apply_token_bitmask_inplace."""
     out = logits.clone()
-    xgr.apply_token_bitmask_inplace(
-        out, masks.bitmask, vocab_size=logits.shape[-1], indices=masks.rows
-    )
+    if not masks.rows:
+        return out
+    dev = logits.device
+    V = min(logits.shape[-1], masks.bitmask.shape[-1] * 32)
+    rows = torch.tensor(masks.rows, device=dev)
+    words = masks.bitmask[masks.rows].to(dev)  # [b, W]
+    shifts = torch.arange(32, dtype=words.dtype, device=dev)
+    forbidden = ((words[:, :, None] >> shifts) & 1).flatten(1)[:, :V] == 0  # [b, V]
+    out[rows, :V] = out[rows, :V].masked_fill(forbidden, -torch.inf)
     return out
 
 
