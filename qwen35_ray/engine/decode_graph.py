@@ -15,6 +15,10 @@ guards on its inputs only, so the MoE's CPU path chosen by batch size is fixed w
 traced: an MoE model gets a second graph for batches above `gathers_experts`, and this class
 picks the graph by batch size.
 
+The step is made of the PyTorch paths (Qwen35ForCausalLM.decode_step), so it exists only for a
+model on the torch kernel backend (EngineConfig.kernels torch, or auto on CPU); with triton the
+engine stays eager (compile_decode None) or refuses compile_decode=True.
+
 Compiling takes seconds with Inductor's on-disk cache warm and tens of seconds cold (2 cores).
 `warmup()` compiles before the first step; `start()` compiles on a background thread at low
 priority while the engine's steps run eagerly, and the graphs take over once `ready`. Either
@@ -56,6 +60,12 @@ class CompiledDecode:
     def __init__(self, model, cache: HybridCache, max_batch: int | None = None):
         """max_batch: the most sequences a step can decode (the engine's running slots; None:
         every slot of the cache)."""
+        kernels = getattr(model, "kernels", None)
+        if kernels is not None and not kernels.is_torch:
+            raise ValueError(
+                f"the compiled decode step is made of the PyTorch paths, and this model runs "
+                f"the {kernels.name} kernels; build it with kernels='torch' or 'auto' on CPU"
+            )
         if not cache.decode_kv:
             raise ValueError("the compiled decode step runs on CPU caches (with DecodeKV)")
         self.cache = cache

@@ -10,11 +10,13 @@ from engine_fixtures import prompt
 from triton.runtime.jit import KernelInterface
 
 from qwen35_ray.engine.config import EngineConfig
+from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.executor import compiles_decode
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model import kernel_backend as kb
+from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.kernel_backend import TORCH, TRITON, kernel_backend
 from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.mlp import SparseMoE
@@ -135,12 +137,15 @@ def test_compiled_decode_stays_with_the_torch_kernels(monkeypatch):
     with pytest.raises(ValueError, match="compile_decode=True.*kernels='triton'"):
         EngineConfig(kernels="triton", compile_decode=True)
     monkeypatch.setenv("QWEN35_RAY_COMPILE_DECODE", "1")
-    triton_model, _, _ = load_model("qwen35-tiny", progress=False, kernels="triton")
+    triton_model, config, _ = load_model("qwen35-tiny", progress=False, kernels="triton")
     torch_model, _, _ = load_model("qwen35-tiny", progress=False, kernels="torch")
     assert compiles_decode(None, "cpu", torch_model)
     assert not compiles_decode(None, "cpu", triton_model)
     with pytest.raises(ValueError, match="compile_decode=True.*compile_decode=False"):
         compiles_decode(True, "cpu", triton_model)
+    cache = HybridCache.allocate(config, 2, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="PyTorch paths, and this model runs the triton"):
+        CompiledDecode(triton_model, cache)
 
 
 def test_an_engine_on_the_triton_kernels_reads_the_paged_blocks():
