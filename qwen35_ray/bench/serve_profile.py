@@ -43,7 +43,8 @@ async def wait_compiled(app: str, timeout_s: float) -> dict[str, list[bool]]:
             continue
         replicas = max(1, d.replica_states.get("RUNNING", 0))
         handle = serve.get_deployment_handle(name, app)
-        calls = [handle.wait_compiled.remote(timeout_s) for _ in range(replicas)]
+        # by keyword: the prefill pool's router reads a positional first argument as a prompt
+        calls = [handle.wait_compiled.remote(timeout_s=timeout_s) for _ in range(replicas)]
         out[name] = list(await asyncio.gather(*calls))
     return out
 
