@@ -54,13 +54,15 @@ def stratified_counts(logits: torch.Tensor, params: dict, n: int, monkeypatch) -
     return torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).double()
 
 
-@pytest.mark.parametrize("candidates,margin", [(1024, 16), (12, 0), (3, 1)])
+@pytest.mark.parametrize("candidates,margin,widen", [(1024, 16, 16), (12, 0, 16), (3, 1, 2)])
 @pytest.mark.parametrize("combo", list(COMBOS))
-def test_draws_follow_todays_distribution(combo, candidates, margin, monkeypatch):
-    """Small CANDIDATES / TIE_MARGIN send rows down the exact path (a nucleus wider than the
-    candidates, ties past them): every path must keep today's tokens at today's odds."""
+def test_draws_follow_todays_distribution(combo, candidates, margin, widen, monkeypatch):
+    """Small CANDIDATES / TIE_MARGIN / WIDEN send rows to wider candidates and the exact path
+    (a nucleus wider than the candidates, ties past them): every path must keep today's
+    tokens at today's odds."""
     monkeypatch.setattr(sampler, "CANDIDATES", candidates)
     monkeypatch.setattr(sampler, "TIE_MARGIN", margin)
+    monkeypatch.setattr(sampler, "WIDEN", widen)
     n = 3000
     for trial in range(3):
         logits = torch.randn(V, generator=torch.Generator().manual_seed(trial)) * (1 + trial)
@@ -114,6 +116,8 @@ def test_candidates_and_the_exact_path_draw_the_same_token(monkeypatch):
     wide, _ = sample(logits, rows)
     monkeypatch.setattr(sampler, "CANDIDATES", 2)
     monkeypatch.setattr(sampler, "TIE_MARGIN", 0)
+    assert sample(logits, rows)[0] == wide
+    monkeypatch.setattr(sampler, "WIDEN", 2)
     assert sample(logits, rows)[0] == wide
 
 
