@@ -38,6 +38,10 @@ BT = 64
 # CPU (Triton 3.9, its ptxas): BV=16 on one stage takes 251 registers with no spill, while BV=32
 # spills 192 bytes and two stages spill 24; four warps (wgmma) at BV=32 take 160.
 FWD_H_BV, FWD_H_NUM_WARPS, FWD_H_NUM_STAGES = 16, 2, 1
+# warps of the chunk-parallel launches with [64, 64]-and-up dots (kkt, wu, fwd_o): four make
+# a warpgroup, so their dots run on wgmma; two would put them on mma.sync too (a GPU test
+# runs both to tell a compiled-code race in them from one in fwd_h)
+CHUNK_NUM_WARPS = 4
 
 
 @triton.jit
@@ -213,7 +217,7 @@ def _chunk_fwd(
     A = torch.empty(T, HV, BT, dtype=torch.float32, device=dev)
     chunk_gdn_kkt_fwd_kernel[(NT, H)](
         k, k_rstd, beta_f, gc, A, cu_seqlens, chunk_indices,
-        H=H, HV=HV, K=K, BT=BT, BK=min(64, BK), PRECISION=precision,
+        H=H, HV=HV, K=K, BT=BT, BK=min(64, BK), PRECISION=precision, num_warps=CHUNK_NUM_WARPS,
     )  # fmt: skip
     Ai = torch.empty(T, HV, BT, dtype=dtype, device=dev)
     chunk_gdn_solve_tril_fwd_kernel[(NT, HV)](
@@ -224,7 +228,7 @@ def _chunk_fwd(
     chunk_gdn_wu_fwd_kernel[(NT, HV)](
         k, k_rstd, v, beta_f, gc, Ai, w, u, cu_seqlens, chunk_indices,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=min(64, BK), BV=min(64, next_pow2(V)),
-        PRECISION=precision,
+        PRECISION=precision, num_warps=CHUNK_NUM_WARPS,
     )  # fmt: skip
 
     h = torch.empty(NT, HV, K, V, dtype=dtype, device=dev)
@@ -241,6 +245,7 @@ def _chunk_fwd(
     chunk_gdn_fwd_o_kernel[(triton.cdiv(V, BV), NT, HV)](
         q, k, q_rstd, k_rstd, v_new, h, gc, o, cu_seqlens, chunk_indices, scale,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=min(64, BK), BV=BV, PRECISION=precision,
+        num_warps=CHUNK_NUM_WARPS,
     )  # fmt: skip
     stages = dict(
         q_rstd=q_rstd, k_rstd=k_rstd, gc=gc, beta=beta_f, A=A, Ai=Ai, w=w, u=u, h=h, v_new=v_new

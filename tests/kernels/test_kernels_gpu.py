@@ -75,32 +75,37 @@ def _gdn_chunk_stages(lens, H, HV, dtype=torch.bfloat16, runs=3):
     return out
 
 
+# chunk_triton settings beside the default: fwd_h on four warps (wgmma) as the old kernel ran
+# it (BV=32, three stages) and at BV=64, and every launch on mma.sync (two warps)
+CHUNK_CONFIGS = {
+    "default": {},
+    "fwd_h-w4-bv32": {"FWD_H_NUM_WARPS": 4, "FWD_H_BV": 32, "FWD_H_NUM_STAGES": 3},
+    "fwd_h-w4-bv64": {"FWD_H_NUM_WARPS": 4, "FWD_H_BV": 64, "FWD_H_NUM_STAGES": 2},
+    "all-mma-sync": {"CHUNK_NUM_WARPS": 2},
+}
+
+
 @pytest.mark.parametrize(
     "lens,H,HV", [([1000, 63, 65], 4, 16), ([8192], 16, 64)], ids=["ragged", "397B-8192"]
 )
-@pytest.mark.parametrize(
-    "config", [(2, 16, 1), (4, 32, 3), (4, 64, 2)], ids=["fwd_h-w2-bv16", "w4-bv32", "w4-bv64"]
-)
+@pytest.mark.parametrize("config", list(CHUNK_CONFIGS))
 def test_chunk_gated_delta_rule_cuda_repeatable(monkeypatch, lens, H, HV, config):
     """Identical calls give the same bits, stage by stage. The old single-program kernel gave
     2.2e-2 and 2.6e-2 in two H100 runs and differed between two H200 runs on bf16 inputs,
     though no program of it reads what another program of its launch writes (the interpreter
-    test test_chunk_gated_delta_rule_triton_program_order): a race in the compiled tensor-core
-    code, as in Triton's tl.dot recurrence reports (triton-lang/triton#9871) for a loop-carried
-    dot state on four warps. The default fwd_h config (two warps, BV=16, one stage) must
-    repeat; the four-warp ones (the old kernel's: 4 warps, BV=32, 3 stages) say whether that
-    race is there on this GPU and Triton, and where: the first stage that differs names the
-    launch."""
-    names = ("FWD_H_NUM_WARPS", "FWD_H_BV", "FWD_H_NUM_STAGES")
-    default = tuple(getattr(chunk_triton, n) for n in names)
-    for name, value in zip(names, config):
+    test test_chunk_gated_delta_rule_triton_program_order passes for it): a race in the
+    compiled tensor-core code, as in Triton's tl.dot recurrence reports (triton-lang/triton
+    #9871) for a loop-carried dot state on four warps. The default must repeat; the other
+    settings xfail, naming the stages that differ, when they do not, which says whether that
+    race is there on this GPU and Triton and in which launch (the first stage listed)."""
+    for name, value in CHUNK_CONFIGS[config].items():
         monkeypatch.setattr(chunk_triton, name, value)
     runs = _gdn_chunk_stages(lens, H, HV)
     differ = [
         name for name in runs[0] if not all(torch.equal(runs[0][name], r[name]) for r in runs[1:])
     ]
-    if config != default and differ:
-        pytest.xfail(f"fwd_h at (num_warps, BV, num_stages)={config} is not repeatable: {differ}")
+    if config != "default" and differ:
+        pytest.xfail(f"{config} {CHUNK_CONFIGS[config]} is not repeatable: {differ}")
     assert not differ, f"stages that differ between identical runs: {differ}"
 
 
