@@ -50,20 +50,18 @@ def _fla():
     return fla_chunk, fla_recurrent
 
 
-def _with_fwd_h(config, fn):
-    """fn run with the chunk kernel's fwd_h at (num_warps, BV, num_stages) = config."""
+def _with_chunk_settings(settings, fn):
+    """fn run with the chunk kernel module's settings (e.g. FWD_H_NUM_WARPS) replaced."""
     from qwen35_kernels.gdn import chunk_triton
 
-    names = ("FWD_H_NUM_WARPS", "FWD_H_BV", "FWD_H_NUM_STAGES")
-
     def call():
-        saved = [getattr(chunk_triton, n) for n in names]
-        for name, value in zip(names, config):
+        saved = {name: getattr(chunk_triton, name) for name in settings}
+        for name, value in settings.items():
             setattr(chunk_triton, name, value)
         try:
             return fn()
         finally:
-            for name, value in zip(names, saved):
+            for name, value in saved.items():
                 setattr(chunk_triton, name, value)
 
     return call
@@ -80,9 +78,12 @@ def _gdn_prefill(s, device, dtype, T):
     ref = (lambda: naive_recurrent_gated_delta_rule(q, k, v, g, beta)) if T <= 4096 else None
     others = {}
     if device == "cuda":
-        # the recurrence kernel on four warps (wgmma) beside its default two (mma.sync), in
-        # the JSON only: speedup_vs_fwd_h_w4_bv32 above 1 when the default is faster
-        others["fwd_h_w4_bv32"] = _with_fwd_h((4, 32, 3), fast)
+        # in the JSON only, the same call with the recurrence on four warps (wgmma) instead of
+        # two (mma.sync), and with every launch on mma.sync: speedup_vs_<name> above 1 when
+        # the default is faster
+        w4 = {"FWD_H_NUM_WARPS": 4, "FWD_H_BV": 32, "FWD_H_NUM_STAGES": 3}
+        others["fwd_h_w4_bv32"] = _with_chunk_settings(w4, fast)
+        others["all_mma_sync"] = _with_chunk_settings({"CHUNK_NUM_WARPS": 2}, fast)
     fla = _fla() if device == "cuda" else None
     if fla:
         # flash-linear-attention gets q and k repeated to the value heads
