@@ -29,6 +29,10 @@ class EngineConfig:
     # reference on GPU), triton (the Triton kernels; on CPU only under TRITON_INTERPRET=1,
     # slow, for tests)
     kernels: str = "auto"
+    # GPU: decode steps replayed from CUDA graphs captured at start-up, one per batch-size
+    # bucket (engine/cuda_graph.py). None (auto) is off until a GPU run has shown graphed and
+    # eager steps give the same tokens (issue 20); True on a CPU engine is an error
+    cuda_graphs: bool | None = None
     # while others wait to be admitted, one prefill chunk takes at most this many tokens of a
     # step; None: max(block_size, max_num_batched_tokens // 8); 0: no limit
     long_prefill_token_threshold: int | None = None

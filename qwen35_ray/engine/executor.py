@@ -16,6 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
+from qwen35_ray.engine import cuda_graph
+from qwen35_ray.engine.cache_sizing import resolve_max_model_len
+from qwen35_ray.engine.cuda_graph import uses_cuda_graphs
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.batch import SeqChunk
 from qwen35_ray.model.cache import HybridCache
@@ -103,7 +106,14 @@ class InProcessExecutor:
     def create(cls, model, config, size, ec, dtype, device="cpu") -> "InProcessExecutor":
         """The model with a new HybridCache of `size` (engine.cache_sizing.CacheSize) and the
         compiled decode graphs when ec.compile_decode. The cache keeps DecodeKV copies only
-        for a model on the torch kernels (model/kernel_backend.py)."""
+        for a model on the torch kernels (model/kernel_backend.py). With ec.cuda_graphs the
+        decode steps' CUDA graphs are captured now, over a cache with a scratch slot and block
+        for their padding rows (engine/cuda_graph.py)."""
+        if uses_cuda_graphs(ec.cuda_graphs, device, model):
+            max_len = resolve_max_model_len(config, ec)
+            cache, graphs = cuda_graph.build(model, config, size, ec.block_size, max_len, dtype,
+                                             device)  # fmt: skip
+            return cls(model, config, cache, device, graphs=graphs)
         cache = HybridCache.allocate(
             config, size.num_slots + size.num_snapshots, size.num_blocks, ec.block_size, dtype,
             device, decode_kv=_torch_kernels(model),
@@ -119,11 +129,11 @@ class InProcessExecutor:
                 compiled.start()
         return cls(model, config, cache, device, compiled)
 
-    def __init__(self, model, config, cache: HybridCache, device="cpu", compiled=None):
+    def __init__(self, model, config, cache: HybridCache, device="cpu", compiled=None, graphs=None):
         from qwen35_ray.engine.runner import ModelRunner
 
         self.model, self.config, self.cache = model, config, cache
-        self.runner = ModelRunner(model, cache, device, compiled)
+        self.runner = ModelRunner(model, cache, device, compiled, graphs)
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the compiled decode step of a background compile; True once decode steps

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 
 import torch
 
+from qwen35_ray.engine.cuda_graph import DecodeGraphs
 from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.errors import EngineDead
 from qwen35_ray.engine.executor import SampleRow, StepBatch
@@ -31,11 +32,13 @@ class ModelRunner:
         cache: HybridCache,
         device="cpu",
         compiled_decode: CompiledDecode | None = None,
+        decode_graphs: DecodeGraphs | None = None,
     ):
         self.model = model
         self.cache = cache
         self.device = device
         self.compiled_decode = compiled_decode
+        self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> dict[int, tuple[int | None, dict | None]]:
@@ -54,9 +57,13 @@ class ModelRunner:
     def _forward(self, step: StepBatch) -> torch.Tensor | None:
         """The model over every chunk: logits [B, V] of the sampling rows, on the model's
         device (sampling runs there), None when no row samples."""
+        sampling = step.sampling
+        graphs = self.decode_graphs
+        if graphs is not None and (bucket := graphs.bucket(step.chunks)) is not None:
+            logits = graphs(step.chunks, step.input_ids, bucket)
+            return logits[torch.tensor(sampling, device=self.device)] if sampling else None
         batch = ForwardBatch.build(step.chunks, self.cache.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)  # [T]
-        sampling = step.sampling
         compiled = self.compiled_decode
         if compiled is not None and compiled.ready and batch.num_decodes == batch.num_seqs:
             logits = compiled(input_ids, batch)
