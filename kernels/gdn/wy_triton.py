@@ -2,9 +2,10 @@
 
 Within a chunk of BT = 64 tokens the BT rank-one delta updates collapse into
 
-    A  = (I + tril(diag(beta) K K^T * decay, -1))^-1       decay_ij = exp(gc_i - gc_j)
-    w  = A (beta * exp(gc) * k)                            [BT, K]
-    u  = A (beta * v)                                      [BT, V]
+    A  = tril(diag(beta) K K^T * decay, -1)                decay_ij = exp(gc_i - gc_j)
+    Ai = (I + A)^-1
+    w  = Ai (beta * exp(gc) * k)                           [BT, K]
+    u  = Ai (beta * v)                                     [BT, V]
 
 with gc the cumulative log decay from the chunk start. Each step is its own launch over
 (chunks x heads), so every program reads only what an earlier launch wrote:
@@ -15,7 +16,7 @@ with gc the cumulative log decay from the chunk start. Each step is its own laun
 2. gates: gc per chunk (and g, beta from a/b/A_log/dt_bias when the gating is fused);
 3. kkt: the strictly lower A = beta_i k_i.k_j decay_ij, fp32; one k.k product per key head
    serves its G = HV / H value heads;
-4. solve_tril: (I + A)^-1 from four 16 x 16 diagonal blocks inverted by forward substitution,
+4. solve_tril: Ai = (I + A)^-1 from four 16 x 16 diagonal blocks inverted by forward substitution,
    merged blockwise with 16 x 16 dots;
 5. wu: w and u, bf16 operands (fp32 for fp32 inputs) with fp32 accumulation.
 
