@@ -17,6 +17,8 @@ operands for bf16 inputs (fp32 "ieee" for fp32 inputs) and accumulate in fp32.
 Shapes: T tokens, H query/key heads, HV value heads (a multiple of H), K/V head dims.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -176,7 +178,8 @@ def _chunk_fwd(
     q, k, v, g, beta, cu_seqlens, state, state_indices, has_initial_state, scale,
     use_qk_l2norm, chunk_size, a, b, A_log, dt_bias,
 ):  # fmt: skip
-    """The launches in order; returns o and every intermediate buffer by name (for tests)."""
+    """The launches in order. Returns o, every intermediate buffer by name and every launch as
+    (name, callable) to rerun it alone on the same buffers (for tests and benchmarks)."""
     T, H, K = k.shape
     HV, V = v.shape[1:]
     assert HV % H == 0, f"value heads HV={HV} must be a multiple of key heads H={H}"
@@ -193,14 +196,21 @@ def _chunk_fwd(
     # The fp32 dots of the triangular solve run as tf32 for bf16 inputs: its result is
     # rounded to bf16 anyway.
     precision = "ieee" if dtype == torch.float32 else "tf32"
+    launches = []
+
+    def launch(name, kernel, grid, *args, **kwargs):
+        run = functools.partial(kernel[grid], *args, **kwargs)
+        launches.append((name, run))
+        run()
 
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
     q_rstd, k_rstd = (torch.empty(T, H, dtype=torch.float32, device=dev) for _ in range(2))
     BR = 16
-    for x, r in ((q, q_rstd), (k, k_rstd)):
-        chunk_gdn_rstd_fwd_kernel[(triton.cdiv(T * H, BR),)](
-            x, r, T * H, K=K, BR=BR, BK=BK, USE_QK_L2NORM=use_qk_l2norm
-        )
+    for name, x, r in (("rstd_q", q, q_rstd), ("rstd_k", k, k_rstd)):
+        launch(
+            name, chunk_gdn_rstd_fwd_kernel, (triton.cdiv(T * H, BR),),
+            x, r, T * H, K=K, BR=BR, BK=BK, USE_QK_L2NORM=use_qk_l2norm,
+        )  # fmt: skip
 
     use_gating = g is None
     if use_gating:
@@ -209,23 +219,27 @@ def _chunk_fwd(
         g, beta = g.contiguous(), beta.contiguous()
     gc = torch.empty(T, HV, dtype=torch.float32, device=dev)
     beta_f = torch.empty(T, HV, dtype=torch.float32, device=dev)
-    chunk_gdn_gates_fwd_kernel[(NT,)](
+    launch(
+        "gates", chunk_gdn_gates_fwd_kernel, (NT,),
         g, beta, a, b, A_log, dt_bias, gc, beta_f, cu_seqlens, chunk_indices,
         HV=HV, BT=BT, BH=next_pow2(HV), USE_GATING=use_gating,
     )  # fmt: skip
 
     A = torch.empty(T, HV, BT, dtype=torch.float32, device=dev)
-    chunk_gdn_kkt_fwd_kernel[(NT, H)](
+    launch(
+        "kkt", chunk_gdn_kkt_fwd_kernel, (NT, H),
         k, k_rstd, beta_f, gc, A, cu_seqlens, chunk_indices,
         H=H, HV=HV, K=K, BT=BT, BK=min(64, BK), PRECISION=precision, num_warps=CHUNK_NUM_WARPS,
     )  # fmt: skip
     Ai = torch.empty(T, HV, BT, dtype=dtype, device=dev)
-    chunk_gdn_solve_tril_fwd_kernel[(NT, HV)](
-        A, Ai, cu_seqlens, chunk_indices, HV=HV, BT=BT, PRECISION=precision
-    )
+    launch(
+        "solve_tril", chunk_gdn_solve_tril_fwd_kernel, (NT, HV),
+        A, Ai, cu_seqlens, chunk_indices, HV=HV, BT=BT, PRECISION=precision,
+    )  # fmt: skip
     w = torch.empty(T, HV, K, dtype=dtype, device=dev)
     u = torch.empty(T, HV, V, dtype=dtype, device=dev)
-    chunk_gdn_wu_fwd_kernel[(NT, HV)](
+    launch(
+        "wu", chunk_gdn_wu_fwd_kernel, (NT, HV),
         k, k_rstd, v, beta_f, gc, Ai, w, u, cu_seqlens, chunk_indices,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=min(64, BK), BV=min(64, next_pow2(V)),
         PRECISION=precision, num_warps=CHUNK_NUM_WARPS,
@@ -234,7 +248,8 @@ def _chunk_fwd(
     h = torch.empty(NT, HV, K, V, dtype=dtype, device=dev)
     v_new = torch.empty_like(u)
     BV = min(FWD_H_BV, next_pow2(V))
-    chunk_gdn_fwd_h_kernel[(triton.cdiv(V, BV), B * HV)](
+    launch(
+        "fwd_h", chunk_gdn_fwd_h_kernel, (triton.cdiv(V, BV), B * HV),
         k, k_rstd, w, u, gc, h, v_new, state, state_indices, has_initial_state, cu_seqlens,
         chunk_offsets, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=precision,
         num_warps=FWD_H_NUM_WARPS, num_stages=FWD_H_NUM_STAGES,
@@ -242,7 +257,8 @@ def _chunk_fwd(
 
     o = torch.empty(T, HV, V, dtype=dtype, device=dev)
     BV = min(64, next_pow2(V))
-    chunk_gdn_fwd_o_kernel[(triton.cdiv(V, BV), NT, HV)](
+    launch(
+        "fwd_o", chunk_gdn_fwd_o_kernel, (triton.cdiv(V, BV), NT, HV),
         q, k, q_rstd, k_rstd, v_new, h, gc, o, cu_seqlens, chunk_indices, scale,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=min(64, BK), BV=BV, PRECISION=precision,
         num_warps=CHUNK_NUM_WARPS,
@@ -250,4 +266,4 @@ def _chunk_fwd(
     stages = dict(
         q_rstd=q_rstd, k_rstd=k_rstd, gc=gc, beta=beta_f, A=A, Ai=Ai, w=w, u=u, h=h, v_new=v_new
     )
-    return o, stages
+    return o, stages, launches

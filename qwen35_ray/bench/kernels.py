@@ -122,10 +122,29 @@ def _gdn_decode(s, device, dtype, B):
     return f"gdn recurrent decode B={B}", fast, ref, others, {"bytes": state.numel() * 8}
 
 
+def _gdn_prefill_launches(s, device, dtype, T):
+    """One row per launch of the Triton chunk kernels, each rerun alone on buffers one full
+    call filled: where the prefill's time goes."""
+    from qwen35_kernels.gdn.chunk_triton import _chunk_fwd
+
+    q, k, v, g, beta = _gdn_inputs(s, (T,), dtype, device)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=device)
+    state = torch.zeros(1, s["HV"], s["K"], s["K"], device=device)
+    idx = torch.zeros(1, dtype=torch.int32, device=device)
+    fresh = torch.zeros(1, dtype=torch.bool, device=device)
+    launches = _chunk_fwd(
+        q, k, v, g, beta, cu, state, idx, fresh, None, True, 64, None, None, None, None
+    )[2]
+    for name, run in launches:
+        yield f"gdn chunk prefill T={T} launch {name}", run, None, {}, {}
+
+
 def gdn_cases(s, device, dtype, quick):
     prefill = [4096] if device == "cpu" else ([2048, 8192] if quick else [2048, 8192, 32768])
     decode = [32] if device == "cpu" else ([1, 32] if quick else [1, 32, 256])
     yield from (_gdn_prefill(s, device, dtype, T) for T in prefill)
+    if device == "cuda":
+        yield from _gdn_prefill_launches(s, device, dtype, 8192)
     yield from (_gdn_decode(s, device, dtype, B) for B in decode)
 
 

@@ -169,7 +169,7 @@ def test_chunk_gated_delta_rule_triton_program_order(dtype):
     for order in (contextlib.nullcontext(), _programs_in_reverse()):
         state = x["state"].clone()
         with order, nan_filled_buffers():
-            o, stages = _chunk_fwd(
+            o, stages, _ = _chunk_fwd(
                 *(x[n] for n in ("q", "k", "v", "g", "beta")), *_args(x, state),
                 None, True, 64, None, None, None, None,
             )  # fmt: skip

@@ -67,7 +67,7 @@ def _gdn_chunk_stages(lens, H, HV, dtype=torch.bfloat16, runs=3):
     out = []
     for _ in range(runs):
         st = state.clone()
-        o, stages = _chunk_fwd(
+        o, stages, _ = _chunk_fwd(
             q, k, v, g.cuda(), beta.cuda(), cu_seqlens(lens).cuda(), st, idx, hi,
             None, True, 64, None, None, None, None,
         )  # fmt: skip
