@@ -222,7 +222,8 @@ class DecodeGraphs:
         the device derives from it (a decode's length is its position + 1)."""
         d, M, P = self._device, self.max_blocks, self.cache.block_size
         positions = d[N : 2 * N]
-        tables = d[3 * N : (3 + M) * N].view(M, N).T  # [N, M]
+        # row-major once per step, not in every attention layer's kernel call
+        tables = d[3 * N : (3 + M) * N].view(M, N).T.contiguous()  # [N, M]
         slot_mapping = tables.gather(1, (positions // P)[:, None])[:, 0] * P + positions % P
         return d[:N], ForwardBatch(
             positions=positions,
