@@ -19,7 +19,7 @@ import torch
 
 # in the order they run: the engine's own checks first, the longest (kernels) near the end
 STEPS = ("facts", "engine_parity", "engine_speed", "sampler", "pytest_gpu", "bench_kernels",
-         "serve")
+         "bench_fla", "serve")
 
 # Qwen3.5-35B-A3B's text widths (its config.json), with fewer layers
 A3B_TEXT = {
@@ -82,9 +82,14 @@ def step_facts(dry: bool) -> dict:
 
 def step_pytest_gpu(dry: bool) -> dict:
     xml = Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "pytest-gpu.xml"
+    # only the files that hold gpu tests: collecting the rest would import what a bare GPU
+    # machine may lack (Ray, jsonschema) for tests that would be deselected anyway
+    root = Path(__file__).resolve().parents[2]
+    files = sorted(str(f.relative_to(root)) for f in (root / "tests").rglob("test_*.py")
+                   if "mark.gpu" in f.read_text())  # fmt: skip
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-            "tests", f"--junitxml={xml}"]  # fmt: skip
-    p = subprocess.run(args, capture_output=True, text=True)
+            "--continue-on-collection-errors", *files, f"--junitxml={xml}"]  # fmt: skip
+    p = subprocess.run(args, capture_output=True, text=True, cwd=root)
     import xml.etree.ElementTree as ET
 
     cases = []
@@ -104,9 +109,25 @@ def step_pytest_gpu(dry: bool) -> dict:
 
 
 def step_bench_kernels(dry: bool) -> dict:
+    """Our kernels alone: a fault in another library's kernel (fla's, in step bench_fla) ends
+    its process's CUDA context, and must not take our figures with it."""
+    os.environ["QWEN35_BENCH_NO_FLA"] = "1"
     from qwen35_ray.bench.kernels import run_kernel_bench
 
     rows = run_kernel_bench(_device(dry), quick=dry, progress=lambda m: print(m, flush=True))
+    return {"rows": rows}
+
+
+def step_bench_fla(dry: bool) -> dict:
+    """The GDN rows again with flash-linear-attention's kernels beside ours, when installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("fla") is None:
+        return {"skipped": "flash-linear-attention is not installed"}
+    from qwen35_ray.bench.kernels import gdn_cases, run_kernel_bench
+
+    rows = run_kernel_bench(_device(dry), quick=dry, progress=lambda m: print(m, flush=True),
+                            groups=[gdn_cases])  # fmt: skip
     return {"rows": rows}
 
 

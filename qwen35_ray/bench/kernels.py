@@ -7,6 +7,7 @@ bandwidth or of peak FLOP/s it reaches. Run as `qwen35-ray bench kernels --out F
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -42,6 +43,8 @@ def _gdn_inputs(s, lead, dtype, device):
 
 
 def _fla():
+    if os.environ.get("QWEN35_BENCH_NO_FLA"):
+        return None
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
@@ -252,14 +255,17 @@ def _row(name, fast, ref, others, extra, device, peak):
     return row
 
 
-def run_kernel_bench(device: str, quick: bool, progress: Callable[[str], None] | None = None):
-    """Times every op on `device` ("cpu" or "cuda"); returns {"machine": ..., "results": [...]}."""
+def run_kernel_bench(
+    device: str, quick: bool, progress: Callable[[str], None] | None = None, groups=None
+):
+    """Times every op on `device` ("cpu" or "cuda"), or those of `groups` (of GROUPS); returns
+    {"machine": ..., "results": [...]}."""
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     torch.manual_seed(42)
     info = machine_info(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     results = []
-    for group in GROUPS:
+    for group in groups or GROUPS:
         for name, fast, ref, others, extra in group(SHAPES[device], device, dtype, quick):
             progress(f"[bench kernels] {name} ...")
             try:
