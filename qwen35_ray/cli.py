@@ -121,6 +121,8 @@ def _bench(args: argparse.Namespace) -> int:
         from qwen35_ray.bench.autoscale import main as bench
     elif args.what == "serve":
         from qwen35_ray.bench.serve import main as bench
+    elif args.what == "sampler":
+        from qwen35_ray.bench.sampler import main as bench
     else:
         from qwen35_ray.bench.kernels import main as bench
     return bench(args.rest)
@@ -168,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: `bench offline -h`, `bench kernels -h`, `bench structured -h`, "
-        "`bench ep -h`, `bench autoscale -h`, `bench serve -h`",
+        "`bench ep -h`, `bench autoscale -h`, `bench serve -h`, `bench sampler -h`",
     )
     bench.add_argument(
-        "what", choices=["offline", "kernels", "structured", "ep", "autoscale", "serve"]
+        "what", choices=["offline", "kernels", "structured", "ep", "autoscale", "serve", "sampler"]
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_bench)
