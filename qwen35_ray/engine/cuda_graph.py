@@ -108,6 +108,7 @@ class DecodeGraphs:
                 f"cache ({cache.num_slots} slots, {cache.num_blocks} blocks)"
             )
         self.model, self.cache = model, cache
+        self.expert_load = getattr(model, "expert_load", None)
         self.buckets = batch_buckets(max_batch)
         self.max_blocks = max_blocks
         self.scratch_slot, self.scratch_block = scratch_slot, scratch_block
@@ -126,8 +127,10 @@ class DecodeGraphs:
         # every bucket writes its logits here, so their memory is held once, not per graph
         self._logits = torch.zeros(N, V, dtype=torch.float32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # decode steps run per bucket (replayed, or run eagerly with capture=False)
+        # decode steps run per bucket (replayed, or run eagerly with capture=False), and the
+        # padding rows they ran (the expert load counts their routed experts too)
         self.steps = dict.fromkeys(self.buckets, 0)
+        self.padding_rows = 0
 
     @property
     def captured(self) -> bool:
@@ -148,16 +151,16 @@ class DecodeGraphs:
         """Logits [B, V] fp32 (a view of a buffer the next step overwrites) of a decode step in
         bucket N (`bucket`); the cache is updated as an eager step updates it."""
         self._fill(N, chunks, input_ids)
-        with _without_expert_load(self.model) as load:
-            if self.captured:
-                self._graphs[N].replay()
-            else:
-                with torch.inference_mode():
-                    self._forward(N)
+        if self.captured:
+            self._graphs[N].replay()
+        else:
+            with torch.inference_mode(), _without_expert_load(self.model):
+                self._forward(N)
         # the graph records the routed experts' counts; closing the step is the host's part
-        if load is not None:
-            load.end_step()
+        if self.expert_load is not None:
+            self.expert_load.end_step()
         self.steps[N] += 1
+        self.padding_rows += N - len(chunks)
         return self._logits[: len(chunks)]
 
     def capture(self) -> float:
@@ -168,7 +171,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        with torch.inference_mode(), _without_expert_load(self.model) as load:
+        with torch.inference_mode(), _without_expert_load(self.model):
             for N in reversed(self.buckets):
                 self._fill(N, [], [])
                 stream.wait_stream(torch.cuda.current_stream())
@@ -181,8 +184,8 @@ class DecodeGraphs:
                 self._graphs[N] = graph
         torch.cuda.synchronize()
         # the warm-up steps counted the padding rows' experts
-        if load is not None:
-            load.reset()
+        if self.expert_load is not None:
+            self.expert_load.reset()
         seconds = time.perf_counter() - start
         log.info("captured %d decode graphs (batch %s) in %.1f s", len(self._graphs),
                  ", ".join(map(str, self.buckets)), seconds)  # fmt: skip
@@ -249,14 +252,15 @@ class DecodeGraphs:
 
 @contextmanager
 def _without_expert_load(model):
-    """The model's ExpertLoad taken off while a step is captured or stands in for a replay:
-    forward() would close the step inside the graph, and a replay would then add every step
-    to the bucket of the capture. The caller closes it (the MoE layers still count)."""
+    """The model's ExpertLoad taken off while a step is captured (at start-up) or stands in
+    for a replay (capture=False): forward() would close the step inside the graph, and every
+    replay would then add its counts to the bucket of the capture. The MoE layers still count
+    their experts; DecodeGraphs closes each step on the host. Replays change nothing."""
     load = getattr(model, "expert_load", None)
     if load is not None:
         model.expert_load = None
     try:
-        yield load
+        yield
     finally:
         if load is not None:
             model.expert_load = load

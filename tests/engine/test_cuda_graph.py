@@ -131,6 +131,20 @@ def test_padded_steps_give_the_tokens_of_the_eager_path(name):
     assert cache.key[:, graphs.scratch_block].abs().sum() > 0
 
 
+def test_the_expert_load_closes_each_step():
+    """A graph records the MoE layers' counting, not the closing of the step: each step still
+    closes once, and the counts are the eager ones plus the padding rows' routes."""
+    engine, graphs = graphed_engine("qwen35-tiny", **TIGHT)
+    eager = eager_engine("qwen35-tiny", **TIGHT)
+    requests = shrink_and_grow()
+    assert run(engine, requests) == run(eager, requests)
+    got, expected = engine.executor.expert_load(), eager.executor.expert_load()
+    assert graphs.padding_rows > 0 and got.steps == expected.steps
+    config = engine.config
+    padding = graphs.padding_rows * config.num_experts_per_tok * sum(config.moe_layers)
+    assert int(got.counts.sum()) == int(expected.counts.sum()) + padding
+
+
 def test_padded_steps_after_prefix_cache_hits():
     """Prefix caching on: the scratch slot follows the snapshot slots, and requests that start
     from a snapshot decode in padded batches beside others."""
