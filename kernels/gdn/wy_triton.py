@@ -16,8 +16,9 @@ with gc the cumulative log decay from the chunk start. Each step is its own laun
 2. gates: gc per chunk (and g, beta from a/b/A_log/dt_bias when the gating is fused);
 3. kkt: the strictly lower A = beta_i k_i.k_j decay_ij, fp32; one k.k product per key head
    serves its G = HV / H value heads;
-4. solve_tril: Ai = (I + A)^-1 from four 16 x 16 diagonal blocks inverted by forward substitution,
-   merged blockwise with 16 x 16 dots;
+4. solve_tril: Ai = (I + A)^-1 from its four 16 x 16 diagonal blocks inverted together by
+   forward substitution (15 row steps on a [4, 16, 16] tile), merged blockwise with 16 x 16
+   dots;
 5. wu: w and u, bf16 operands (fp32 for fp32 inputs) with fp32 accumulation.
 
 Shapes: T tokens, H key heads, HV value heads, K/V head dims; gc, beta, A fp32.
@@ -126,16 +127,26 @@ def _load_block(p_A, o_r, o_c, RS: tl.constexpr, L):
 
 
 @triton.jit
-def _invert_unit_lower(b_A, o_s):
-    """(I + A)^-1 of a strictly lower 16 x 16 block by forward substitution, one row at a
-    time: with Y = (I + A)^-1 - I, row i of Y is a_i + sum_{j<i} a_ij Y_j, a_i = -A_i."""
-    b_Y = -b_A
+def _invert_diagonal_blocks(p_A, RS: tl.constexpr, L):
+    """(I + A_bb)^-1 of the four 16 x 16 diagonal blocks of A at once, as one [4, 16, 16]
+    tile, by forward substitution one row at a time: with Y = (I + A_bb)^-1 - I, row i of Y
+    is a_i + sum_{j<i} a_ij Y_j, a_i = -(A_bb)_i. Rows past the end read 0."""
+    o_b = tl.arange(0, 4)
+    o_s = tl.arange(0, BS)
+    o_r = o_b[:, None, None] * BS + o_s[None, :, None]  # [4, 16, 1] row in the chunk
+    o_c = o_b[:, None, None] * BS + o_s[None, None, :]  # [4, 1, 16] column in the chunk
+    b_Y = -tl.load(p_A + o_r * RS + o_c, mask=o_r < L, other=0)
     for i in range(1, BS):
-        m_row = o_s == i
-        b_a = tl.sum(tl.where(m_row[:, None], b_Y, 0.0), 0)
-        b_a = b_a + tl.sum(b_a[:, None] * b_Y, 0) * (o_s < i)
-        b_Y = tl.where(m_row[:, None], b_a[None, :], b_Y)
-    return b_Y + (o_s[:, None] == o_s[None, :]).to(tl.float32)
+        m_row = (o_s == i)[None, :, None]
+        b_a = tl.sum(tl.where(m_row, b_Y, 0.0), 1)
+        b_a = b_a + tl.sum(b_a[:, :, None] * b_Y, 1) * (o_s < i)[None, :]
+        b_Y = tl.where(m_row, b_a[:, None, :], b_Y)
+    b_X = b_Y + (o_s[:, None] == o_s[None, :]).to(tl.float32)[None, :, :]
+    X11 = tl.sum(tl.where((o_b == 0)[:, None, None], b_X, 0.0), 0)
+    X22 = tl.sum(tl.where((o_b == 1)[:, None, None], b_X, 0.0), 0)
+    X33 = tl.sum(tl.where((o_b == 2)[:, None, None], b_X, 0.0), 0)
+    X44 = tl.sum(tl.where((o_b == 3)[:, None, None], b_X, 0.0), 0)
+    return X11, X22, X33, X44
 
 
 @triton.jit
@@ -157,10 +168,7 @@ def chunk_gdn_solve_tril_fwd_kernel(
 
     # X = (I + A)^-1 is block lower triangular: X_ii = (I + A_ii)^-1 and, below the diagonal,
     # X_ij = -X_ii sum_{j<=m<i} A_im X_mj, formed nearest the diagonal first
-    X11 = _invert_unit_lower(_load_block(p_A, o_1, o_1, RS, L), o_s)
-    X22 = _invert_unit_lower(_load_block(p_A, o_2, o_2, RS, L), o_s)
-    X33 = _invert_unit_lower(_load_block(p_A, o_3, o_3, RS, L), o_s)
-    X44 = _invert_unit_lower(_load_block(p_A, o_4, o_4, RS, L), o_s)
+    X11, X22, X33, X44 = _invert_diagonal_blocks(p_A, RS, L)
     A21 = _load_block(p_A, o_2, o_1, RS, L)
     A31 = _load_block(p_A, o_3, o_1, RS, L)
     A32 = _load_block(p_A, o_3, o_2, RS, L)
