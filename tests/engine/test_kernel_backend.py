@@ -17,9 +17,11 @@ from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model import kernel_backend as kb
 from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.expert_parallel import ExpertShard
 from qwen35_ray.model.kernel_backend import TORCH, TRITON, kernel_backend
 from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.mlp import SparseMoE
+from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
 # the Triton modules every model launches kernels from; the MoE model also the experts'
@@ -108,13 +110,18 @@ def test_the_choice_per_device():
 
 
 def test_every_module_holds_the_backend_chosen_at_load():
-    model, _, _ = load_model("qwen35-tiny", dtype="float32", progress=False, kernels="triton")
+    model, config, _ = load_model("qwen35-tiny", dtype="float32", progress=False, kernels="triton")
     holders = [m for m in model.modules() if hasattr(m, "kernels")]
     # the model, its norms, attention, GDN and MoE layers (the MTP head is not loaded)
     assert len(holders) > 3 * len(model.layers)
     assert all(m.kernels is TRITON for m in holders)
     moe = [m for m in model.modules() if isinstance(m, SparseMoE)]
     assert moe and all(m.routed is TRITON.fused_moe for m in moe)
+    # an expert-parallel rank computes its shard's pairs with the same kernels
+    with torch.device("meta"):
+        shard = ExpertShard(0, 2, config.num_experts)
+        rank = Qwen35ForCausalLM(config, expert_shard=shard, kernels=TRITON)
+    assert rank.expert_parallel.experts is TRITON.fused_moe
     default, _, _ = load_model("qwen35-tiny", dtype="float32", progress=False)
     assert all(m.kernels is TORCH for m in default.modules() if hasattr(m, "kernels"))
 
