@@ -13,8 +13,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "gpu-check.json"
     env = {**os.environ, "GPU_CHECK_TMP": str(tmp_path), "QWEN35_RAY_COMPILE_DECODE": "0"}
     p = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        ["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out), "--timeout", "400",
+         "--budget", "1500"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1600,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads(out.read_text())
