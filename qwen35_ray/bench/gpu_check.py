@@ -7,6 +7,7 @@ only itself; every step's result (or its error and the end of its output) lands 
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 # in the order they run: the engine's own checks first, the longest (kernels) near the end
-STEPS = ("facts", "engine_parity", "engine_speed", "sampler", "pytest_gpu", "bench_kernels",
-         "bench_fla", "serve")
+STEPS = ("facts", "engine_parity", "engine_speed", "engine_graphs", "sampler", "pytest_gpu",
+         "bench_kernels", "bench_fla", "serve")
 
 # Qwen3.5-35B-A3B's text widths (its config.json), with fewer layers
 A3B_TEXT = {
@@ -247,36 +248,32 @@ def _dummy_weights():
     loader.weights_fingerprint = lambda path: "dummy"
 
 
-def step_engine_speed(dry: bool) -> dict:
-    """bf16 35B-A3B widths, few layers, random weights: decode steps and prefill."""
+def _a3b_engine(dry: bool, **options):
     from qwen35_ray import LLM
-    from qwen35_ray.engine.sampling_params import SamplingParams
 
     _dummy_weights()
+    path = write_a3b_checkpoint(Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "a3b", 4, dry)
+    return LLM(str(path), dtype="bfloat16", device=_device(dry), compile_decode=False,
+               max_num_seqs=256, max_num_batched_tokens=8192,
+               kv_cache_memory_bytes=(4 if not dry else 1) * 2**30, **options)  # fmt: skip
+
+
+def _prompts(B: int, dry: bool, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    hi = 4000 if dry else 100000
+    return [{"prompt_token_ids": torch.randint(1000, hi, (32,), generator=g).tolist()}
+            for _ in range(B)]  # fmt: skip
+
+
+def _decode_steps(llm, dry: bool, out: dict, cases) -> None:
+    """ms per decode step: (time of n_out tokens - time of 2) / (n_out - 2), prefill cancelled."""
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
     device = _device(dry)
-    layers = 4
-    path = write_a3b_checkpoint(Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "a3b", layers, dry)
-    t0 = time.perf_counter()
-    llm = LLM(str(path), dtype="bfloat16", device=device, compile_decode=False,
-              max_num_seqs=256, max_num_batched_tokens=8192,
-              kv_cache_memory_bytes=(4 if not dry else 1) * 2**30)  # fmt: skip
-    out = {"layers": layers, "load_s": time.perf_counter() - t0}
-    print("loaded", out, flush=True)
-    greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for n in (1024, 8192) if not dry else (64,):
-        ids = torch.randint(1000, 4000 if dry else 100000, (n,)).tolist()
-        llm.generate({"prompt_token_ids": ids}, greedy)
-        _sync(device)
-        t = time.perf_counter()
-        llm.generate({"prompt_token_ids": ids[::-1]}, greedy)
-        _sync(device)
-        out[f"prefill_{n}_ms"] = (time.perf_counter() - t) * 1e3
-        print("prefill", n, out[f"prefill_{n}_ms"], flush=True)
     sampled = llm.get_default_sampling_params()  # the checkpoint's: temperature, top_p, top_k
-    for B, how in [(1, "greedy"), (16, "greedy"), (64, "greedy"), (256, "greedy"), (64, "sampled")]:
-        if dry:
-            B = min(B, 4)
-        prompts = [{"prompt_token_ids": torch.randint(1000, 4000 if dry else 100000, (32,)).tolist()} for _ in range(B)]
+    for B, how in cases:
+        B = min(B, 4) if dry else B
+        prompts = _prompts(B, dry)
         base = sampled if how == "sampled" else SamplingParams(temperature=0.0)
         p1 = dataclasses.replace(base, max_tokens=2, ignore_eos=True)
         llm.generate(prompts, p1)
@@ -295,7 +292,55 @@ def step_engine_speed(dry: bool) -> dict:
         key = f"decode_step_B{B}_ms" + ("_sampled" if how == "sampled" else "")
         out[key] = step * 1e3
         print("decode", B, how, step * 1e3, flush=True)
+
+
+DECODE_CASES = [(1, "greedy"), (16, "greedy"), (64, "greedy"), (256, "greedy"), (64, "sampled")]
+
+
+def step_engine_speed(dry: bool) -> dict:
+    """bf16 35B-A3B widths, few layers, random weights: decode steps and prefill."""
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    device = _device(dry)
+    t0 = time.perf_counter()
+    llm = _a3b_engine(dry)
+    out = {"layers": 4, "load_s": time.perf_counter() - t0}
+    print("loaded", out, flush=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for n in (1024, 8192) if not dry else (64,):
+        ids = torch.randint(1000, 4000 if dry else 100000, (n,)).tolist()
+        llm.generate({"prompt_token_ids": ids}, greedy)
+        _sync(device)
+        t = time.perf_counter()
+        llm.generate({"prompt_token_ids": ids[::-1]}, greedy)
+        _sync(device)
+        out[f"prefill_{n}_ms"] = (time.perf_counter() - t) * 1e3
+        print("prefill", n, out[f"prefill_{n}_ms"], flush=True)
+    _decode_steps(llm, dry, out, DECODE_CASES)
     out["profile_B16"] = _profile(llm, device, dry)
+    return out
+
+
+def step_engine_graphs(dry: bool) -> dict:
+    """The same decode steps replayed from CUDA graphs (cuda_graphs=True), and their tokens
+    against the eager engine's on one batch (bf16: where they first part is recorded)."""
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    if dry:
+        return {"skipped": "CUDA graphs need a GPU"}
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = _prompts(12, dry, seed=1)
+    eager = _a3b_engine(dry)
+    ref = [list(o.outputs[0].token_ids) for o in eager.generate(prompts, greedy)]
+    del eager
+    gc.collect()
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    llm = _a3b_engine(dry, cuda_graphs=True)
+    out = {"start_s": time.perf_counter() - t0}
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy)]
+    out["first_divergence_vs_eager"] = [_first_divergence(a, b) for a, b in zip(ref, got)]
+    _decode_steps(llm, dry, out, DECODE_CASES)
     return out
 
 
@@ -445,6 +490,10 @@ def summary(report: dict) -> dict:
     for key, value in speed.items():
         if key.endswith("_ms") or key.endswith("_sampled"):
             out[key] = round(value, 3)
+    graphs = (steps.get("engine_graphs") or {}).get("result") or {}
+    for key, value in graphs.items():
+        if key.startswith("decode_step"):
+            out[f"graphs {key}"] = round(value, 3)
     tests = ((steps.get("pytest_gpu") or {}).get("result") or {}).get("counts")
     if tests:
         out["pytest -m gpu"] = tests
