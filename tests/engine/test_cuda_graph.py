@@ -348,3 +348,13 @@ def test_llm_with_cuda_graphs_on():
     off = LLMEngine.from_pretrained("qwen35-tiny", cuda_graphs=False, **kw)
     assert run(on, requests) == run(off, requests)
     assert sum(graphs.steps.values()) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_bench_comparison():
+    from qwen35_ray.bench.decode_graphs import compare
+
+    out = compare("qwen35-tiny", "float32", batch_sizes=(1, 4), new_tokens=6, block_size=4)
+    assert out["tokens_equal_B1"] and out["tokens_equal_B4"]
+    assert out["decode_step_B4_ms_graphs"] > 0 and out["decode_step_B4_ms_eager"] > 0
