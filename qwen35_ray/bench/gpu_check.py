@@ -19,8 +19,17 @@ from pathlib import Path
 import torch
 
 # in the order they run: the engine's own checks first, the longest (kernels) near the end
-STEPS = ("facts", "engine_parity", "engine_speed", "engine_graphs", "sampler", "pytest_gpu",
-         "bench_kernels", "bench_fla", "serve")
+STEPS = (
+    "facts",
+    "engine_parity",
+    "engine_speed",
+    "engine_graphs",
+    "sampler",
+    "pytest_gpu",
+    "bench_kernels",
+    "bench_fla",
+    "serve",
+)
 
 # Qwen3.5-35B-A3B's text widths (its config.json), with fewer layers
 A3B_TEXT = {
@@ -104,7 +113,8 @@ def step_pytest_gpu(dry: bool) -> dict:
                     msg = (child.get("message") or "")[:400]
             cases.append({"name": tc.get("name"), "status": status, "time": tc.get("time"),
                           "message": msg})  # fmt: skip
-    counts = {k: sum(c["status"] == k for c in cases) for k in ("passed", "failure", "error", "skipped")}
+    kinds = ("passed", "failure", "error", "skipped")
+    counts = {k: sum(c["status"] == k for c in cases) for k in kinds}
     return {"rc": p.returncode, "counts": counts, "cases": cases,
             "tail": (p.stdout + p.stderr)[-3000:]}  # fmt: skip
 
@@ -215,9 +225,11 @@ def write_a3b_checkpoint(out_dir: Path, layers: int, dry: bool = False) -> Path:
     tok = transformers.AutoTokenizer.from_pretrained(out_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
-    text = {**TEXT_CONFIG, **A3B_TEXT, **(DRY_TEXT if dry else {}), "num_hidden_layers": layers, "layer_types": types,
+    text = {**TEXT_CONFIG, **A3B_TEXT, **(DRY_TEXT if dry else {}),
+            "num_hidden_layers": layers, "layer_types": types,
             "model_type": "qwen3_5_moe_text", "router_aux_loss_coef": 0.001,
-            "eos_token_id": ids["<|im_end|>"], "bos_token_id": None, "pad_token_id": None}  # fmt: skip
+            "eos_token_id": ids["<|im_end|>"], "bos_token_id": None,
+            "pad_token_id": None}  # fmt: skip
     raw = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
            "text_config": text, "tie_word_embeddings": False}  # fmt: skip
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
@@ -407,7 +419,8 @@ def step_serve(dry: bool) -> dict:
             time.sleep(1)
         if answer is None:
             tail = (tmp / "gpu-check-serve.log").read_text()[-3000:]
-            raise SystemExit(f"serve run gave no answer in {time.perf_counter() - t0:.0f} s\n{tail}")
+            waited = time.perf_counter() - t0
+            raise SystemExit(f"serve run gave no answer in {waited:.0f} s\n{tail}")
         t = time.perf_counter()
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30)
         again = time.perf_counter() - t
@@ -438,8 +451,8 @@ def main(argv=None) -> int:
     if args.step:
         run_step(args.step, args.dry_run)
         return 0
-    report = {"dry_run": args.dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "steps": {}}  # fmt: skip
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report = {"dry_run": args.dry_run, "started": started, "steps": {}}
     deadline = time.perf_counter() + args.budget
     for name in args.steps:
         t0 = time.perf_counter()
@@ -461,7 +474,7 @@ def main(argv=None) -> int:
         result = None
         for line in text.splitlines():
             if line.startswith("GPU_CHECK_RESULT "):
-                result = json.loads(line[len("GPU_CHECK_RESULT "):])
+                result = json.loads(line[len("GPU_CHECK_RESULT ") :])
         entry = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "result": result}
         if rc != 0 or result is None:
             entry["tail"] = text[-4000:]
@@ -485,7 +498,8 @@ def summary(report: dict) -> dict:
     for name, s in steps.items():
         out[f"step {name}"] = "ok" if s["rc"] == 0 else f"FAILED ({s['rc']})"
     facts = (steps.get("facts") or {}).get("result") or {}
-    out["machine"] = f"{facts.get('gpu', 'cpu')} torch {facts.get('torch')} triton {facts.get('triton')}"
+    gpu, torch_v, triton_v = facts.get("gpu", "cpu"), facts.get("torch"), facts.get("triton")
+    out["machine"] = f"{gpu} torch {torch_v} triton {triton_v}"
     speed = (steps.get("engine_speed") or {}).get("result") or {}
     for key, value in speed.items():
         if key.endswith("_ms") or key.endswith("_sampled"):
@@ -497,7 +511,7 @@ def summary(report: dict) -> dict:
     tests = ((steps.get("pytest_gpu") or {}).get("result") or {}).get("counts")
     if tests:
         out["pytest -m gpu"] = tests
-    rows = (((steps.get("bench_kernels") or {}).get("result") or {}).get("rows") or {})
+    rows = ((steps.get("bench_kernels") or {}).get("result") or {}).get("rows") or {}
     for row in rows.get("results", []):
         if "fast_s" in row:
             fla = f" (fla {row['fla_s'] * 1e3:.3f} ms)" if "fla_s" in row else ""
