@@ -205,9 +205,11 @@ class HostSyncs(TorchDispatchMode):
 
 
 class HostData(TorchFunctionMode):
-    """Tensors made from, or read into, host data."""
+    """Tensors made from, or read into, host data, and new tensors without a device (on a
+    GPU engine they would be CPU tensors)."""
 
     CALLS = {"tensor", "as_tensor", "from_numpy", "tolist", "cpu", "numpy", "item"}
+    FACTORIES = {"arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "eye"}
 
     def __init__(self):
         super().__init__()
@@ -215,9 +217,12 @@ class HostData(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
+        kwargs = kwargs or {}
         if name in self.CALLS:
             self.seen.append(name)
-        return func(*args, **(kwargs or {}))
+        elif name in self.FACTORIES and kwargs.get("device") is None:
+            self.seen.append(f"{name} without device")
+        return func(*args, **kwargs)
 
 
 @pytest.fixture
@@ -251,9 +256,9 @@ def test_the_recorded_step_makes_no_host_sync(name, launches_unwatched):
     # and the detector sees what it is meant to see
     with torch.inference_mode(), HostData() as data, HostSyncs() as syncs:
         torch.tensor([1]).tolist()
-        bool(torch.ones(1).all())
-        torch.bincount(torch.ones(3, dtype=torch.int64))
-    assert data.seen == ["tensor", "tolist"]
+        bool(torch.ones(1, device="cpu").all())
+        torch.bincount(torch.arange(3))
+    assert data.seen == ["tensor", "tolist", "arange without device"]
     assert syncs.seen == ["is_nonzero", "bincount"]
 
 
