@@ -179,32 +179,18 @@ def step_engine_parity(dry: bool) -> dict:
 
 
 def step_sampler(dry: bool) -> dict:
-    """The sampler at the real vocabulary (V=248,320) with the model's default settings."""
-    return _sampler_today(dry)
+    """`qwen35-ray bench sampler` at the real vocabulary (V=248,320): the batched sampler on the
+    device against the row loop it replaced (which copies the logits to the host)."""
+    from qwen35_ray.bench.sampler import main as bench_sampler
 
-
-def _sampler_today(dry: bool) -> dict:
-    from qwen35_ray.engine.executor import SampleRow
-    from qwen35_ray.engine.sampler import sample
-    from qwen35_ray.engine.sampling_params import SamplingParams
-
-    device = _device(dry)
-    V = 248320
-    params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
-    out = {}
-    for B in (1, 64) if not dry else (1, 4):
-        logits = torch.randn(B, V, device=device) * 4
-        rows = [SampleRow(str(i), params, seed=i, position=0) for i in range(B)]
-        sample(logits, rows)
-        _sync(device)
-        t0 = time.perf_counter()
-        n = 3
-        for _ in range(n):
-            sample(logits, rows)
-        _sync(device)
-        out[f"B={B}"] = {"ms": (time.perf_counter() - t0) / n * 1e3}
-        print("sampler", B, out[f"B={B}"], flush=True)
-    return out
+    path = Path(os.environ.get("GPU_CHECK_TMP", "/tmp")) / "sampler.json"
+    batches = ["1", "4"] if dry else ["1", "16", "64", "256"]
+    rc = bench_sampler(["--device", _device(dry), "--batch", *batches, "--repeats", "3",
+                        "--old-repeats", "1", "--old-max-batch", "4" if dry else "64",
+                        "--out", str(path)])  # fmt: skip
+    if rc:
+        raise SystemExit(f"bench sampler exited with {rc}")
+    return json.loads(path.read_text())
 
 
 # --dry-run: the same structure at small widths
@@ -508,6 +494,11 @@ def summary(report: dict) -> dict:
     for key, value in graphs.items():
         if key.startswith("decode_step"):
             out[f"graphs {key}"] = round(value, 3)
+    sampler = (steps.get("sampler") or {}).get("result") or {}
+    for row in sampler.get("results", []):
+        if row.get("setting") == "default":
+            old = f", before {row['old_ms']} ms" if "old_ms" in row else ""
+            out[f"sampler default B={row['batch']}"] = f"{row['new_ms']} ms{old}"
     tests = ((steps.get("pytest_gpu") or {}).get("result") or {}).get("counts")
     if tests:
         out["pytest -m gpu"] = tests
