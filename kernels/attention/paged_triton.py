@@ -141,6 +141,7 @@ def paged_attention_triton(
     partition: int = 512,
     block_m: int = 64,
     block_n: int = 32,
+    max_splits: int = 64,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over all of its cached tokens; [T, Hq, D]."""
     T, HQ, D = q.shape
@@ -156,7 +157,11 @@ def paged_attention_triton(
         return o
     BD = next_pow2(D)
     if max_q_len == 1:
-        # the table width bounds every sequence's length, so no host sync is needed
+        # the table width bounds every sequence's length, so no host sync is needed. Past
+        # max_splits partitions the partitions grow instead: a CUDA graph's tables are as wide
+        # as the longest context, and would otherwise launch thousands of programs per
+        # sequence that find no token (16,384 blocks of 16: 512 splits of 512 -> 64 of 4,096)
+        partition = max(partition, next_pow2(triton.cdiv(M * P, max_splits)))
         num_splits = triton.cdiv(M * P, partition)
         mid_o = torch.empty(B, HQ, num_splits, D, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(B, HQ, num_splits, dtype=torch.float32, device=q.device)

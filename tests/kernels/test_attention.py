@@ -62,3 +62,15 @@ def test_paged_attention_triton(case, dtype):
         out = paged_attention_triton(*args, D**-0.5, max_q_len, partition=32, block_m=16,
                                      block_n=16)  # fmt: skip
     assert_close("paged_attention_triton", out, ref, dtype)
+
+
+@needs_triton
+def test_paged_decode_with_fewer_splits_than_the_table_holds():
+    """A table wider than max_splits partitions (a CUDA graph's, sized for the longest
+    context): the partitions grow, here from 16 to 64 tokens, and the 70-token sequence
+    still spans two of them."""
+    args, max_q_len, ref = _inputs("decode", torch.float32, TRITON_DEVICE)
+    with nan_filled_buffers():
+        out = paged_attention_triton(*args, D**-0.5, max_q_len, partition=16, block_n=16,
+                                     max_splits=2)  # fmt: skip
+    assert_close("paged_attention_triton", out, ref, torch.float32)
