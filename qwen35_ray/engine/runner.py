@@ -61,6 +61,10 @@ class ModelRunner:
         graphs = self.decode_graphs
         if graphs is not None and (bucket := graphs.bucket(step.chunks)) is not None:
             logits = graphs(step.chunks, step.input_ids, bucket)
+            if sampling == list(range(len(step.chunks))):
+                # every row samples (the usual decode step): the graph's buffer as it is, read
+                # before the next step writes it; gathering it would copy B x V floats
+                return logits
             return logits[torch.tensor(sampling, device=self.device)] if sampling else None
         batch = ForwardBatch.build(step.chunks, self.cache.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)  # [T]
