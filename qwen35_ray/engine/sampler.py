@@ -154,7 +154,7 @@ def apply_penalties(x: torch.Tensor, seqs: list[SampleRow]) -> None:
         if (s.params.presence_penalty or s.params.frequency_penalty) and s.output_token_ids
     ]
     if counted:
-        keys = _keys(V, [(i, [t for t in s.output_token_ids if t < V]) for i, s in counted], dev)
+        keys = _keys(V, [(i, s.output_token_ids) for i, s in counted], dev)
         keys, counts = keys.unique(return_counts=True)
         at = (keys // V, keys % V)
         frequency = _per_row([s.params.frequency_penalty for s in seqs], dev)[at[0]]
@@ -163,8 +163,12 @@ def apply_penalties(x: torch.Tensor, seqs: list[SampleRow]) -> None:
 
 
 def _keys(V: int, rows: list[tuple[int, list[int]]], device) -> torch.Tensor:
-    """row * V + token for each (row, tokens) [N]."""
-    keys = [torch.tensor(tokens, dtype=torch.long) + i * V for i, tokens in rows]
+    """row * V + token for each (row, tokens) [N], tokens past the vocabulary left out (they
+    would land in the next row)."""
+    keys = []
+    for i, tokens in rows:
+        t = torch.tensor(tokens, dtype=torch.long)
+        keys.append(t[t < V] + i * V)
     return torch.cat(keys).to(device)
 
 
@@ -178,8 +182,8 @@ def _draw(x: torch.Tensor, seqs: list[SampleRow], rows: list[int]) -> torch.Tens
     dev = x.device
     params = [seqs[i].params for i in rows]
     s = x / _per_row([p.temperature for p in params], dev)[:, None]
-    u = torch.tensor([uniform(seqs[i].seed, seqs[i].position) for i in rows], device=dev)
-    u = u.to(torch.float64)
+    u = [uniform(seqs[i].seed, seqs[i].position) for i in rows]
+    u = torch.tensor(u, dtype=torch.float64, device=dev)
     tokens = torch.empty(b, dtype=torch.long, device=dev)
     top = torch.empty(b, dtype=s.dtype, device=dev)  # each row's largest scaled logit
     groups: dict[int, list[int]] = {}
