@@ -125,7 +125,9 @@ async def run(
     compiled = None
     if app is not None and args.compile_wait > 0:
         print("[bench serve] waiting for the served engines' compiled decode step", flush=True)
-        compiled = await serve_profile.wait_compiled(app, args.compile_wait)
+        from qwen35_ray.serving.warmup import wait_compiled
+
+        compiled = await wait_compiled(app, args.compile_wait)
         print(f"[bench serve] compiled: {compiled}", flush=True)
 
     def count(text: str) -> int:

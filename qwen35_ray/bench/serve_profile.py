@@ -5,7 +5,6 @@ a sampled profile of the engine, ingress and proxy processes (py-spy record, raw
 summarised as the functions with most samples. Also the wait for the served engines'
 compiled decode step (LLMServer.wait_compiled)."""
 
-import asyncio
 import os
 import re
 import shutil
@@ -28,25 +27,6 @@ _NAMES = (
     (re.compile(r"^ray::(ServeController)"), None),
     (re.compile(r"(raylet|gcs_server)"), "ray core"),
 )
-
-
-async def wait_compiled(app: str, timeout_s: float) -> dict[str, list[bool]]:
-    """Each engine deployment of a Serve app (this process connected to its cluster): one
-    wait_compiled call per running replica, concurrently (Serve spreads concurrent calls over
-    a pool's replicas). Returns deployment -> the replicas' answers."""
-    from ray import serve
-
-    status = serve.status().applications[app]
-    out = {}
-    for name, d in status.deployments.items():
-        if "Ingress" in name:
-            continue
-        replicas = max(1, d.replica_states.get("RUNNING", 0))
-        handle = serve.get_deployment_handle(name, app)
-        # by keyword: the prefill pool's router reads a positional first argument as a prompt
-        calls = [handle.wait_compiled.remote(timeout_s=timeout_s) for _ in range(replicas)]
-        out[name] = list(await asyncio.gather(*calls))
-    return out
 
 
 async def engine_steps(http, metrics_url: str) -> dict[str, dict[str, float]] | None:
