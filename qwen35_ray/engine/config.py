@@ -30,8 +30,8 @@ class EngineConfig:
     # slow, for tests)
     kernels: str = "auto"
     # GPU: decode steps replayed from CUDA graphs captured at start-up, one per batch-size
-    # bucket (engine/cuda_graph.py). None (auto) is off until a GPU run has shown graphed and
-    # eager steps give the same tokens (issue 20); True on a CPU engine is an error
+    # bucket (engine/cuda_graph.py). None (auto): on for a CUDA engine on the Triton kernels
+    # in one process, off otherwise; True where that does not hold is an error
     cuda_graphs: bool | None = None
     # while others wait to be admitted, one prefill chunk takes at most this many tokens of a
     # step; None: max(block_size, max_num_batched_tokens // 8); 0: no limit

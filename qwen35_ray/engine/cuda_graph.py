@@ -47,12 +47,20 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def uses_cuda_graphs(setting: bool | None, device, model) -> bool:
-    """EngineConfig.cuda_graphs resolved. None (auto) is off until a GPU run has shown graphed
-    and eager steps give the same tokens (issue 20); True needs a CUDA engine on the Triton
-    kernels in one process, and is an error naming what to change otherwise."""
-    if not setting:
+    """EngineConfig.cuda_graphs resolved. None (auto): on for a CUDA engine on the Triton
+    kernels in one process (an H200 run gave the eager tokens and 1.1 ms against 9.4 ms per
+    decode step at one sequence, docs/gpu.md), off otherwise; True needs such an engine and is
+    an error naming what to change otherwise; False: off."""
+    if setting is False:
         return False
     kind = torch.device(device).type
+    if setting is None:
+        kernels = getattr(model, "kernels", None)
+        return (
+            kind == "cuda"
+            and not (kernels is not None and kernels.is_torch)
+            and getattr(model, "expert_parallel", None) is None
+        )
     if kind != "cuda":
         raise ValueError(
             f"cuda_graphs=True captures decode steps on a GPU, and this engine runs on "

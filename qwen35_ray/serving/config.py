@@ -177,6 +177,12 @@ class EngineArgs(BaseModel):
         "kernels; on CPU only under TRITON_INTERPRET=1, slow, for tests). compile_decode stays "
         "off with triton",
     )
+    cuda_graphs: bool | None = Field(
+        None,
+        description="GPU: decode steps replayed from CUDA graphs captured per batch size at "
+        "start-up. None (auto): on for a CUDA engine on the Triton kernels in one process; "
+        "False: off",
+    )
     long_prefill_token_threshold: int | None = Field(
         None,
         ge=0,

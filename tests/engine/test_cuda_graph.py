@@ -104,8 +104,11 @@ def test_buckets():
 
 def test_the_setting():
     model, _, _ = load_model("qwen35-tiny", dtype="float32", progress=False)
-    # auto stays off until the lead's GPU run shows graphed == eager tokens
-    assert not uses_cuda_graphs(None, "cuda", model)
+    # auto: on for CUDA on the Triton kernels, off on CPU and on the torch kernels
+    assert not uses_cuda_graphs(None, "cpu", model)
+    assert not uses_cuda_graphs(None, "cuda", model)  # loaded on CPU: the torch kernels
+    on_triton, _, _ = load_model("qwen35-tiny", dtype="float32", progress=False, kernels="triton")
+    assert uses_cuda_graphs(None, "cuda", on_triton)
     assert not uses_cuda_graphs(False, "cuda", model)
     with pytest.raises(ValueError, match="cuda_graphs=True .* device='cpu'"):
         uses_cuda_graphs(True, "cpu", model)
