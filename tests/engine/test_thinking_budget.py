@@ -113,7 +113,7 @@ def test_forced_tool_call_with_thinking_on(engine):
     assert prompt.endswith("<think>\n")
     spec = chat_spec(req, prompt_in_reasoning=True)
     params = SamplingParams(
-        n=3, temperature=1.0, seed=0, max_tokens=200, thinking_token_budget=32, structured=spec
+        n=3, temperature=1.0, seed=2, max_tokens=200, thinking_token_budget=32, structured=spec
     )
     outs = run(engine, engine.tokenizer(prompt)["input_ids"], params).outputs
     for out in outs:
