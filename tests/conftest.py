@@ -2,6 +2,7 @@
 repo root, and with it the `kernels/` folder, never lands on sys.path)."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,3 +17,8 @@ if not torch.cuda.is_available():
 # step ask for it (compile_decode=True), or clear this (test_serve_run, the default path).
 os.environ.setdefault("QWEN35_RAY_COMPILE_DECODE", "0")
 sys.path.insert(0, str(Path(__file__).parent / "support"))
+# Tests stop servers with SIGINT as Ctrl-C does. A suite started with SIGINT ignored (`pytest &`
+# from a script without job control) would pass that on to every child, and `serve run`
+# would ignore them: Ctrl-C's default handler for this process, so its children start with it
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

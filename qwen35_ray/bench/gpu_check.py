@@ -150,7 +150,10 @@ def step_serve(dry: bool) -> dict:
     path = tmp / "gpu-check-serve.yaml"
     path.write_text(yaml.safe_dump(spec))
     log = open(tmp / "gpu-check-serve.log", "w")
-    cli = "from ray.serve.scripts import cli; cli()"
+    # Ctrl-C's handler set, so the SIGINT below stops it even where this check was started
+    # with SIGINT ignored (which Python, and so the child, would otherwise keep)
+    cli = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "from ray.serve.scripts import cli; cli()")  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", cli, "run", str(path)], cwd=root, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

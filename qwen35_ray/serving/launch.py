@@ -244,8 +244,11 @@ def run(cmd, num_cpus: int) -> int:
     try:
         _start_ray(cmd, num_cpus)
         # SIGTERM (kill, systemd, Kubernetes) stops it as Ctrl-C does; set after ray.init,
-        # whose own handler would exit at once with 1
+        # whose own handler would exit at once with 1. SIGINT too: Python leaves it ignored
+        # when the command starts with it ignored (a `cmd &` of a script without job
+        # control), and Ctrl-C / SIGINT must still stop it, as they stop uvicorn's servers
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if not _serve(cmd, deployed):
             return 1
         while True:

@@ -48,6 +48,9 @@ def app(graceful_shutdown_timeout_s: float):
             "llm_server": {
                 "num_replicas": 2,
                 "num_cpus": 0.1,
+                # 4 streams over 2 replicas of at most 2 each: Serve's router, left to its
+                # queue-length probes, once put all 4 on one replica under a loaded CI host
+                "max_ongoing_requests": 2,
                 "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
                 "graceful_shutdown_wait_loop_s": 0.2,
             },
