@@ -1,12 +1,13 @@
 """CompiledDecode: a step of pure decodes on CPU as one torch.compile graph.
 
 In eager PyTorch a decode step of a small model is hundreds of small ops, each costing more to
-dispatch than to compute. `Qwen35ForCausalLM.decode_step` runs the same layers on states passed
-in and returned, writing nothing, so Inductor compiles the whole step, logits included, into
-one graph of fused C++ kernels and matmuls. The graph reads the batch's GDN states from their
-slots (the whole slot tensors are its inputs, so no gathered copy is made before it); this
-class stores what it returns: GDN states into their slots, the new K/V into the paged blocks
-and DecodeKV.
+dispatch than to compute. The graph is the model's one forward path (`hidden_states`) in a
+SlotDecode step (model/step.py), which reads states where they are and writes nothing, so
+Inductor compiles the whole step, logits included, into one graph of fused C++ kernels and
+matmuls; the eager engine runs the same code for the same batches. The graph reads the batch's
+GDN states from their slots (the whole slot tensors are its inputs, so no gathered copy is made
+before it); what it returns is stored as the eager step stores it (store_slot_decode): GDN
+states into their slots, the new K/V into the paged blocks and DecodeKV.
 
 Shapes are dynamic (sequences, slots, context length), traced size-obliviously: PyTorch would
 otherwise specialise sizes of 1, and a batch of one sequence would need a graph of its own or
@@ -15,9 +16,9 @@ guards on its inputs only, so the MoE's CPU path chosen by batch size is fixed w
 traced: an MoE model gets a second graph for batches above `gathers_experts`, and this class
 picks the graph by batch size.
 
-The step is made of the PyTorch paths (Qwen35ForCausalLM.decode_step), so it exists only for a
-model on the torch kernel backend (EngineConfig.kernels torch, or auto on CPU); with triton the
-engine stays eager (compile_decode None) or refuses compile_decode=True.
+The step is made of the PyTorch paths (SlotDecode and the torch KernelBackend), so it exists
+only for a model on the torch kernel backend (EngineConfig.kernels torch, or auto on CPU);
+with triton the engine stays eager (compile_decode None) or refuses compile_decode=True.
 
 Compiling takes seconds with Inductor's on-disk cache warm and tens of seconds cold (2 cores).
 `warmup()` compiles before the first step; `start()` compiles on a background thread at low
@@ -37,14 +38,14 @@ import types
 import torch
 import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
-from qwen35_kernels.attention import write_kv
 from qwen35_kernels.moe import gathers_experts
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from qwen35_ray.model.attention import decode_rows
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.cache import HybridCache
+from qwen35_ray.model.decode_kv import decode_rows
 from qwen35_ray.model.source import cache_dir
+from qwen35_ray.model.step import SlotDecode, slot_decode_inputs, store_slot_decode
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class CompiledDecode:
             self.max_gathered += 1
         # the large-batch graph only where the slots allow such a batch
         n_graphs = 2 if moe and self.max_batch > self.max_gathered else 1
-        self.fns = [_compile(model.decode_step) for _ in range(n_graphs)]
+        self.fns = [_compile(decode_logits, model) for _ in range(n_graphs)]
         self.steps = [0] * n_graphs  # decode steps run through each graph
         # the graphs are compiled: the runner sends decode steps here
         self.ready = False
@@ -90,38 +91,12 @@ class CompiledDecode:
     def __call__(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] fp32 of a batch of decodes (ForwardBatch.is_decode); the cache is
         updated as the eager forward would."""
-        cache = self.cache
-        slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
-        kv = cache.decode_kv[: self.n_attn]
-        for j, d in enumerate(kv):
-            d.refill(slots, positions, batch.block_tables, cache.key[j], cache.value[j])
-        idx = batch.state_indices
-        logits, conv, rec, k, v = self._graph(input_ids, idx, batch.positions, slots, positions)
-        cache.conv[:, idx] = conv
-        cache.recurrent[:, idx] = rec
-        for j, d in enumerate(kv):
-            write_kv(k[j], v[j], cache.key[j], cache.value[j], batch.slot_mapping)
-            d.append(k[j], v[j], slots, positions)
-        return logits
-
-    def _graph(self, input_ids, idx, pos, slots, positions):
-        cache = self.cache
-        kv = cache.decode_kv[: self.n_attn]
-        rows, lengths, n = decode_rows(slots, positions)
-        for d in kv:
-            d.reserve(n)
+        inputs = slot_decode_inputs(batch, self.cache, self.n_attn)
         g = self._pick(len(input_ids))
         self.steps[g] += 1
-        return self.fns[g](
-            input_ids,
-            pos,
-            idx,
-            lengths,
-            cache.conv,
-            cache.recurrent,
-            [d.key[:rows, :, :n] for d in kv],
-            [d.value[:rows, :, :n] for d in kv],
-        )
+        logits, *outputs = self.fns[g](input_ids, *inputs)
+        store_slot_decode(batch, self.cache, outputs)
+        return logits
 
     def _pick(self, batch: int) -> int:
         return len(self.fns) - 1 if batch > self.max_gathered else 0
@@ -220,13 +195,21 @@ def _stand_in_step(states, slots, positions):
     return torch.zeros_like(idx), torch.tensor(positions), idx, lengths, conv, recurrent, K, V
 
 
-def _compile(method):
+def decode_logits(model, input_ids, positions, rows, lengths, conv, recurrent, keys, values):
+    """What a graph computes: the model's one forward path (hidden_states) over a SlotDecode
+    step, and the logits [B, vocab] fp32, followed by the step's new states (SlotDecode.outputs)."""
+    step = SlotDecode(positions, rows, lengths, conv, recurrent, keys, values)
+    logits = model.compute_logits(model.hidden_states(input_ids, step))
+    return logits, *step.outputs()
+
+
+def _compile(fn, model):
     # guards on the inputs only: checking each weight on every call costs more than a small
     # model's step, and the weights of a loaded model do not change. Inductor's own checks of
     # the inputs' sizes, strides and alignment repeat what the guards establish (about 130
     # per call): without them one sequence's step took 1.2-1.3 ms instead of 1.3-1.5.
     return torch.compile(
-        _own_copy(method),
+        _own_copy(fn, model),
         dynamic=True,
         fullgraph=True,
         options={
@@ -238,15 +221,14 @@ def _compile(method):
     )
 
 
-def _own_copy(method):
-    """The bound method with a code object of its own. Dynamo keeps compiled graphs per code
-    object, and with guards on the inputs only, a second model (another engine in the process)
-    would otherwise run the first one's graph."""
-    func = method.__func__
-    code = func.__code__.replace(co_name=f"{func.__name__}_{next(_copies)}")
-    copy = types.FunctionType(code, func.__globals__, code.co_name, func.__defaults__,
-                              func.__closure__)  # fmt: skip
-    return types.MethodType(copy, method.__self__)
+def _own_copy(fn, model):
+    """fn bound to the model, with a code object of its own. Dynamo keeps compiled graphs per
+    code object, and with guards on the inputs only, a second model (another engine in the
+    process) would otherwise run the first one's graph."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)  # fmt: skip
+    return types.MethodType(copy, model)
 
 
 _copies = itertools.count()

@@ -71,7 +71,7 @@ class ModelRunner:
         compiled = self.compiled_decode
         if compiled is not None and compiled.ready and batch.num_decodes == batch.num_seqs:
             logits = compiled(input_ids, batch)
-            # the graph runs decode_step, which leaves closing the step to its caller
+            # the graph runs the model's layers (hidden_states); closing the step is left here
             if (load := getattr(self.model, "expert_load", None)) is not None:
                 load.end_step()
             return logits[torch.tensor(sampling)] if sampling else None

@@ -51,6 +51,26 @@ class DecodeKV:
                 self.value[s, :, :p] = value_cache.view(-1, Hkv, D)[flat].transpose(0, 1)
                 self.length[s] = p
 
+    def decode(
+        self,
+        q: torch.Tensor,  # [B, Hq, D] one query per sequence
+        k: torch.Tensor,  # [B, Hkv, D] its own key and value
+        v: torch.Tensor,
+        batch,  # the decodes' ForwardBatch
+        key_cache: torch.Tensor,  # [N, P, Hkv, D] this layer's paged blocks
+        value_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of a batch of decodes over this copy, [B, Hq, D]: nothing gathered from
+        the blocks unless a slot is stale; the new k, v are appended after."""
+        slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
+        self.refill(slots, positions, batch.block_tables, key_cache, value_cache)
+        rows, lengths, n = decode_rows(slots, positions)
+        K, V = self.key[:rows, :, :n], self.value[:rows, :, :n]
+        o = decode_attention(q, k, v, K, V, batch.state_indices, lengths, scale)
+        self.append(k, v, slots, positions)
+        return o
+
     def append(
         self,
         k: torch.Tensor,  # [B, Hkv, D] the new token of each sequence
@@ -78,3 +98,41 @@ class DecodeKV:
                 new = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
                 new[:, :, :cap] = old
                 setattr(self, name, new)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D] one query per sequence
+    k: torch.Tensor,  # [B, Hkv, D] its own key and value
+    v: torch.Tensor,
+    K: torch.Tensor,  # [R, Hkv, n, D] earlier keys, one row per state slot
+    V: torch.Tensor,
+    rows: torch.Tensor,  # [B] each sequence's row in K and V
+    lengths: torch.Tensor,  # [R] earlier tokens of each row
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each new token over its sequence's earlier tokens and itself, [B, Hq, D]:
+    one masked matmul for all rows and heads. Rows of slots outside the batch compute values
+    nobody reads. Nothing is written, so a compiled decode step can use it."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    R, n = K.shape[0], K.shape[2]
+    qs = q.new_zeros(R, Hkv, Hq // Hkv, D).index_copy(0, rows, q.view(B, Hkv, -1, D))
+    kn = k.new_zeros(R, Hkv, 1, D).index_copy(0, rows, k[:, :, None])
+    vn = v.new_zeros(R, Hkv, 1, D).index_copy(0, rows, v[:, :, None])
+    past = torch.arange(n, device=q.device) < lengths[:, None, None, None]  # [R, 1, 1, n]
+    old = (qs @ K.to(q.dtype).transpose(-1, -2)) * scale
+    old = old.masked_fill(~past, float("-inf"))  # [R, Hkv, G, n]
+    new = (qs @ kn.transpose(-1, -2)) * scale  # [R, Hkv, G, 1]
+    p = torch.cat([old, new], dim=-1).float().softmax(-1).to(q.dtype)
+    o = p[..., :n] @ V.to(q.dtype) + p[..., n:] * vn  # [R, Hkv, G, D]
+    return o.index_select(0, rows).reshape(B, Hq, D)
+
+
+def decode_rows(slots: list[int], positions: list[int]) -> tuple[int, torch.Tensor, int]:
+    """For decode_attention over DecodeKV: the rows to read (up to the highest slot), the
+    earlier tokens of each row (the slot's position; rows outside the batch see all n) and n,
+    the longest (at least 1)."""
+    rows, n = max(slots) + 1, max(max(positions), 1)
+    lengths = torch.full((rows,), n)
+    lengths[slots] = torch.tensor(positions)
+    return rows, lengths, n

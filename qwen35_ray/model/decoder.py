@@ -4,9 +4,7 @@ import torch
 from torch import nn
 
 from qwen35_ray.model.attention import GatedAttention
-from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.config import ModelConfig
-from qwen35_ray.model.decode_kv import DecodeKV
 from qwen35_ray.model.expert_parallel import ExpertParallel
 from qwen35_ray.model.gdn import GatedDeltaNet
 from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
@@ -19,6 +17,7 @@ class DecoderLayer(nn.Module):
         self,
         config: ModelConfig,
         layer_type: str,
+        cache_index: int,  # of its GDN slots or attention blocks in the HybridCache
         moe: bool,
         expert_parallel: ExpertParallel | None = None,
         kernels: KernelBackend = TORCH,
@@ -26,9 +25,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config, kernels)
+            self.linear_attn = GatedDeltaNet(config, cache_index, kernels)
         else:
-            self.self_attn = GatedAttention(config, kernels)
+            self.self_attn = GatedAttention(config, cache_index, kernels)
         if moe:
             self.mlp = SparseMoE(config, expert_parallel, kernels)
         else:
@@ -43,30 +42,9 @@ class DecoderLayer(nn.Module):
         ).fuse_projections()
         self.mlp.fuse_projections()
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [T, hidden]
-        batch: ForwardBatch,
-        cache_a: torch.Tensor,  # conv state slots (GDN) or key blocks (attention)
-        cache_b: torch.Tensor,  # recurrent state slots (GDN) or value blocks (attention)
-        decode_kv: DecodeKV | None = None,  # attention: the CPU decode copy of K/V
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:  # [T, hidden]
+        """step: the step's cache access (model/step.py)."""
         h = self.input_layernorm(x)
-        if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, batch, cache_a, cache_b)
-        else:
-            h = self.self_attn(h, batch, cache_a, cache_b, decode_kv)
-        x = x + h
+        mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+        x = x + mixer(h, step)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode_step(self, x, positions, rows, lengths, state_a, state_b):
-        """forward() for one decode token per sequence on states passed in and returned (see
-        GatedDeltaNet.decode_step and GatedAttention.decode_step): (x, new_a, new_b)."""
-        h = self.input_layernorm(x)
-        if self.layer_type == "linear_attention":
-            h, new_a, new_b = self.linear_attn.decode_step(h, state_a, state_b)
-        else:
-            h, new_a, new_b = self.self_attn.decode_step(h, positions, state_a, state_b, rows,
-                                                         lengths)  # fmt: skip
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), new_a, new_b

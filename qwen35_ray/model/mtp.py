@@ -8,8 +8,6 @@ decoder layer (own KV cache, same MoE kind as the main layers) and norm.
 import torch
 from torch import nn
 
-from qwen35_ray.model.batch import ForwardBatch
-from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.decoder import DecoderLayer
 from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
@@ -17,7 +15,8 @@ from qwen35_ray.model.norm import RMSNorm
 
 
 class MultiTokenPredictor(nn.Module):
-    def __init__(self, config: ModelConfig, kernels: KernelBackend = TORCH):
+    def __init__(self, config: ModelConfig, first_kv: int, kernels: KernelBackend = TORCH):
+        """first_kv: the index of its first KV cache in the HybridCache."""
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
         moe = config.num_experts > 0
@@ -25,8 +24,8 @@ class MultiTokenPredictor(nn.Module):
         self.pre_fc_norm_hidden = RMSNorm(H, eps, kernels)
         self.fc = nn.Linear(2 * H, H, bias=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, "full_attention", moe, kernels=kernels)
-            for _ in range(config.mtp_num_hidden_layers)
+            DecoderLayer(config, "full_attention", first_kv + i, moe, kernels=kernels)
+            for i in range(config.mtp_num_hidden_layers)
         )
         self.norm = RMSNorm(H, eps, kernels)
 
@@ -34,13 +33,10 @@ class MultiTokenPredictor(nn.Module):
         self,
         embeds: torch.Tensor,  # [T, H]
         hidden: torch.Tensor,  # [T, H]
-        batch: ForwardBatch,
-        cache: HybridCache,
-        first_kv: int,  # index of the MTP layers' first KV cache
+        step,  # the step's cache access (model/step.py)
     ) -> torch.Tensor:
         x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], -1)
         x = self.fc(x)
-        for i, layer in enumerate(self.layers):
-            j = first_kv + i
-            x = layer(x, batch, cache.key[j], cache.value[j], cache.decode_kv_of(j))
+        for layer in self.layers:
+            x = layer(x, step)
         return self.norm(x)

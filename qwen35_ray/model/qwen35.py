@@ -25,6 +25,13 @@ from qwen35_ray.model.kernel_backend import TORCH, KernelBackend
 from qwen35_ray.model.mlp import Experts, SparseMoE
 from qwen35_ray.model.mtp import MultiTokenPredictor
 from qwen35_ray.model.norm import RMSNorm
+from qwen35_ray.model.step import (
+    PagedStep,
+    SlotDecode,
+    slot_decode_inputs,
+    slot_decodes,
+    store_slot_decode,
+)
 
 
 class Qwen35ForCausalLM(nn.Module):
@@ -44,9 +51,11 @@ class Qwen35ForCausalLM(nn.Module):
         if expert_shard is not None and expert_shard.size > 1:
             self.expert_parallel = _expert_parallel(config, with_mtp, expert_shard, kernels)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # each layer's index among its kind: of its GDN slots or attention blocks in the cache
+        kinds = config.layer_types
         self.layers = nn.ModuleList(
-            DecoderLayer(config, t, moe, self.expert_parallel, kernels)
-            for t, moe in zip(config.layer_types, config.moe_layers)
+            DecoderLayer(config, t, kinds[:i].count(t), moe, self.expert_parallel, kernels)
+            for i, (t, moe) in enumerate(zip(kinds, config.moe_layers))
         )
         moe_layers = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
         # the served tokens' routing; the MTP layer's drafts are not tracked
@@ -58,10 +67,8 @@ class Qwen35ForCausalLM(nn.Module):
         if with_mtp:
             if config.mtp_num_hidden_layers == 0:
                 raise ValueError("this checkpoint has no MTP layer (mtp_num_hidden_layers=0)")
-            self.mtp = MultiTokenPredictor(config, kernels)
-        # index of each layer's state in the HybridCache (GDN slots or attention blocks)
-        kinds = config.layer_types
-        self._cache_index = [kinds[:i].count(kinds[i]) for i in range(len(kinds))]
+            # its KV caches come after the main attention layers'
+            self.mtp = MultiTokenPredictor(config, kinds.count("full_attention"), kernels)
 
     def fuse_projections(self) -> None:
         """After loading: each layer's projections of one input become one matmul
@@ -73,15 +80,25 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, batch: ForwardBatch, cache: HybridCache
     ) -> torch.Tensor:
-        """input_ids [T] -> final hidden states [T, hidden] (after the last norm)."""
-        x = self.embed_tokens(input_ids)
-        for layer, idx in zip(self.layers, self._cache_index):
-            if layer.layer_type == "linear_attention":
-                x = layer(x, batch, cache.conv[idx], cache.recurrent[idx])
-            else:
-                x = layer(x, batch, cache.key[idx], cache.value[idx], cache.decode_kv_of(idx))
+        """input_ids [T] -> final hidden states [T, hidden] (after the last norm); the cache
+        updated for the batch's tokens."""
+        if slot_decodes(batch, cache):
+            inputs = slot_decode_inputs(batch, cache, len(self.config.attention_layers))
+            step = SlotDecode(*inputs)
+            hidden = self.hidden_states(input_ids, step)
+            store_slot_decode(batch, cache, step.outputs())
+        else:
+            hidden = self.hidden_states(input_ids, PagedStep(batch, cache, self.kernels))
         if self.expert_load is not None:
             self.expert_load.end_step()
+        return hidden
+
+    def hidden_states(self, input_ids: torch.Tensor, step) -> torch.Tensor:
+        """The layers over input_ids [T] in a step (model/step.py): final hidden states [T,
+        hidden]. The one path of every step, eager, compiled or graph-captured."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, step)
         return self.norm(x)
 
     def idle_forward(self) -> None:
@@ -113,38 +130,6 @@ class Qwen35ForCausalLM(nn.Module):
             for p in m.parameters()
         )
 
-    def decode_step(
-        self,
-        input_ids: torch.Tensor,  # [B] one token per sequence
-        positions: torch.Tensor,  # [B]
-        rows: torch.Tensor,  # [B] state slot of each sequence
-        lengths: torch.Tensor,  # [R] earlier tokens of each slot's sequence
-        conv: torch.Tensor,  # [n_gdn, S, C, W-1] the GDN state slots
-        recurrent: torch.Tensor,  # [n_gdn, S, HV, K, V]
-        keys: list[torch.Tensor],  # per attention layer [R, Hkv, n, D] earlier K (DecodeKV)
-        values: list[torch.Tensor],
-    ):
-        """forward() + compute_logits() for a batch of decodes without writing the cache, so it
-        can be compiled into one graph (CPU, torch kernel backend only): (logits [B, vocab]
-        fp32, conv', recurrent' [n_gdn, B, ...] of the batch's sequences, the new keys and
-        values [n_attn, B, Hkv, D]). The caller stores the states. The slots are read here,
-        by `rows`, so a compiled graph reads them where they are instead of from a gathered
-        copy."""
-        x = self.embed_tokens(input_ids)
-        new_conv, new_rec, new_k, new_v = [], [], [], []
-        for layer, idx in zip(self.layers, self._cache_index):
-            if layer.layer_type == "linear_attention":
-                c, r = conv[idx][rows], recurrent[idx][rows]
-                x, c, r = layer.decode_step(x, positions, rows, lengths, c, r)
-                new_conv.append(c)
-                new_rec.append(r)
-            else:
-                x, k, v = layer.decode_step(x, positions, rows, lengths, keys[idx], values[idx])
-                new_k.append(k)
-                new_v.append(v)
-        logits = self.compute_logits(self.norm(x))
-        return logits, *(torch.stack(t) for t in (new_conv, new_rec, new_k, new_v))
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
         weight = (
@@ -162,8 +147,8 @@ class Qwen35ForCausalLM(nn.Module):
         """Draft hidden states [T, hidden] of the MTP head; compute_logits gives its tokens."""
         if self.mtp is None:
             raise ValueError("the model was built without its MTP layer (with_mtp=False)")
-        first_kv = len(self.config.attention_layers)
-        return self.mtp(self.embed_tokens(input_ids), hidden, batch, cache, first_kv)
+        step = PagedStep(batch, cache, self.kernels)
+        return self.mtp(self.embed_tokens(input_ids), hidden, step)
 
 
 def _expert_parallel(

@@ -11,7 +11,6 @@ from qwen35_kernels.gdn.naive import naive_recurrent_gated_delta_rule
 from qwen35_kernels.moe import fused_moe, topk_softmax
 from qwen35_kernels.moe.naive import naive_moe
 
-from qwen35_ray.model.attention import GatedAttention
 from qwen35_ray.model.batch import ForwardBatch, SeqChunk
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.decode_kv import DecodeKV
@@ -31,7 +30,7 @@ def test_decode_attention_matches_paged_attention(lengths):
     order and leave gaps, whose rows nobody reads."""
     g = gen()
     config = load_model("qwen35-tiny", dtype="float32", progress=False)[1]
-    attn = GatedAttention(config)
+    scale = config.head_dim**-0.5
     Hkv, D = config.num_key_value_heads, config.head_dim
     # cache slots nobody wrote hold NaN: a masked position must not leak into the output
     k_cache = torch.full((64, BLOCK, Hkv, D), float("nan"))
@@ -54,12 +53,12 @@ def test_decode_attention_matches_paged_attention(lengths):
         q = torch.randn(len(lengths), config.num_attention_heads, D, generator=g)
         expected = paged_attention(
             q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens, batch.seq_lens,
-            attn.scale, 1,
+            scale, 1,
         )  # fmt: skip
         k, v = torch.stack(new_k), torch.stack(new_v)
         # the first step under inference mode, the next ones outside: the copies follow
         with torch.inference_mode(step == 0):
-            got = attn._decode(q, k, v, batch, k_cache, v_cache, decode_kv)
+            got = decode_kv.decode(q, k, v, batch, k_cache, v_cache, scale)
         torch.testing.assert_close(got, expected)
         assert [decode_kv.length[s] for s in slots] == [n + step for n in lengths]
 
