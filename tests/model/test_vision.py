@@ -269,20 +269,39 @@ def test_load_vision_names_a_missing_or_unexpected_tensor(tiny_path, tmp_path):
         load_vision(tmp_path)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
 @torch.no_grad()
-def test_tower_in_bf16_on_gpu_matches_transformers(tiny_path):
-    ref = transformers.AutoModelForImageTextToText.from_pretrained(
-        tiny_path, dtype=torch.bfloat16
-    ).cuda()
-    ours = load_vision(tiny_path, dtype=torch.bfloat16, device="cuda")
+def test_tower_in_bf16_errs_no_more_than_transformers_in_bf16(tiny_path, device):
+    """Against the fp32 reference, our bf16 tower errs as transformers' bf16 model does
+    (relative RMS error, measured on CPU: 3.14e-3 both)."""
     images = [
         random_image(w, h, "RGB", seed) for seed, (w, h) in enumerate([(640, 480), (90, 700)])
     ]
     inputs = preprocess(images, ImageProcessorConfig.from_dict(QWEN35_PREPROCESSOR))
-    pixels, grid = inputs.pixel_values.cuda(), inputs.grid_thw.cuda()
-    expected = torch.cat(ref.model.get_image_features(pixels, grid).pooler_output)
-    out = ours(pixels, grid)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    pixels, grid = inputs.pixel_values.to(device), inputs.grid_thw.to(device)
+
+    def reference(dtype):
+        model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_path, dtype=dtype)
+        features = model.to(device).model.get_image_features(pixels, grid).pooler_output
+        return torch.cat(features).float()
+
+    exact, theirs = reference(torch.float32), reference(torch.bfloat16)
+    ours = load_vision(tiny_path, dtype=torch.bfloat16, device=device)(pixels, grid)
+    assert ours.dtype == torch.bfloat16
+    assert relative_rms(ours.float() - exact, exact) <= 1.1 * relative_rms(theirs - exact, exact)
+
+
+def relative_rms(error: torch.Tensor, reference: torch.Tensor) -> float:
+    return (error.pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
