@@ -126,6 +126,9 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
+        self._check(pixel_values, grids)
+        if not grids:
+            return pixel_values.new_zeros(0, self.config.out_hidden_size)
         x = self.patch_embed(pixel_values)
         x = x + self._positions(grids).to(x.dtype)
         cos, sin = self._rotary(grids, x.device)
@@ -133,6 +136,18 @@ class VisionTower(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, frames)
         return self.merger(x)
+
+    def _check(self, pixel_values: torch.Tensor, grids: list[tuple]) -> None:
+        m, width = self.config.spatial_merge_size, self.config.patch_dim
+        bad = [g for g in grids if g[1] % m or g[2] % m or min(g) < 1]
+        if bad:
+            raise ValueError(f"image grid {bad[0]} is not whole {m}x{m} blocks of patches")
+        patches = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape != (patches, width):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} do not fit grid_thw: "
+                f"expected ({patches}, {width})"
+            )
 
     def tokens_per_image(self, grid_thw: torch.Tensor) -> list[int]:
         return (grid_thw.prod(-1) // self.config.spatial_merge_size**2).tolist()

@@ -92,6 +92,24 @@ def test_tower_matches_transformers_on_images_of_several_shapes_in_one_call(name
     torch.testing.assert_close(alone, out[: ours.tokens_per_image(grid[:1])[0]])
 
 
+def test_tower_has_the_release_checkpoints_tensor_names_and_shapes():
+    raw = {"out_hidden_size": 4096, "deepstack_visual_indexes": []}
+    with torch.device("meta"):
+        ref = transformers.Qwen3_5VisionModel(transformers.Qwen3_5VisionConfig(**raw))
+        ours = VisionTower(VisionConfig.from_dict(raw))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
+
+
+def test_tower_refuses_pixels_that_do_not_fit_their_grid():
+    tower = VisionTower(VisionConfig.from_dict(TINY_VISION))
+    with pytest.raises(ValueError, match="do not fit grid_thw"):
+        tower(torch.zeros(15, tower.config.patch_dim), torch.tensor([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="2x2 blocks"):
+        tower(torch.zeros(12, tower.config.patch_dim), torch.tensor([[1, 4, 3]]))
+
+
 def test_vision_config_refuses_what_the_tower_does_not_compute():
     with pytest.raises(ValueError, match="deepstack_visual_indexes"):
         VisionConfig.from_dict({**TINY_VISION, "deepstack_visual_indexes": [0]})
