@@ -170,16 +170,23 @@ def patchify(pixels: np.ndarray, config: ImageProcessorConfig) -> torch.Tensor:
     return x.reshape((H // P) * (W // P), C * T * P * P)
 
 
+def _normalised_bytes(config: ImageProcessorConfig) -> np.ndarray:  # [256, C] fp32
+    """What each byte value becomes in each channel: rescaled in float64 then cast to float32,
+    normalised in float32, the operations and order of transformers."""
+    scaled = (np.arange(256, dtype=np.float64) * config.rescale_factor).astype(np.float32)
+    mean = np.asarray(config.image_mean, dtype=np.float32)
+    std = np.asarray(config.image_std, dtype=np.float32)
+    return (scaled[:, None] - mean) / std
+
+
 def preprocess_one(image: Image.Image, config: ImageProcessorConfig) -> tuple[torch.Tensor, tuple]:
     """One image -> (its patches [N, C*T*P*P], its grid (1, h, w))."""
     rgb = to_rgb(image)
     height, width = smart_resize(rgb.height, rgb.width, config)
     resized = rgb.resize((width, height), resample=Image.Resampling(config.resample))
-    # rescaled in float64, then float32, as transformers does
-    scaled = (np.asarray(resized, dtype=np.float64) * config.rescale_factor).astype(np.float32)
-    mean = np.asarray(config.image_mean, dtype=np.float32)
-    std = np.asarray(config.image_std, dtype=np.float32)
-    pixels = np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))  # [C, H, W]
+    # a byte's value per channel, looked up: no float64 copy of a 16-megapixel image
+    values = _normalised_bytes(config)[np.asarray(resized), np.arange(3)]  # [H, W, C]
+    pixels = np.ascontiguousarray(values.transpose(2, 0, 1))  # [C, H, W]
     grid = (1, height // config.patch_size, width // config.patch_size)
     return patchify(pixels, config), grid
 
