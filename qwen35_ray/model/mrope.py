@@ -4,8 +4,9 @@ Positions, as transformers' `Qwen3_5Model.get_rope_index` computes them: text to
 on all three axes alike; an image's t x h' x w' pad tokens (h' = h / merge, w' = w / merge,
 merged-grid order) starting at position s get (s + t_i, s + i, s + j); the text after the image
 resumes at s + max(h', w'). A prompt of T tokens whose positions end at P - 1 has
-`delta = P - T` (zero for text only, negative when images are larger than tall/wide), and every
-token after the prompt (decode, or a resumed request) sits at `index + delta` on all axes.
+`delta = P - T`: zero for text only, negative with images (an image of h' x w' tokens advances
+the position by max(h', w') only). Every token after the prompt (decode, or a resumed
+request) sits at `index + delta` on all three axes, so a request carries its delta.
 
 Rotation (interleaved M-RoPE): each of the R/2 rotary frequencies takes its angle from one axis:
 frequency i from h when i % 3 == 1 and i < 3 * mrope_section[1], from w when i % 3 == 2 and
