@@ -69,12 +69,25 @@ class ModelRunner:
         batch = ForwardBatch.build(step.chunks, self.cache.block_size, self.device)
         input_ids = torch.tensor(step.input_ids, device=self.device)  # [T]
         compiled = self.compiled_decode
-        if compiled is not None and compiled.ready and batch.num_decodes == batch.num_seqs:
-            logits = compiled(input_ids, batch)
+        if compiled is None or not compiled.ready or batch.num_decodes == 0:
+            return self._eager(input_ids, batch, sampling)
+        D = batch.num_decodes
+        logits = compiled(input_ids[:D], batch if D == batch.num_seqs else batch.parts[0])
+        if D == batch.num_seqs:
             # the graph runs the model's layers (hidden_states); closing the step is left here
             if (load := getattr(self.model, "expert_load", None)) is not None:
                 load.end_step()
             return logits[torch.tensor(sampling)] if sampling else None
+        # a step that adds prompt chunks to decodes (each arrival over HTTP makes one): the
+        # decodes through the graph, the chunks eagerly (their own states and blocks, so the
+        # order is free); eagerly the decode rows would cost their share of a step's many
+        # small ops again. The eager forward closes the step's expert load.
+        rest = ForwardBatch.build(step.chunks[D:], self.cache.block_size, self.device)
+        tail = self._eager(input_ids[D:], rest, [i - D for i in sampling if i >= D])
+        head = logits[torch.tensor([i for i in sampling if i < D], dtype=torch.long)]
+        return head if tail is None else torch.cat([head, tail])
+
+    def _eager(self, input_ids: torch.Tensor, batch: ForwardBatch, sampling: list[int]):
         hidden = self.model(input_ids, batch, self.cache)
         if not sampling:
             return None

@@ -142,3 +142,40 @@ def test_background_compile_takes_over_without_recompiling(setup, monkeypatch):
     assert tokens(run(engine, later)) == tokens(run(eager, later))
     assert compiled.steps[0] >= 7
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def staggered(engine, requests: dict, every: int) -> dict:
+    """Requests added one every `every` steps, as arrivals over HTTP come: most steps after
+    the first add a prompt to running decodes. Returns the tokens of each."""
+    pending, done, n = list(requests.items()), {}, 0
+    while pending or engine.has_unfinished():
+        if pending and n % every == 0:
+            rid, (ids, params) = pending.pop(0)
+            engine.add_request(rid, ids, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        n += 1
+    return done
+
+
+def test_a_step_adding_prompts_to_decodes_runs_the_decodes_through_the_graph(setup):
+    """A step that mixes decodes with prompt chunks (one per arrival over HTTP): its decode
+    rows run the graph and the chunks eagerly, and every token is the eager engine's and
+    transformers'. One prompt is long enough to be chunked beside the decodes."""
+    ref, path, tok, compiled = setup
+    graph = compiled.executor.runner.compiled_decode
+    requests = {
+        f"m{i}": (prompt(n, seed=500 + i), SamplingParams(max_tokens=6, **GREEDY))
+        for i, n in enumerate([12, 40, 9, 300, 25])
+    }
+    before, counters = sum(graph.steps), compiled.step_counters
+    decode_steps = counters.decode_steps
+    got = staggered(compiled, requests, every=2)
+    assert got == staggered(make_engine(path, tok, max_num_seqs=8), requests, every=2)
+    for rid, (ids, params) in requests.items():
+        assert got[rid] == hf_greedy(ref, ids, params.max_tokens), rid
+    # every step with a decode ran the graph, those that also took a prompt chunk included
+    # (arrivals every 2 steps while others decode: most steps here are such)
+    assert sum(graph.steps) - before == counters.decode_steps - decode_steps > 10
+    assert compiled.cache_manager.is_empty
