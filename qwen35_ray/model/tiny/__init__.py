@@ -7,7 +7,8 @@ from pathlib import Path
 
 EMBEDDED = ("qwen35-tiny", "qwen35-tiny-dense")
 # bump when the generator changes, so caches of an older layout are not reused
-VERSION = 1
+# (2: preprocessor_config.json)
+VERSION = 2
 
 
 def ensure_tiny(name: str, cache: Path) -> Path:

@@ -2,8 +2,9 @@
 
 The files are in the hub layout of the real releases: nested `text_config`, text weights under
 `model.language_model.`, routed experts fused (`mlp.experts.gate_up_proj` [E, 2I, H]), the MTP
-head under `mtp.`, bf16 tensors, generation_config.json and tokenizer files with the chat
-template. Values come from one seeded generator walking the parameters in name order.
+head under `mtp.`, bf16 tensors, generation_config.json, preprocessor_config.json (the image
+processor's settings) and tokenizer files with the chat template. Values come from one seeded
+generator walking the parameters in name order.
 """
 
 import json
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from qwen35_ray.model.config import ModelConfig
+from qwen35_ray.model.image_processor import QWEN35_PREPROCESSOR
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
 from qwen35_ray.model.tiny.tokenizer import SPECIAL_TOKENS, write_tokenizer
 
@@ -101,6 +103,20 @@ def tiny_config(dense: bool, vocab_size: int, ids: dict[str, int]) -> dict:
     }
 
 
+def preprocessor_config(vision: dict) -> dict:
+    """preprocessor_config.json in the releases' form: their pixel bounds, mean and std, the
+    classes transformers' Auto* loaders pick (the fast processor needs torchvision; without
+    it transformers takes the Pillow one), patch geometry from the tower's config."""
+    return {
+        **QWEN35_PREPROCESSOR,
+        "patch_size": vision["patch_size"],
+        "temporal_patch_size": vision["temporal_patch_size"],
+        "merge_size": vision["spatial_merge_size"],
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "processor_class": "Qwen3VLProcessor",
+    }
+
+
 def _init(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     """Values that give a lively random model: unit-ish activations through every layer."""
     if name.endswith("A_log"):
@@ -137,6 +153,9 @@ def write_tiny(out_dir: Path, dense: bool) -> Path:
     }
     (out_dir / "generation_config.json").write_text(
         json.dumps(generation, indent=2, sort_keys=True) + "\n"
+    )
+    (out_dir / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(raw["vision_config"]), indent=2, sort_keys=True) + "\n"
     )
     config = ModelConfig.from_dict(raw)
     with torch.device("meta"):
