@@ -28,8 +28,9 @@ from qwen35_ray.serving.media_fetch import fetch, is_public_address
 # would start Ghostscript) ever reads a client's bytes
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 MEDIA_TYPES = {*FORMATS.values(), "image/jpg"}
-# a type that says nothing about the bytes, which are then sniffed
-UNTYPED = {"", "application/octet-stream"}
+# a type that says nothing about the bytes, which are then sniffed (S3 serves objects stored
+# without a type as binary/octet-stream)
+UNTYPED = {"", "application/octet-stream", "binary/octet-stream"}
 _DATA_URI = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 
 

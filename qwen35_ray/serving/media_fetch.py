@@ -29,13 +29,22 @@ REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 
 
+# NAT64's well-known prefix: the last 32 bits are the IPv4 address reached
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Globally routable unicast: not private, loopback, link-local (cloud metadata at
-    169.254.169.254), shared (100.64/10), multicast, reserved or unspecified."""
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
-    return ip.is_global and not ip.is_multicast
+    169.254.169.254), shared (100.64/10), multicast, reserved or unspecified; an IPv6 address
+    that carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by that one too."""
+    if not (ip.is_global and not ip.is_multicast):
+        return False
+    if ip.version == 6:
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if ip in NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(is_public_address(v4) for v4 in embedded if v4 is not None)
+    return True
 
 
 def fetch(

@@ -82,10 +82,11 @@ def test_transparency_is_composited_onto_white_as_the_processor_does():
     assert loaded.image.getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_a_mislabelled_image_decodes_as_what_it_is():
+@pytest.mark.parametrize("media_type", ["image/jpeg", "", "application/octet-stream"])
+def test_a_mislabelled_or_untyped_image_decodes_as_what_it_is(media_type):
     # clients often label every image image/jpeg
     image = picture()
-    loaded = load_image(part(encode(image, "PNG"), "image/jpeg"), LIMITS)
+    loaded = load_image(part(encode(image, "PNG"), media_type), LIMITS)
     assert np.array_equal(np.asarray(loaded.image), np.asarray(image))
 
 
@@ -198,6 +199,10 @@ def test_pil_images_from_the_python_api_have_the_same_pixel_limit():
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),
         ("::ffff:169.254.169.254", False),
+        ("2002:7f00:1::1", False),
+        ("2002:5db8:d822::1", True),
+        ("64:ff9b::a00:1", False),
+        ("64:ff9b::5db8:d822", True),
     ],
 )
 def test_only_public_addresses_are_fetched_from(address, public):
