@@ -6,7 +6,10 @@ reached through the test-only address_ok argument."""
 import base64
 import io
 import ipaddress
+import shutil
+import ssl
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -334,3 +337,44 @@ def test_fetch_refusals_name_their_limit(server):
     start = time.perf_counter()
     assert "fetch_timeout_s=0.3" in get("/drip", quick)
     assert time.perf_counter() - start < 1.2
+
+
+def self_signed(tmp_path, san: str):
+    if shutil.which("openssl") is None:
+        pytest.skip("the HTTPS tests make their certificate with the openssl command")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=t"]
+        + ["-addext", f"subjectAltName={san}"],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+@pytest.mark.parametrize("san,ok", [("IP:127.0.0.1", True), ("DNS:other.example", False)])
+def test_https_connects_to_the_checked_address_and_verifies_the_name(
+    tmp_path, monkeypatch, san, ok
+):
+    key, cert = self_signed(tmp_path, san)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.handle_error = lambda request, address: None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = url_part(f"https://127.0.0.1:{httpd.server_address[1]}/a.png")
+    try:
+        # trusted only where the test says so: an untrusted certificate is refused
+        assert "certificate verify failed" in refused(url, LOCAL, address_ok=loopback_ok)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        if ok:
+            loaded = load_image(url, LOCAL, address_ok=loopback_ok)
+            assert loaded.image.size == (24, 16)
+        else:
+            message = refused(url, LOCAL, address_ok=loopback_ok)
+            assert "not valid for '127.0.0.1'" in message
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
