@@ -21,8 +21,19 @@ def apply_rope(
 ) -> torch.Tensor:
     """`scale` multiplies cos and sin (YaRN's attention factor; 1.0 for plain RoPE), in fp32
     before the cast to x's dtype, as transformers does."""
-    R = inv_freq.shape[0] * 2
     freqs = positions.float()[:, None] * inv_freq.to(x.device)[None, :]  # [T, R/2]
+    return rotate(x, freqs, scale)
+
+
+def rotate(
+    x: torch.Tensor,  # [T, H, D]
+    freqs: torch.Tensor,  # [T, R/2] fp32 angle of each token's frequencies
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """The rotation of the first R channels of each head by the angles (halves rotated), the
+    rest passed through; what apply_rope and M-RoPE (each frequency's angle from its own
+    position axis) share."""
+    R = freqs.shape[1] * 2
     emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
     cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
     x_rot, x_pass = x[..., :R], x[..., R:]

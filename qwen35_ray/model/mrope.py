@@ -19,6 +19,7 @@ Legend: T = tokens, H = heads, D = head dim, R = rotary dims.
 from collections.abc import Sequence
 
 import torch
+from qwen35_kernels.rope import rotate
 
 
 def image_token_count(grid_thw: Sequence[int], spatial_merge_size: int) -> int:
@@ -104,9 +105,4 @@ def apply_mrope(
     axes = mrope_axes(R, mrope_section).to(positions.device)
     pos = positions.float().gather(0, axes[:, None].expand(-1, positions.shape[1]))  # [R/2, T]
     freqs = pos.T * inv_freq.to(x.device)[None, :]  # [T, R/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
-    x_rot, x_pass = x[..., :R], x[..., R:]
-    x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+    return rotate(x, freqs, scale)
