@@ -55,9 +55,7 @@ class ForwardBatch:
         if D == 0:
             return None, self
         T = self.positions.shape[0]
-        return self._rows(0, D, 0, D, max_q_len=1), self._rows(
-            D, B, D, T, max_q_len=self.max_q_len
-        )
+        return self._rows(0, D, 0, D, max_q_len=1), self._rows(D, B, D, T, max_q_len=self.max_q_len)
 
     def _rows(self, b0, b1, t0, t1, max_q_len):
         # the decodes lead the batch: rows from 0 are all decodes, rows from num_decodes none

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from qwen35_ray.serving.builder import parse_args
-from qwen35_ray.serving.config import ENGINE_POOLS, MIN_BUNDLE_CPU, AppConfig
+from qwen35_ray.serving.config import ENGINE_POOLS, AppConfig
+from qwen35_ray.serving.pool_config import MIN_BUNDLE_CPU
 
 ROOT = Path(__file__).resolve().parents[2]
 
