@@ -1,5 +1,9 @@
 """ForwardBatch: one step's flat batch of tokens and the cache handles of its sequences.
 
+A token's index in its sequence (`positions`) places it in the cache; its rotary position may
+differ: a sequence past its images continues at index + rope_delta on every axis, and a chunk
+holding image tokens gives each token its multimodal (t, h, w) position (model/mrope.py).
+
 Legend: T = tokens in the step, B = sequences, M = blocks per block table.
 """
 
@@ -17,6 +21,10 @@ class SeqChunk:
     num_new: int
     state_slot: int  # GDN state slot (conv + recurrent state)
     block_table: list[int]  # KV blocks of the full-attention layers, in position order
+    # the rotary position of a token past the prompt's images is its index + rope_delta
+    rope_delta: int = 0
+    # [3, num_new] the (t, h, w) positions of a chunk holding image tokens; None: index + delta
+    mrope: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class ForwardBatch:
     # the first num_decodes sequences add one token each to existing state (decodes first)
     num_decodes: int = 0
     block_size: int = 16  # tokens per KV block, to find a position's slot from block_tables
+    rope_positions: torch.Tensor | None = None  # [T] rotary position; None: equal to positions
+    # [3, T] multimodal positions, only when a chunk of the step holds image tokens
+    mrope_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -72,13 +83,20 @@ class ForwardBatch:
             max_q_len=max_q_len,
             num_decodes=b1 - b0 if decode else 0,
             block_size=self.block_size,
+            rope_positions=None if self.rope_positions is None else self.rope_positions[t0:t1],
+            mrope_positions=None
+            if self.mrope_positions is None
+            else self.mrope_positions[:, t0:t1],
         )
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, device="cpu") -> "ForwardBatch":
-        positions, slots, cu = [], [], [0]
+        positions, rope, slots, cu = [], [], [], [0]
         for c in chunks:
             pos = range(c.num_computed, c.num_computed + c.num_new)
+            rope.extend(
+                range(c.num_computed + c.rope_delta, c.num_computed + c.num_new + c.rope_delta)
+            )
             needed = (c.num_computed + c.num_new + block_size - 1) // block_size
             if len(c.block_table) < needed:
                 raise ValueError(
@@ -94,6 +112,16 @@ class ForwardBatch:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=device)
 
+        mrope = None
+        if any(c.mrope is not None for c in chunks):
+            # chunks without images at their index + delta, equal on all three axes
+            parts, start = [], 0
+            for c in chunks:
+                r = torch.tensor(rope[start : start + c.num_new], dtype=torch.int64)
+                parts.append(r.expand(3, -1) if c.mrope is None else c.mrope.to(torch.int64))
+                start += c.num_new
+            mrope = torch.cat(parts, dim=1).to(device)
+
         return cls(
             positions=t(positions, torch.int64),
             cu_seqlens=t(cu, torch.int32),
@@ -106,6 +134,8 @@ class ForwardBatch:
             max_q_len=max(c.num_new for c in chunks),
             num_decodes=_leading_decodes(chunks),
             block_size=block_size,
+            rope_positions=t(rope, torch.int64),
+            mrope_positions=mrope,
         )
 
 
