@@ -71,10 +71,10 @@ class LLMEngine:
             raise ValueError("an engine given an executor needs the model's dtype and fingerprint")
         self.dtype = dtype
         size = self.cache_size = size_cache(config, ec, dtype, self.max_model_len)
+        vision = None
         if executor is None:
             weights = getattr(model, "weights_fingerprint", None) or tensor_fingerprint(model)
             fingerprint = model_fingerprint(config, dtype, weights)
-            vision = None
             if config.image_token_id is not None and self.model_path and has_vision(model_path):
                 vision = load_vision(self.model_path, dtype=dtype, device=device)
             executor = InProcessExecutor.create(model, config, size, ec, dtype, device, vision)
@@ -86,9 +86,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.cache_manager, ec.max_num_batched_tokens, ec.long_prefill_token_threshold
         )
-        # how images become pixels and pad tokens (None: this model takes no images)
+        # how images become pixels and pad tokens (None: this engine takes no images; an
+        # expert-parallel executor does not run the vision tower yet)
         self.image_processor = None
-        if config.image_token_id is not None and self.model_path is not None:
+        if vision is not None:
             self.image_processor = ImageProcessorConfig.from_pretrained(self.model_path)
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
@@ -99,6 +100,8 @@ class LLMEngine:
         self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
+        # requests whose images failed to encode in prepare_step, reported by finish_step
+        self._failed_images: dict[str, Exception] = {}
         self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
         self.step_counters = StepCounters()
 
@@ -204,7 +207,8 @@ class LLMEngine:
     def _prepare_images(self, prompt_token_ids: list[int], images: list):
         if self.image_processor is None:
             raise RequestError(
-                "this model takes no images (its checkpoint has no vision tower); send text"
+                "this engine takes no images (the checkpoint has no vision tower, or it runs "
+                "expert-parallel, which does not run one yet); send text only"
             )
         merge = self.image_processor.merge_size
         return prepare_images(
@@ -265,16 +269,23 @@ class LLMEngine:
         if not scheduled:
             return None
         for s in scheduled:
-            images = s.seq.images
-            start = s.seq.num_computed
-            if (
-                images is not None
-                and images.embeds is None
-                and images.overlaps(start, start + s.num_new)
-            ):
-                # the tower runs at the first chunk that needs it; prefill keeps its output
-                images.embeds = self.executor.encode_images(images.pixel_values, images.grid_thw)
+            try:
+                self._encode_images(s.seq, s.num_new)
+            except Exception as e:
+                # the vision tower failed on this request's images: it fails alone
+                log.exception("encoding the images of request %r failed", s.seq.request_id)
+                self._failed_images[s.seq.request_id] = self._fail(s.seq, e)
+        # a failed request's sequences finished and freed their cache
+        scheduled = [s for s in scheduled if not s.seq.is_finished]
         return plan_step(scheduled, self.structured, self.think)
+
+    def _encode_images(self, seq: Sequence, num_new: int) -> None:
+        """The tower runs at the first chunk that needs its output; prefill keeps it."""
+        images, start = seq.images, seq.num_computed
+        if images is None or images.embeds is not None:
+            return
+        if images.overlaps(start, start + num_new):
+            images.embeds = self.executor.encode_images(images.pixel_values, images.grid_thw)
 
     def finish_step(self, plan: Plan, result: StepResult) -> list[RequestOutput]:
         """Apply a step's result: computed tokens, snapshots, sampled tokens, finished and
@@ -315,6 +326,9 @@ class LLMEngine:
                     exported[seq.request_id] = self._export(seq)
             except Exception as e:
                 failed[seq.request_id] = self._fail(seq, e)
+        failed.update(self._failed_images)
+        touched.update(dict.fromkeys(self._failed_images, True))
+        self._failed_images = {}
         outs = [self._output(rid, exported.get(rid)) for rid in touched]
         for out in outs:
             out.error = failed.get(out.request_id)

@@ -91,12 +91,9 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, chunks: list[SeqChunk], block_size: int, device="cpu") -> "ForwardBatch":
-        positions, rope, slots, cu = [], [], [], [0]
+        positions, slots, cu = [], [], [0]
         for c in chunks:
             pos = range(c.num_computed, c.num_computed + c.num_new)
-            rope.extend(
-                range(c.num_computed + c.rope_delta, c.num_computed + c.num_new + c.rope_delta)
-            )
             needed = (c.num_computed + c.num_new + block_size - 1) // block_size
             if len(c.block_table) < needed:
                 raise ValueError(
@@ -112,18 +109,24 @@ class ForwardBatch:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=device)
 
-        mrope = None
+        # text only (no delta anywhere): the rotary positions are the token indices
+        index = t(positions, torch.int64)
+        rope, mrope = index, None
+        if any(c.rope_delta for c in chunks):
+            rope = index + t([c.rope_delta for c in chunks], torch.int64).repeat_interleave(
+                t([c.num_new for c in chunks], torch.int64)
+            )
         if any(c.mrope is not None for c in chunks):
             # chunks without images at their index + delta, equal on all three axes
             parts, start = [], 0
             for c in chunks:
-                r = torch.tensor(rope[start : start + c.num_new], dtype=torch.int64)
-                parts.append(r.expand(3, -1) if c.mrope is None else c.mrope.to(torch.int64))
+                r = rope[start : start + c.num_new]
+                parts.append(r.expand(3, -1) if c.mrope is None else c.mrope.to(rope))
                 start += c.num_new
-            mrope = torch.cat(parts, dim=1).to(device)
+            mrope = torch.cat(parts, dim=1)
 
         return cls(
-            positions=t(positions, torch.int64),
+            positions=index,
             cu_seqlens=t(cu, torch.int32),
             seq_lens=t([c.num_computed + c.num_new for c in chunks], torch.int32),
             state_indices=t([c.state_slot for c in chunks], torch.int64),
@@ -134,7 +137,7 @@ class ForwardBatch:
             max_q_len=max(c.num_new for c in chunks),
             num_decodes=_leading_decodes(chunks),
             block_size=block_size,
-            rope_positions=t(rope, torch.int64),
+            rope_positions=rope,
             mrope_positions=mrope,
         )
 

@@ -7,17 +7,20 @@ import json
 import pytest
 import torch
 import transformers
-from engine_fixtures import make_engine, prompt, tiny_tokenizer
+from engine_fixtures import make_engine, prompt
 from hf_reference import MOE, TEXT, VISION, randomize
 from PIL import Image
 
+from qwen35_ray.engine.errors import RequestError
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.llm import LLM
 from qwen35_ray.model.image_processor import (
     QWEN35_PREPROCESSOR,
     ImageProcessorConfig,
     preprocess,
 )
+from qwen35_ray.model.tiny.tokenizer import write_tokenizer
 
 # special tokens inside the 300-token vocabulary; prompt text stays below them
 VIDEO, START, IMAGE, END = 295, 296, 297, 298
@@ -58,7 +61,9 @@ def setup(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(path)
     (path / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
-    return ref, path, tiny_tokenizer(tmp_path_factory)
+    # any tokenizer will do (token-id prompts); LLM(model=path) loads one from the directory
+    write_tokenizer(path)
+    return ref, path, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def image(width: int, height: int, seed: int) -> Image.Image:
@@ -180,3 +185,49 @@ def test_a_prefilled_image_request_moves_with_its_rope_delta(setup, expected):
             if out.finished:
                 tokens = out.outputs[0].token_ids
     assert tokens == expected[rid]
+
+
+def test_llm_generate_takes_images_as_multi_modal_data(setup, expected):
+    _, path, _ = setup
+    llm = LLM(model=str(path), dtype="float32", compile_decode=False)
+    prompts = [
+        {"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else
+        {"prompt_token_ids": ids}
+        for ids, images in (REQUESTS["one"], REQUESTS["text"])
+    ]  # fmt: skip
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [expected["one"], expected["text"]]
+    # the prompt the engine ran holds the image's pad tokens
+    assert outs[0].prompt_token_ids == expanded(*REQUESTS["one"])
+
+
+def test_a_prompt_whose_pads_do_not_match_its_images_is_refused(setup):
+    _, path, tok = setup
+    engine = make_engine(path, tok, compile_decode=False)
+    ids, images = REQUESTS["three"]
+    with pytest.raises(RequestError, match="3 <\\|image_pad\\|> tokens for 2 images"):
+        engine.add_request("bad", ids, GREEDY, images=images[:2])
+    assert not engine.has_unfinished()
+
+
+def test_a_failing_vision_tower_fails_its_request_alone(setup, expected):
+    _, path, tok = setup
+    engine = make_engine(path, tok, compile_decode=False, enable_prefix_caching=False)
+
+    def broken(pixel_values, grid_thw):
+        raise RuntimeError("out of memory")
+
+    engine.executor.encode_images = broken
+    ids, images = REQUESTS["one"]
+    engine.add_request("image", ids, GREEDY, images=images)
+    engine.add_request("text", REQUESTS["text"][0], GREEDY)
+    errors, done = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            elif out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert list(errors) == ["image"]
+    assert done == {"text": expected["text"]}
+    assert engine.cache_manager.slots.num_free == engine.cache_manager.slots.size
