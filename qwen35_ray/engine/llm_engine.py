@@ -86,10 +86,11 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.cache_manager, ec.max_num_batched_tokens, ec.long_prefill_token_threshold
         )
-        # how images become pixels and pad tokens (None: this engine takes no images; an
-        # expert-parallel executor does not run the vision tower yet)
+        # how images become pixels and pad tokens; None: this engine takes no images (its
+        # executor has no vision tower: a text checkpoint, or expert-parallel ranks, which do
+        # not run one yet)
         self.image_processor = None
-        if vision is not None:
+        if getattr(self.executor, "vision", None) is not None:
             self.image_processor = ImageProcessorConfig.from_pretrained(self.model_path)
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids

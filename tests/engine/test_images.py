@@ -11,7 +11,12 @@ from engine_fixtures import make_engine, prompt
 from hf_reference import MOE, TEXT, VISION, randomize
 from PIL import Image
 
+from qwen35_ray.engine.cache_sizing import resolve_max_model_len, size_cache
+from qwen35_ray.engine.config import EngineConfig
+from qwen35_ray.engine.cuda_graph import build
 from qwen35_ray.engine.errors import RequestError
+from qwen35_ray.engine.executor import InProcessExecutor
+from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.llm import LLM
@@ -20,7 +25,9 @@ from qwen35_ray.model.image_processor import (
     ImageProcessorConfig,
     preprocess,
 )
+from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.tiny.tokenizer import write_tokenizer
+from qwen35_ray.model.vision import load_vision
 
 # special tokens inside the 300-token vocabulary; prompt text stays below them
 VIDEO, START, IMAGE, END = 295, 296, 297, 298
@@ -231,3 +238,37 @@ def test_a_failing_vision_tower_fails_its_request_alone(setup, expected):
     assert list(errors) == ["image"]
     assert done == {"text": expected["text"]}
     assert engine.cache_manager.slots.num_free == engine.cache_manager.slots.size
+
+
+def graphed_engine(path, tok, device: str, capture: bool, **kw):
+    """An engine whose decode steps go through DecodeGraphs (engine/cuda_graph.py); on CPU
+    with capture=False their function runs eagerly on the static buffers."""
+    dtype = torch.float32
+    ec = EngineConfig(compile_decode=False, enable_prefix_caching=False, **kw)
+    model, config, _ = load_model(path, dtype=dtype, device=device, progress=False)
+    max_len = resolve_max_model_len(config, ec)
+    size = size_cache(config, ec, dtype, max_len)
+    cache, graphs = build(model, config, size, ec.block_size, max_len, dtype, device, capture)
+    vision = load_vision(path, dtype=dtype, device=device)
+    executor = InProcessExecutor(model, config, cache, device, graphs=graphs, vision=vision)
+    engine = LLMEngine(model, config, tok, ec, path, device, executor=executor, dtype=dtype,
+                       fingerprint="graphed")  # fmt: skip
+    return engine, graphs
+
+
+def test_decode_graphs_carry_each_sequences_rope_delta(setup, expected):
+    """The graphs' static buffer holds index + delta per row: padded decode batches mixing
+    text and image requests give transformers' tokens."""
+    _, path, tok = setup
+    engine, graphs = graphed_engine(path, tok, "cpu", capture=False, max_num_seqs=6)
+    assert generate(engine, REQUESTS) == expected
+    assert sum(graphs.steps.values()) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_with_images_give_transformers_tokens(setup, expected):
+    _, path, tok = setup
+    engine, graphs = graphed_engine(path, tok, "cuda", capture=True, max_num_seqs=6)
+    assert graphs.captured
+    assert generate(engine, REQUESTS) == expected
