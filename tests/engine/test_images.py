@@ -272,3 +272,12 @@ def test_captured_graphs_with_images_give_transformers_tokens(setup, expected):
     engine, graphs = graphed_engine(path, tok, "cuda", capture=True, max_num_seqs=6)
     assert graphs.captured
     assert generate(engine, REQUESTS) == expected
+
+
+def test_compiled_decode_continues_at_each_sequences_rope_delta(setup, expected):
+    """The compiled decode step (CPU, engine/decode_graph.py) takes index + delta as its
+    rotary positions."""
+    _, path, tok = setup
+    engine = make_engine(path, tok, compile_decode=True, enable_prefix_caching=False)
+    assert generate(engine, REQUESTS) == expected
+    assert sum(engine.executor.runner.compiled_decode.steps) > 0
