@@ -281,3 +281,15 @@ def test_compiled_decode_continues_at_each_sequences_rope_delta(setup, expected)
     engine = make_engine(path, tok, compile_decode=True, enable_prefix_caching=False)
     assert generate(engine, REQUESTS) == expected
     assert sum(engine.executor.runner.compiled_decode.steps) > 0
+
+
+def test_a_one_token_chunk_of_an_image_is_not_run_as_a_decode(setup):
+    """A prompt ending in its image's pads, split so that the last chunk is one pad token on
+    top of cached ones (what the decode paths take): it still gets its image embedding and
+    its (t, h, w) position."""
+    ref, path, tok = setup
+    ids = prompt(5, 30, TEXT_VOCAB) + [START, IMAGE]
+    assert len(expanded(ids, IMAGES[:1])) % 3 == 1
+    engine = make_engine(path, tok, max_num_batched_tokens=3, compile_decode=False)
+    got = generate(engine, {"tail": (ids, IMAGES[:1])})["tail"]
+    assert got == hf_greedy(ref, ids, IMAGES[:1], GREEDY.max_tokens)
