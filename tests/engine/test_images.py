@@ -2,6 +2,7 @@
 on random checkpoints with a vision tower, for prompts with 0, 1 and 3 images, batched with text,
 with chunked prefill splitting an image's tokens, through prefix caching and a RequestState move."""
 
+import asyncio
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from engine_fixtures import make_engine, prompt
 from hf_reference import MOE, TEXT, VISION, randomize
 from PIL import Image
 
+from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.cache_sizing import resolve_max_model_len, size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.cuda_graph import build
@@ -293,3 +295,20 @@ def test_a_one_token_chunk_of_an_image_is_not_run_as_a_decode(setup):
     engine = make_engine(path, tok, max_num_batched_tokens=3, compile_decode=False)
     got = generate(engine, {"tail": (ids, IMAGES[:1])})["tail"]
     assert got == hf_greedy(ref, ids, IMAGES[:1], GREEDY.max_tokens)
+
+
+def test_async_engine_streams_image_requests(setup, expected):
+    _, path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok, compile_decode=False))
+
+    async def one(rid):
+        ids, images = REQUESTS[rid]
+        async for out in engine.generate(rid, ids, GREEDY, images=images or None):
+            last = out
+        return rid, last.outputs[0].token_ids
+
+    async def main():
+        return dict(await asyncio.gather(*(one(r) for r in ("three", "text"))))
+
+    assert asyncio.run(main()) == {r: expected[r] for r in ("three", "text")}
+    assert engine.engine.cache_manager.is_empty
