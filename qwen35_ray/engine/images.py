@@ -9,7 +9,8 @@ Legend: P = prompt tokens, N = patches, n = image tokens of the prompt, H = hidd
 """
 
 import hashlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,3 +111,48 @@ def image_digest(image: Image.Image) -> bytes:
     processor is a function of them) at a fraction of the cost of hashing the patches."""
     rgb = to_rgb(image)
     return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).digest()
+
+
+class EncoderCache:
+    """The vision tower's output per image digest, least recently used first out, at most
+    `max_bytes` in all: a conversation that resends its images does not re-encode them."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0  # images
+
+    def encode(self, images: PromptImages, tower: Callable) -> torch.Tensor:
+        """The output [n, H] for all of a prompt's images; `tower(pixel_values, grid_thw)`
+        runs once, over the images not held."""
+        grids = images.grid_thw.tolist()
+        offsets = [0]
+        for t, h, w in grids:
+            offsets.append(offsets[-1] + t * h * w)
+        parts: dict[int, torch.Tensor] = {}
+        for i, d in enumerate(images.digests):
+            if d in self.entries:
+                self.entries.move_to_end(d)
+                parts[i] = self.entries[d]
+        missing = [i for i in range(len(grids)) if i not in parts]
+        self.hits += len(parts)
+        self.misses += len(missing)
+        if missing:
+            pixels = torch.cat([images.pixel_values[offsets[i] : offsets[i + 1]] for i in missing])
+            out = tower(pixels, images.grid_thw[missing])
+            tokens = [images.spans[i][1] - images.spans[i][0] for i in missing]
+            for i, part in zip(missing, out.split(tokens)):
+                parts[i] = part
+                self._put(images.digests[i], part)
+        return torch.cat([parts[i] for i in range(len(grids))])
+
+    def _put(self, digest: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.entries[digest] = value
+        self.bytes += size

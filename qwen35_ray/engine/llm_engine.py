@@ -15,7 +15,7 @@ from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
-from qwen35_ray.engine.images import prepare_images
+from qwen35_ray.engine.images import EncoderCache, prepare_images
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
@@ -92,6 +92,7 @@ class LLMEngine:
         self.image_processor = None
         if getattr(self.executor, "vision", None) is not None:
             self.image_processor = ImageProcessorConfig.from_pretrained(self.model_path)
+        self.encoder_cache = EncoderCache(ec.encoder_cache_bytes)
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
         self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_token_ids)
@@ -286,7 +287,7 @@ class LLMEngine:
         if images is None or images.embeds is not None:
             return
         if images.overlaps(start, start + num_new):
-            images.embeds = self.executor.encode_images(images.pixel_values, images.grid_thw)
+            images.embeds = self.encoder_cache.encode(images, self.executor.encode_images)
 
     def finish_step(self, plan: Plan, result: StepResult) -> list[RequestOutput]:
         """Apply a step's result: computed tokens, snapshots, sampled tokens, finished and

@@ -312,3 +312,35 @@ def test_async_engine_streams_image_requests(setup, expected):
 
     assert asyncio.run(main()) == {r: expected[r] for r in ("three", "text")}
     assert engine.engine.cache_manager.is_empty
+
+
+def test_resent_images_are_not_encoded_again(setup, expected):
+    """The second request sends two of the first one's three images and a new one: the
+    tower runs over the new one only, and the tokens are transformers'."""
+    ref, path, tok = setup
+    engine = make_engine(path, tok, compile_decode=False, enable_prefix_caching=False)
+    encoded = []
+    tower = engine.executor.encode_images
+
+    def counting(pixel_values, grid_thw):
+        encoded.append(grid_thw.tolist())
+        return tower(pixel_values, grid_thw)
+
+    engine.executor.encode_images = counting
+    assert generate(engine, {"three": REQUESTS["three"]}) == {"three": expected["three"]}
+    new = image(64, 96, 7)
+    images = [IMAGES[2], new, IMAGES[0]]
+    ids = with_images(prompt(10, 40, TEXT_VOCAB), images, [2, 4, 8])
+    got = generate(engine, {"again": (ids, images)})["again"]
+    assert got == hf_greedy(ref, ids, images, GREEDY.max_tokens)
+    grid = preprocess([new], ImageProcessorConfig.from_dict(PROCESSOR)).grid_thw.tolist()
+    assert encoded[1:] == [grid]
+    assert (engine.encoder_cache.hits, engine.encoder_cache.misses) == (2, 4)
+
+
+def test_an_encoder_cache_of_zero_bytes_keeps_nothing(setup, expected):
+    _, path, tok = setup
+    engine = make_engine(path, tok, compile_decode=False, encoder_cache_bytes=0)
+    for rid in ("three", "one"):
+        assert generate(engine, {rid: REQUESTS[rid]}) == {rid: expected[rid]}
+    assert engine.encoder_cache.hits == 0 and not engine.encoder_cache.entries
