@@ -344,3 +344,21 @@ def test_an_encoder_cache_of_zero_bytes_keeps_nothing(setup, expected):
     for rid in ("three", "one"):
         assert generate(engine, {rid: REQUESTS[rid]}) == {rid: expected[rid]}
     assert engine.encoder_cache.hits == 0 and not engine.encoder_cache.entries
+
+
+def test_a_prefix_cache_hit_that_ends_inside_an_image(setup):
+    """The first prompt ends in its image's pads, so its cached prefix ends inside the image;
+    the second continues that prompt and resumes the image's embeddings and positions from
+    there."""
+    ref, path, tok = setup
+    engine = make_engine(path, tok, block_size=4, compile_decode=False)
+    first = prompt(3, 50, TEXT_VOCAB) + [START, IMAGE]
+    second = first + [END] + prompt(5, 51, TEXT_VOCAB)
+    img = IMAGES[1:2]
+    generate(engine, {"first": (first, img)})
+    before = engine.load_stats()["prefix_cache_hits_total"]
+    got = generate(engine, {"second": (second, img)})["second"]
+    hits = engine.load_stats()["prefix_cache_hits_total"] - before
+    start = len(prompt(3, 50, TEXT_VOCAB)) + 1
+    assert start < hits < start + 12  # inside the image's 12 pads
+    assert got == hf_greedy(ref, second, img, GREEDY.max_tokens)
