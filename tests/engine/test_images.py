@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from engine_fixtures import make_engine, prompt
+from engine_fixtures import checkpoint, make_engine, prompt, tiny_tokenizer
 from hf_reference import MOE, TEXT, VISION, randomize
 from PIL import Image
 
@@ -362,3 +362,11 @@ def test_a_prefix_cache_hit_that_ends_inside_an_image(setup):
     start = len(prompt(3, 50, TEXT_VOCAB)) + 1
     assert start < hits < start + 12  # inside the image's 12 pads
     assert got == hf_greedy(ref, second, img, GREEDY.max_tokens)
+
+
+def test_an_engine_without_a_vision_tower_refuses_images(tmp_path_factory):
+    _, path = checkpoint("qwen3_5", tmp_path_factory)  # a text-only checkpoint
+    engine = make_engine(path, tiny_tokenizer(tmp_path_factory), compile_decode=False)
+    with pytest.raises(RequestError, match="takes no images"):
+        engine.add_request("x", [1, START, IMAGE, END], GREEDY, images=IMAGES[:1])
+    assert not engine.has_unfinished()
