@@ -13,7 +13,9 @@ from qwen35_ray.distributed.config import EPConfig
 from qwen35_ray.engine.outputs import RequestOutput
 from qwen35_ray.engine.sampling_params import SamplingParams
 
-Prompt = str | dict  # text, or {"prompt_token_ids": [...]}
+# text, or {"prompt_token_ids": [...]} (or {"prompt": text}), either with
+# "multi_modal_data": {"image": PIL image or a list of them}, one per <|image_pad|> in order
+Prompt = str | dict
 
 
 class LLM:
@@ -74,7 +76,11 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 text, ids = self._encode(prompt)
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, ids, p, prompt=text)
+                images = _images(prompt)
+                if images:
+                    self.engine.add_request(rid, ids, p, prompt=text, images=images)
+                else:
+                    self.engine.add_request(rid, ids, p, prompt=text)
                 order.append(rid)
             done = self._run(order, use_tqdm)
         except BaseException:
@@ -101,4 +107,20 @@ class LLM:
             return prompt, self.engine.tokenizer(prompt)["input_ids"]
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        raise TypeError("a prompt is a string or {'prompt_token_ids': [...]}")
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], self.engine.tokenizer(prompt["prompt"])["input_ids"]
+        raise TypeError(
+            "a prompt is a string, {'prompt': text} or {'prompt_token_ids': [...]}, with "
+            "images as 'multi_modal_data': {'image': [...]}"
+        )
+
+
+def _images(prompt: Prompt) -> list:
+    """The PIL images of a prompt's multi_modal_data, in order."""
+    if not isinstance(prompt, dict) or not prompt.get("multi_modal_data"):
+        return []
+    data = prompt["multi_modal_data"]
+    if unknown := sorted(set(data) - {"image"}):
+        raise ValueError(f"multi_modal_data has {unknown[0]!r}; only 'image' is supported")
+    images = data.get("image") or []
+    return list(images) if isinstance(images, (list, tuple)) else [images]

@@ -76,8 +76,10 @@ class DPEngine:
         prefill_only: bool = False,
         resume_token_ids: list[int] | None = None,
         resume_logprobs: list | None = None,
+        images: list | None = None,
     ) -> None:
-        """LLMEngine.add_request on the rank _pick chooses."""
+        """LLMEngine.add_request on the rank _pick chooses (whose executor runs no vision
+        tower yet: a request with images gets its RequestError)."""
         if request_id in self._rank_of:
             raise RequestError(f"request id {request_id!r} is already in use")
         rank = self._pick(prompt_token_ids)
@@ -89,6 +91,7 @@ class DPEngine:
             prefill_only,
             resume_token_ids,
             resume_logprobs,
+            images,
         )
         self._rank_of[request_id] = rank
 

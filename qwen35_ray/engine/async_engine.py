@@ -73,12 +73,15 @@ class AsyncEngine:
         prefill_only: bool = False,
         resume_token_ids: list[int] | None = None,
         resume_logprobs: list | None = None,
+        images: list | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changes it; the last is finished
         (or, with prefill_only, carries the exported RequestState). Leaving the iteration
         early (client gone) aborts the request. resume_token_ids, resume_logprobs: continue
         from output tokens it already has (LLMEngine.add_request); its outputs hold them.
-        Raises RequestError, RequestFailed or EngineDead (engine/errors.py)."""
+        images: PIL images, one per <|image_pad|> of the prompt (prepared on the engine's
+        thread when the request is added). Raises RequestError, RequestFailed or EngineDead
+        (engine/errors.py)."""
         self.engine.check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
         if prefill_only and params.n != 1:
             raise RequestError("a prefill-only request must have n=1")
@@ -91,6 +94,7 @@ class AsyncEngine:
             prefill_only,
             resume,
             resume_logprobs,
+            images,
         )
         async for out in self._stream(request_id, ("add", args)):
             yield out

@@ -99,14 +99,17 @@ class PrefixHit:
     snapshot: int  # snapshot slot holding the GDN state at that boundary
 
 
-def block_hashes(tokens: list[int], block_size: int, num_blocks: int) -> list[bytes]:
-    """SHA-256 of each full block's tokens chained to its predecessors'. A key collision
-    would hand one user's cached K/V and GDN state to another's prompt, so the key is a
-    cryptographic hash, never Python's hash() (vLLM moved to SHA-256 for CVE-2025-25183)."""
+def block_hashes(
+    tokens: list[int], block_size: int, num_blocks: int, extra: list[bytes] | None = None
+) -> list[bytes]:
+    """SHA-256 of each full block's tokens (and its `extra` bytes: the digests of the images
+    whose tokens it holds) chained to its predecessors'. A key collision would hand one user's
+    cached K/V and GDN state to another's prompt, so the key is a cryptographic hash, never
+    Python's hash() (vLLM moved to SHA-256 for CVE-2025-25183)."""
     hashes, h = [], b""
     for i in range(num_blocks):
         block = array("q", tokens[i * block_size : (i + 1) * block_size]).tobytes()
-        h = hashlib.sha256(h + block).digest()
+        h = hashlib.sha256(h + block + (extra[i] if extra else b"")).digest()
         hashes.append(h)
     return hashes
 
@@ -149,7 +152,7 @@ class CacheManager:
         """The longest cached prefix of seq's prompt that ends at a snapshot. Also sets
         seq.snapshot_points: the boundaries where this prompt will leave snapshots."""
         last = self.snapshot_boundary(seq)
-        hashes = block_hashes(seq.prompt_token_ids, self.block_size, last // self.block_size)
+        hashes = self._hashes(seq, last // self.block_size)
         shared = best = 0
         for i, h in enumerate(hashes):
             if h not in self.blocks.by_hash:
@@ -171,11 +174,18 @@ class CacheManager:
         seq.block_table = list(hit.blocks)
         seq.num_computed = seq.num_cached_tokens = hit.num_tokens
 
+    def _hashes(self, seq, n: int) -> list[bytes]:
+        """The hashes of seq's first n prompt blocks; a block holding image tokens folds in
+        the images' digests, so the same pad tokens of different pixels never match."""
+        images = getattr(seq, "images", None)
+        extra = None if images is None else images.block_keys(self.block_size, n)
+        return block_hashes(seq.prompt_token_ids, self.block_size, n, extra)
+
     def remember(self, seq, boundary: int) -> int | None:
         """seq has just computed its prompt up to a snapshot boundary: register those blocks
         and return the snapshot slot to copy its GDN state into (None if already cached)."""
         n = boundary // self.block_size
-        hashes = block_hashes(seq.prompt_token_ids, self.block_size, n)
+        hashes = self._hashes(seq, n)
         for b, h in zip(seq.block_table, hashes):
             self.blocks.register(b, h)
         if hashes[-1] in self.snapshots or self.blocks.by_hash.get(hashes[-1]) is None:

@@ -36,6 +36,9 @@ class EngineConfig:
     # while others wait to be admitted, one prefill chunk takes at most this many tokens of a
     # step; None: max(block_size, max_num_batched_tokens // 8); 0: no limit
     long_prefill_token_threshold: int | None = None
+    # the vision tower's outputs kept per image digest (engine/images.py), so a conversation
+    # that resends its images does not re-encode them; 0: none kept
+    encoder_cache_bytes: int = 64 * 2**20
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -53,4 +56,8 @@ class EngineConfig:
             raise ValueError(
                 f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 0 "
                 "(0: no limit, None: an eighth of max_num_batched_tokens)"
+            )
+        if self.encoder_cache_bytes < 0:
+            raise ValueError(
+                f"encoder_cache_bytes={self.encoder_cache_bytes} must be >= 0 (0: keep none)"
             )

@@ -36,8 +36,9 @@ from qwen35_ray.model.cache import HybridCache
 
 log = logging.getLogger(__name__)
 
-# per row of the static buffer: token, position, state slot, then the block table
-FIELDS = 3
+# per row of the static buffer: token, position, state slot, rotary position, then the block
+# table
+FIELDS = 4
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -201,7 +202,8 @@ class DecodeGraphs:
 
     def _fill(self, N: int, chunks: list[SeqChunk], input_ids: list[int]) -> None:
         """The rows of bucket N into the static buffer, with one copy. Its layout for N:
-        tokens [N], positions [N], state slots [N], then the block tables column by column
+        tokens [N], positions [N], state slots [N], rotary positions [N] (position + the
+        sequence's rope delta), then the block tables column by column
         ([M, N]), so the first W columns of every row are one prefix and only the widest table
         of the step (W blocks) is copied. A row's columns past its own table hold the scratch
         block up to W; past W, whatever earlier steps left, which nothing reads (no kernel
@@ -217,7 +219,9 @@ class DecodeGraphs:
         h[N + B : 2 * N] = 0
         h[2 * N : 2 * N + B] = [c.state_slot for c in chunks]
         h[2 * N + B : 3 * N] = self.scratch_slot
-        tables = h[3 * N : 3 * N + W * N].reshape(W, N)
+        h[3 * N : 3 * N + B] = [c.num_computed + c.rope_delta for c in chunks]
+        h[3 * N + B : 4 * N] = 0
+        tables = h[FIELDS * N : (FIELDS + W) * N].reshape(W, N)
         for j, c in enumerate(chunks):
             k = len(c.block_table)
             tables[:k, j] = c.block_table
@@ -234,7 +238,7 @@ class DecodeGraphs:
         d, M, P = self._device, self.max_blocks, self.cache.block_size
         positions = d[N : 2 * N]
         # row-major once per step, not in every attention layer's kernel call
-        tables = d[3 * N : (3 + M) * N].view(M, N).T.contiguous()  # [N, M]
+        tables = d[FIELDS * N : (FIELDS + M) * N].view(M, N).T.contiguous()  # [N, M]
         slot_mapping = tables.gather(1, (positions // P)[:, None])[:, 0] * P + positions % P
         return d[:N], ForwardBatch(
             positions=positions,
@@ -248,6 +252,7 @@ class DecodeGraphs:
             max_q_len=1,
             num_decodes=N,
             block_size=P,
+            rope_positions=d[3 * N : 4 * N],
         )
 
     def _forward(self, N: int) -> None:

@@ -52,6 +52,9 @@ class StepBatch:
     # runs in process; None when no row is constrained
     masks: Any = None
     restores: list[tuple[int, int]] = field(default_factory=list)  # (snapshot, slot) first
+    # (rows of the step's tokens [k] long, values [k, hidden]): image embeddings replacing
+    # those tokens' embeddings (engine/images.py)
+    embeds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -76,6 +79,9 @@ class Executor(Protocol):
         """Start a step; its result() waits for it. Lets a group start every rank first."""
 
     def copy_slot(self, src: int, dst: int) -> None: ...
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The vision tower's output [image tokens, hidden] for a prompt's images."""
 
     def read_state(self, slot: int, block_table: list[int], num_tokens: int) -> dict: ...
 
@@ -103,7 +109,9 @@ class InProcessExecutor:
     """The model and its HybridCache in this process."""
 
     @classmethod
-    def create(cls, model, config, size, ec, dtype, device="cpu") -> "InProcessExecutor":
+    def create(
+        cls, model, config, size, ec, dtype, device="cpu", vision=None
+    ) -> "InProcessExecutor":
         """The model with a new HybridCache of `size` (engine.cache_sizing.CacheSize) and the
         compiled decode graphs when ec.compile_decode. The cache keeps DecodeKV copies only
         for a model on the torch kernels (model/kernel_backend.py). With ec.cuda_graphs the
@@ -113,7 +121,7 @@ class InProcessExecutor:
             max_len = resolve_max_model_len(config, ec)
             cache, graphs = cuda_graph.build(model, config, size, ec.block_size, max_len, dtype,
                                              device)  # fmt: skip
-            return cls(model, config, cache, device, graphs=graphs)
+            return cls(model, config, cache, device, graphs=graphs, vision=vision)
         cache = HybridCache.allocate(
             config, size.num_slots + size.num_snapshots, size.num_blocks, ec.block_size, dtype,
             device, decode_kv=_torch_kernels(model),
@@ -127,12 +135,17 @@ class InProcessExecutor:
                 compiled.warmup()
             else:
                 compiled.start()
-        return cls(model, config, cache, device, compiled)
+        return cls(model, config, cache, device, compiled, vision=vision)
 
-    def __init__(self, model, config, cache: HybridCache, device="cpu", compiled=None, graphs=None):
+    def __init__(
+        self, model, config, cache: HybridCache, device="cpu", compiled=None, graphs=None,
+        vision=None,
+    ):  # fmt: skip
+        """vision: the checkpoint's VisionTower (model/vision.py), None for text only."""
         from qwen35_ray.engine.runner import ModelRunner
 
         self.model, self.config, self.cache = model, config, cache
+        self.vision, self.device = vision, device
         self.runner = ModelRunner(model, cache, device, compiled, graphs)
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
@@ -158,6 +171,13 @@ class InProcessExecutor:
 
     def copy_slot(self, src: int, dst: int) -> None:
         self.cache.copy_slot(src, dst)
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        if self.vision is None:
+            raise ValueError("this model was loaded without a vision tower")
+        dtype = next(self.vision.parameters()).dtype
+        with torch.inference_mode():
+            return self.vision(pixel_values.to(self.device, dtype), grid_thw)
 
     def read_state(self, slot: int, block_table: list[int], num_tokens: int) -> dict:
         n_attn = len(self.config.attention_layers)

@@ -1,5 +1,6 @@
 """LLMEngine: requests in, tokens out. `step()` = schedule -> run -> postprocess."""
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -14,6 +15,7 @@ from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
+from qwen35_ray.engine.images import EncoderCache, prepare_images
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
@@ -25,8 +27,10 @@ from qwen35_ray.engine.step_plan import Plan, forced_token, plan_step
 from qwen35_ray.engine.step_stats import StepCounters
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.generation_config import GenerationDefaults
+from qwen35_ray.model.image_processor import ImageProcessorConfig
 from qwen35_ray.model.kernel_backend import kernel_backend
 from qwen35_ray.model.loader import load_model
+from qwen35_ray.model.vision import has_vision, load_vision
 from qwen35_ray.model.weights import tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ class LLMEngine:
         dtype: torch.dtype | None = None,
         fingerprint: str | None = None,
     ):
+        """A checkpoint at model_path with a vision tower (`model.visual.*`) takes images:
+        its tower is loaded here, in the model's dtype, beside the model."""
         self.config, self.tokenizer = config, tokenizer
         self.model_path = Path(model_path) if model_path else None
         ec = engine_config
@@ -65,10 +71,13 @@ class LLMEngine:
             raise ValueError("an engine given an executor needs the model's dtype and fingerprint")
         self.dtype = dtype
         size = self.cache_size = size_cache(config, ec, dtype, self.max_model_len)
+        vision = None
         if executor is None:
             weights = getattr(model, "weights_fingerprint", None) or tensor_fingerprint(model)
             fingerprint = model_fingerprint(config, dtype, weights)
-            executor = InProcessExecutor.create(model, config, size, ec, dtype, device)
+            if config.image_token_id is not None and self.model_path and has_vision(model_path):
+                vision = load_vision(self.model_path, dtype=dtype, device=device)
+            executor = InProcessExecutor.create(model, config, size, ec, dtype, device, vision)
         self.fingerprint = fingerprint
         self.executor = executor
         self.cache_manager = CacheManager(
@@ -77,6 +86,13 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.cache_manager, ec.max_num_batched_tokens, ec.long_prefill_token_threshold
         )
+        # how images become pixels and pad tokens; None: this engine takes no images (its
+        # executor has no vision tower: a text checkpoint, or expert-parallel ranks, which do
+        # not run one yet)
+        self.image_processor = None
+        if getattr(self.executor, "vision", None) is not None:
+            self.image_processor = ImageProcessorConfig.from_pretrained(self.model_path)
+        self.encoder_cache = EncoderCache(ec.encoder_cache_bytes)
         defaults = GenerationDefaults.read(self.model_path)
         self.eos_token_ids = set(config.eos_token_ids) | defaults.eos_token_ids
         self.structured = StructuredOutputs(tokenizer, config.vocab_size, self.eos_token_ids)
@@ -86,6 +102,8 @@ class LLMEngine:
         self._requests: dict[str, tuple[str | None, list[int], list[Sequence]]] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
+        # requests whose images failed to encode in prepare_step, reported by finish_step
+        self._failed_images: dict[str, Exception] = {}
         self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
         self.step_counters = StepCounters()
 
@@ -150,24 +168,32 @@ class LLMEngine:
         prefill_only: bool = False,
         resume_token_ids: list[int] | None = None,
         resume_logprobs: list | None = None,
+        images: list | None = None,
     ) -> None:
-        """Queue a request. prefill_only: after its first token, export it as a RequestState
-        (RequestOutput.request_state) and free its cache here. resume_token_ids (n=1 only):
-        output tokens the request already has from elsewhere, with their logprobs when
-        params.logprobs is set; it continues after them as if it had sampled them here
-        (engine/resume.py), and its outputs hold them."""
+        """Queue a request. images: PIL images, one per `<|image_pad|>` of the prompt (in order;
+        engine/images.py expands each to the image's pad tokens). prefill_only: after its first
+        token, export it as a RequestState (RequestOutput.request_state) and free its cache
+        here. resume_token_ids (n=1 only): output tokens the request already has from elsewhere,
+        with their logprobs when params.logprobs is set; it continues after them as if it had
+        sampled them here (engine/resume.py), and its outputs hold them."""
         if prefill_only and params.n != 1:
             raise RequestError("a prefill-only request must have n=1")
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        prompt_images = None
+        if images:
+            prompt_token_ids, prompt_images = self._prepare_images(prompt_token_ids, images)
         self.check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
         seqs = []
         try:
             for i in range(params.n):
                 seed = _seed(params, i)
-                seqs.append(
-                    self._sequence(request_id, i, prompt_token_ids, params, seed, prefill_only)
-                )
+                seq = self._sequence(request_id, i, prompt_token_ids, params, seed, prefill_only)
+                if prompt_images is not None:
+                    # each sequence holds its own encoder output while it prefills
+                    seq.images = dataclasses.replace(prompt_images)
+                    seq.rope_delta = prompt_images.rope_delta
+                seqs.append(seq)
             if resume_token_ids:
                 vocab = self.config.vocab_size
                 logprobs = normalized_logprobs(resume_logprobs, params.logprobs, vocab)
@@ -179,6 +205,17 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self._requests[request_id] = (prompt, list(prompt_token_ids), seqs)
+
+    def _prepare_images(self, prompt_token_ids: list[int], images: list):
+        if self.image_processor is None:
+            raise RequestError(
+                "this engine takes no images (the checkpoint has no vision tower, or it runs "
+                "expert-parallel, which does not run one yet); send text only"
+            )
+        merge = self.image_processor.merge_size
+        return prepare_images(
+            prompt_token_ids, images, self.image_processor, self.config.image_token_id, merge
+        )
 
     def _sequence(
         self, request_id, index, prompt_token_ids, params, seed: int, prefill_only=False
@@ -231,7 +268,26 @@ class LLMEngine:
     def prepare_step(self) -> Plan | None:
         """Schedule the next step and build its batch; None when nothing is scheduled."""
         scheduled = self.scheduler.schedule()
-        return plan_step(scheduled, self.structured, self.think) if scheduled else None
+        if not scheduled:
+            return None
+        for s in scheduled:
+            try:
+                self._encode_images(s.seq, s.num_new)
+            except Exception as e:
+                # the vision tower failed on this request's images: it fails alone
+                log.exception("encoding the images of request %r failed", s.seq.request_id)
+                self._failed_images[s.seq.request_id] = self._fail(s.seq, e)
+        # a failed request's sequences finished and freed their cache
+        scheduled = [s for s in scheduled if not s.seq.is_finished]
+        return plan_step(scheduled, self.structured, self.think)
+
+    def _encode_images(self, seq: Sequence, num_new: int) -> None:
+        """The tower runs at the first chunk that needs its output; prefill keeps it."""
+        images, start = seq.images, seq.num_computed
+        if images is None or images.embeds is not None:
+            return
+        if images.overlaps(start, start + num_new):
+            images.embeds = self.encoder_cache.encode(images, self.executor.encode_images)
 
     def finish_step(self, plan: Plan, result: StepResult) -> list[RequestOutput]:
         """Apply a step's result: computed tokens, snapshots, sampled tokens, finished and
@@ -248,6 +304,9 @@ class LLMEngine:
                     s.num_new, len(seq.prompt_token_ids) - seq.num_computed
                 )
             seq.num_computed += s.num_new
+            if seq.images is not None and seq.num_computed >= len(seq.prompt_token_ids):
+                # prefill is done: its image embeddings are no longer read
+                seq.images.embeds = None
             if seq.num_computed in seq.snapshot_points and seq.num_computed > 0:
                 snapshot = self.cache_manager.remember(seq, seq.num_computed)
                 if snapshot is not None:
@@ -269,6 +328,9 @@ class LLMEngine:
                     exported[seq.request_id] = self._export(seq)
             except Exception as e:
                 failed[seq.request_id] = self._fail(seq, e)
+        failed.update(self._failed_images)
+        touched.update(dict.fromkeys(self._failed_images, True))
+        self._failed_images = {}
         outs = [self._output(rid, exported.get(rid)) for rid in touched]
         for out in outs:
             out.error = failed.get(out.request_id)
@@ -314,6 +376,7 @@ class LLMEngine:
             seq.seed,
             self._requests[seq.request_id][0],
             list(seq.output_logprobs),
+            seq.rope_delta,
         )
         self.scheduler.remove(seq)
         return state
@@ -344,6 +407,7 @@ class LLMEngine:
             # grammar, detokenizer and thinking budget are rebuilt from the tokens it generated
             self._replay(seq, state.output_token_ids, state.output_logprobs, "output_token_ids")
             seq.num_computed = state.num_computed
+            seq.rope_delta = state.rope_delta
             self.scheduler.add_running(seq)
             self.executor.write_state(seq.slot, seq.block_table, state.tensors)
         except Exception:

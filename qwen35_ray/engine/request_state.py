@@ -2,12 +2,12 @@
 
 Wire format: one safetensors blob. Its metadata holds a JSON header (format version, model
 fingerprint, request fields, sampling params, the sequence's sampling seed, the logprobs of the
-tokens generated so far); its tensors are the request's GDN conv and recurrent states for every
-GDN layer and the K and V of its computed tokens for every full-attention layer (real tokens
-only, no block padding). The sampler's randomness is a function of the seed and the output
-position (engine/sampler.py), so the seed is all of it that travels. Import checks version,
-fingerprint (architecture, cache dtype and weights), token counts, vocabulary, logprobs, seed,
-shapes and dtypes, and refuses any mismatch.
+tokens generated so far, the rope delta of a prompt with images); its tensors are the request's
+GDN conv and recurrent states for every GDN layer and the K and V of its computed tokens for
+every full-attention layer (real tokens only, no block padding). The sampler's randomness is a
+function of the seed and the output position (engine/sampler.py), so the seed is all of it that
+travels. Import checks version, fingerprint (architecture, cache dtype and weights), token
+counts, vocabulary, logprobs, seed, shapes and dtypes, and refuses any mismatch.
 """
 
 import dataclasses
@@ -21,8 +21,8 @@ from safetensors.torch import load, save
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 
-# 3: the seed replaced the torch.Generator state (rng_state)
-VERSION = 3
+# 3: the seed replaced the torch.Generator state (rng_state); 4: rope_delta
+VERSION = 4
 SEED_LIMIT = 2**64  # a sequence's seed is an unsigned 64-bit integer
 
 
@@ -60,6 +60,8 @@ class RequestState:
     prompt: str | None = None
     # one {token id: logprob} per output token when params.logprobs is set, else empty
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # a prompt with images: the rotary position offset of every later token (model/mrope.py)
+    rope_delta: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +79,7 @@ class RequestState:
             "seed": self.seed,
             "prompt": self.prompt,
             "output_logprobs": self.output_logprobs,
+            "rope_delta": self.rope_delta,
         }
         tensors = {k: v.contiguous().cpu() for k, v in self.tensors.items()}
         return save(tensors, metadata={"qwen35_ray_request_state": json.dumps(header)})
@@ -109,6 +112,7 @@ class RequestState:
                 _integer("seed", header["seed"]),
                 header["prompt"],
                 logprobs,
+                _integer("rope_delta", header["rope_delta"]),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"RequestState of request {rid!r} has a malformed header: {e}") from e

@@ -59,6 +59,16 @@ class ModelRunner:
         device (sampling runs there), None when no row samples."""
         sampling = step.sampling
         graphs = self.decode_graphs
+        if step.embeds or any(c.mrope is not None for c in step.chunks):
+            # image tokens (even a one-token chunk of them, which counts as a decode): their
+            # embeddings and multimodal positions go through the eager PagedStep path
+            batch = ForwardBatch.build(step.chunks, self.cache.block_size, self.device)
+            input_ids = torch.tensor(step.input_ids, device=self.device)  # [T]
+            embeds = None
+            if step.embeds:
+                rows = torch.cat([r for r, _ in step.embeds]).to(self.device)
+                embeds = rows, torch.cat([v.to(self.device) for _, v in step.embeds])
+            return self._eager(input_ids, batch, sampling, embeds)
         if graphs is not None and (bucket := graphs.bucket(step.chunks)) is not None:
             logits = graphs(step.chunks, step.input_ids, bucket)
             if sampling == list(range(len(step.chunks))):
@@ -87,8 +97,9 @@ class ModelRunner:
         head = logits[torch.tensor([i for i in sampling if i < D], dtype=torch.long)]
         return head if tail is None else torch.cat([head, tail])
 
-    def _eager(self, input_ids: torch.Tensor, batch: ForwardBatch, sampling: list[int]):
-        hidden = self.model(input_ids, batch, self.cache)
+    def _eager(self, input_ids: torch.Tensor, batch: ForwardBatch, sampling: list[int],
+               embeds=None):  # fmt: skip
+        hidden = self.model(input_ids, batch, self.cache, embeds)
         if not sampling:
             return None
         rows = batch.last_token_indices[torch.tensor(sampling, device=self.device)]

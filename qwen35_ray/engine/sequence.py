@@ -36,6 +36,10 @@ class Sequence:
     prefill_only: bool = False  # export a RequestState once the first token is sampled
     grammar: Any = None  # structured.Grammar: where a constrained output is in its grammar
     thinking: Any = None  # reasoning.ThinkingBudget, made at the first sample when one is set
+    # images.PromptImages of a prompt with images (None for text), and the rotary position
+    # offset of every token past the prompt (model/mrope.py; it travels in a RequestState)
+    images: Any = None
+    rope_delta: int = 0
     # time.monotonic() when it entered this engine, and when a step first scheduled it: the
     # queue time of serving's metrics
     arrival_time: float = field(default_factory=time.monotonic)

@@ -38,7 +38,12 @@ def plan_step(
         decodes += s.num_new == 1 and seq.num_computed > 0
         if s.restore is not None:
             batch.restores.append((s.restore, seq.slot))
-        batch.chunks.append(SeqChunk(seq.num_computed, s.num_new, seq.slot, seq.block_table))
+        batch.chunks.append(chunk(seq, s.num_new))
+        if seq.images is not None and seq.images.overlaps(
+            seq.num_computed, seq.num_computed + s.num_new
+        ):
+            rows, values = seq.images.embeds_of(seq.num_computed, seq.num_computed + s.num_new)
+            batch.embeds.append((rows + len(batch.input_ids), values))
         batch.input_ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + s.num_new))
         if s.completes:
             batch.sampling.append(i)
@@ -50,6 +55,17 @@ def plan_step(
     # grammar masks depend only on tokens already sampled: filled while the model runs
     batch.masks = structured.start_fill([scheduled[i].seq.grammar for i in batch.sampling])
     return Plan(scheduled, batch, failed, decodes)
+
+
+def chunk(seq: Sequence, num_new: int) -> SeqChunk:
+    """seq's next num_new tokens as a SeqChunk; one that holds prompt tokens of a prompt with
+    images carries their multimodal positions."""
+    start = seq.num_computed
+    images = seq.images
+    mrope = None
+    if images is not None and start < images.mrope.shape[1]:
+        mrope = images.rope(start, start + num_new)
+    return SeqChunk(start, num_new, seq.slot, seq.block_table, seq.rope_delta, mrope)
 
 
 def sample_row(seq: Sequence, think: ThinkTokens | None) -> SampleRow | None:

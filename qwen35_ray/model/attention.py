@@ -5,7 +5,7 @@ Legend: T = tokens, Hq/Hkv = query/KV heads, D = head dim.
 """
 
 import torch
-from qwen35_kernels.rope import apply_rope, rope_inv_freq, yarn_inv_freq
+from qwen35_kernels.rope import rope_inv_freq, yarn_inv_freq
 from torch import nn
 
 from qwen35_ray.model.config import ModelConfig
@@ -33,6 +33,8 @@ class GatedAttention(nn.Module):
         self.rope_scale = (
             1.0 if config.rope_scaling is None else config.rope_scaling.attention_factor
         )
+        # which rotary frequencies turn with an image token's h and w (model/mrope.py)
+        self.mrope_section = config.mrope_section
         self.scale = self.D**-0.5
         self.register_buffer("qkv_fused", None, persistent=False)
 
@@ -45,18 +47,19 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, step) -> torch.Tensor:  # [T, hidden]
         """step: the step's cache access (model/step.py), this layer's K/V by kv_index."""
         T = x.shape[0]
-        q, gate, k, v = self._project(x, step.positions)
+        q, gate, k, v = self._project(x, step)
         o = step.attention(self.kv_index, q, k, v, self.scale)
         return self.o_proj(o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1)))
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
-        """(q [T, Hq, D], gate [T, Hq, D], k, v [T, Hkv, D]): normed and rotated q and k."""
+    def _project(self, x: torch.Tensor, step):
+        """(q [T, Hq, D], gate [T, Hq, D], k, v [T, Hkv, D]): normed q and k, rotated by the
+        step at each token's rotary position."""
         T = x.shape[0]
         q, k, v = project(x, self.qkv_fused, self._in_projs())
         q, gate = q.view(T, self.Hq, 2 * self.D).chunk(2, dim=-1)
-        q = apply_rope(self.q_norm(q), positions, self.inv_freq, self.rope_scale)
-        k = self.k_norm(k.view(T, self.Hkv, self.D))
-        k = apply_rope(k, positions, self.inv_freq, self.rope_scale)
+        rope = (self.inv_freq, self.rope_scale, self.mrope_section)
+        q = step.rope(self.q_norm(q), *rope)
+        k = step.rope(self.k_norm(k.view(T, self.Hkv, self.D)), *rope)
         return q, gate, k, v.view(T, self.Hkv, self.D)
 
 

@@ -1,5 +1,9 @@
 """ForwardBatch: one step's flat batch of tokens and the cache handles of its sequences.
 
+A token's index in its sequence (`positions`) places it in the cache; its rotary position may
+differ: a sequence past its images continues at index + rope_delta on every axis, and a chunk
+holding image tokens gives each token its multimodal (t, h, w) position (model/mrope.py).
+
 Legend: T = tokens in the step, B = sequences, M = blocks per block table.
 """
 
@@ -17,6 +21,10 @@ class SeqChunk:
     num_new: int
     state_slot: int  # GDN state slot (conv + recurrent state)
     block_table: list[int]  # KV blocks of the full-attention layers, in position order
+    # the rotary position of a token past the prompt's images is its index + rope_delta
+    rope_delta: int = 0
+    # [3, num_new] the (t, h, w) positions of a chunk holding image tokens; None: index + delta
+    mrope: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class ForwardBatch:
     # the first num_decodes sequences add one token each to existing state (decodes first)
     num_decodes: int = 0
     block_size: int = 16  # tokens per KV block, to find a position's slot from block_tables
+    rope_positions: torch.Tensor | None = None  # [T] rotary position; None: equal to positions
+    # [3, T] multimodal positions, only when a chunk of the step holds image tokens
+    mrope_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -72,6 +83,10 @@ class ForwardBatch:
             max_q_len=max_q_len,
             num_decodes=b1 - b0 if decode else 0,
             block_size=self.block_size,
+            rope_positions=None if self.rope_positions is None else self.rope_positions[t0:t1],
+            mrope_positions=None
+            if self.mrope_positions is None
+            else self.mrope_positions[:, t0:t1],
         )
 
     @classmethod
@@ -94,8 +109,24 @@ class ForwardBatch:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=device)
 
+        # text only (no delta anywhere): the rotary positions are the token indices
+        index = t(positions, torch.int64)
+        rope, mrope = index, None
+        if any(c.rope_delta for c in chunks):
+            rope = index + t([c.rope_delta for c in chunks], torch.int64).repeat_interleave(
+                t([c.num_new for c in chunks], torch.int64)
+            )
+        if any(c.mrope is not None for c in chunks):
+            # chunks without images at their index + delta, equal on all three axes
+            parts, start = [], 0
+            for c in chunks:
+                r = rope[start : start + c.num_new]
+                parts.append(r.expand(3, -1) if c.mrope is None else c.mrope.to(rope))
+                start += c.num_new
+            mrope = torch.cat(parts, dim=1)
+
         return cls(
-            positions=t(positions, torch.int64),
+            positions=index,
             cu_seqlens=t(cu, torch.int32),
             seq_lens=t([c.num_computed + c.num_new for c in chunks], torch.int32),
             state_indices=t([c.state_slot for c in chunks], torch.int64),
@@ -106,6 +137,8 @@ class ForwardBatch:
             max_q_len=max(c.num_new for c in chunks),
             num_decodes=_leading_decodes(chunks),
             block_size=block_size,
+            rope_positions=rope,
+            mrope_positions=mrope,
         )
 
 

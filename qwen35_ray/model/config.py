@@ -58,6 +58,10 @@ class ModelConfig:
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     fp8_block_size: tuple[int, int] | None  # FP8 block-quantised weights, dequantised on load
     rope_scaling: RopeScaling | None = None  # None: plain RoPE; else YaRN's parameters
+    # a checkpoint with a vision tower: the <|image_pad|> token and the rotary frequencies per
+    # (t, h, w) axis of multimodal RoPE (model/mrope.py); None for a text-only checkpoint
+    image_token_id: int | None = None
+    mrope_section: tuple[int, int, int] | None = None
 
     @property
     def num_hidden_layers(self) -> int:
@@ -174,4 +178,9 @@ class ModelConfig:
             dtype=str(text.get("dtype") or text.get("torch_dtype") or "bfloat16"),
             fp8_block_size=fp8_block,
             rope_scaling=rope_scaling,
+            image_token_id=raw.get("image_token_id") if "vision_config" in raw else None,
+            # transformers' default when rope_parameters names none
+            mrope_section=(
+                tuple(rope.get("mrope_section", (11, 11, 10))) if "vision_config" in raw else None
+            ),
         )

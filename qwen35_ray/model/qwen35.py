@@ -78,25 +78,34 @@ class Qwen35ForCausalLM(nn.Module):
                 layer.fuse_projections()
 
     def forward(
-        self, input_ids: torch.Tensor, batch: ForwardBatch, cache: HybridCache
+        self,
+        input_ids: torch.Tensor,
+        batch: ForwardBatch,
+        cache: HybridCache,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden] (after the last norm); the cache
-        updated for the batch's tokens."""
+        updated for the batch's tokens. embeds: (rows [n] long, values [n, hidden]) that
+        replace those rows' token embeddings (an image's tokens: its vision tower output)."""
         if slot_decodes(batch, cache):
             inputs = slot_decode_inputs(batch, cache, len(self.config.attention_layers))
             step = SlotDecode(*inputs)
             hidden = self.hidden_states(input_ids, step)
             store_slot_decode(batch, cache, step.outputs())
         else:
-            hidden = self.hidden_states(input_ids, PagedStep(batch, cache, self.kernels))
+            hidden = self.hidden_states(input_ids, PagedStep(batch, cache, self.kernels), embeds)
         if self.expert_load is not None:
             self.expert_load.end_step()
         return hidden
 
-    def hidden_states(self, input_ids: torch.Tensor, step) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, step, embeds=None) -> torch.Tensor:
         """The layers over input_ids [T] in a step (model/step.py): final hidden states [T,
-        hidden]. The one path of every step, eager, compiled or graph-captured."""
+        hidden]. The one path of every step, eager, compiled or graph-captured. embeds: see
+        forward."""
         x = self.embed_tokens(input_ids)
+        if embeds is not None:
+            rows, values = embeds
+            x = x.index_copy(0, rows, values.to(x.dtype))
         for layer in self.layers:
             x = layer(x, step)
         return self.norm(x)

@@ -22,11 +22,13 @@ import torch
 from qwen35_kernels.attention import write_kv
 from qwen35_kernels.conv1d import causal_conv1d_step
 from qwen35_kernels.gdn import gated_delta_step, gdn_gating, prepare_qk
+from qwen35_kernels.rope import apply_rope
 
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.decode_kv import decode_attention, decode_rows
 from qwen35_ray.model.kernel_backend import KernelBackend
+from qwen35_ray.model.mrope import apply_mrope
 
 
 class PagedStep:
@@ -35,7 +37,15 @@ class PagedStep:
 
     def __init__(self, batch: ForwardBatch, cache: HybridCache, kernels: KernelBackend):
         self.batch, self.cache, self.ops = batch, cache, kernels
-        self.positions = batch.positions
+        rope = batch.rope_positions
+        self.rope_positions = batch.positions if rope is None else rope
+
+    def rope(self, x: torch.Tensor, inv_freq, scale: float, mrope_section) -> torch.Tensor:
+        """x [T, H, D] rotated at each token's rotary position: multimodal (t, h, w) when a
+        chunk of the step holds image tokens, else index + the sequence's rope delta."""
+        if self.batch.mrope_positions is not None:
+            return apply_mrope(x, self.batch.mrope_positions, inv_freq, mrope_section, scale)
+        return apply_rope(x, self.rope_positions, inv_freq, scale)
 
     def conv(self, layer: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """silu(causal depthwise conv) of x [T, C] with the layer's conv state slots."""
@@ -104,7 +114,7 @@ class SlotDecode:
     """One decode token per sequence on CPU, writing nothing: the states are read where they
     are (by `rows`) and the new ones collected, per layer in cache order, for `outputs`."""
 
-    positions: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B] rotary positions: index + the sequence's rope delta
     rows: torch.Tensor  # [B] state slot of each sequence, its row in keys/values
     lengths: torch.Tensor  # [R] earlier tokens of each row
     conv_slots: torch.Tensor  # [n_gdn, S, C, W-1]
@@ -114,6 +124,10 @@ class SlotDecode:
     new: dict[str, list[torch.Tensor]] = field(
         default_factory=lambda: {"conv": [], "recurrent": [], "k": [], "v": []}
     )
+
+    def rope(self, x: torch.Tensor, inv_freq, scale: float, mrope_section) -> torch.Tensor:
+        # a decode is past its prompt's images: equal positions on every axis, plain RoPE
+        return apply_rope(x, self.positions, inv_freq, scale)
 
     def conv(self, layer: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         y, state = causal_conv1d_step(x, weight, self.conv_slots[layer][self.rows])
@@ -143,7 +157,8 @@ class SlotDecode:
 def slot_decode_inputs(batch: ForwardBatch, cache: HybridCache, n_attn: int) -> tuple:
     """SlotDecode's tensors for a batch of decodes (batch.is_decode): the DecodeKV copies of
     the first n_attn attention layers refilled where stale, and (positions, rows, lengths,
-    conv slots, recurrent slots, keys, values)."""
+    conv slots, recurrent slots, keys, values); positions are the rotary ones, the DecodeKV
+    rows and lengths come from the token indices."""
     slots, positions = batch.state_indices.tolist(), batch.positions.tolist()
     copies = cache.decode_kv[:n_attn]
     for j, d in enumerate(copies):
@@ -151,7 +166,8 @@ def slot_decode_inputs(batch: ForwardBatch, cache: HybridCache, n_attn: int) -> 
     rows, lengths, n = decode_rows(slots, positions)
     keys = [d.key[:rows, :, :n] for d in copies]
     values = [d.value[:rows, :, :n] for d in copies]
-    return (batch.positions, batch.state_indices, lengths, cache.conv, cache.recurrent, keys,
+    rope = batch.positions if batch.rope_positions is None else batch.rope_positions
+    return (rope, batch.state_indices, lengths, cache.conv, cache.recurrent, keys,
             values)  # fmt: skip
 
 
@@ -170,5 +186,5 @@ def store_slot_decode(batch: ForwardBatch, cache: HybridCache, outputs: tuple) -
 
 def slot_decodes(batch: ForwardBatch, cache: HybridCache) -> bool:
     """The step runs as a SlotDecode: all decodes, on a cache with DecodeKV copies (CPU, the
-    torch kernels)."""
-    return bool(cache.decode_kv) and batch.is_decode
+    torch kernels), none at multimodal positions (a one-token chunk of an image's tokens)."""
+    return bool(cache.decode_kv) and batch.is_decode and batch.mrope_positions is None

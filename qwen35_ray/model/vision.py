@@ -246,3 +246,13 @@ def load_vision(
     if missing:
         raise CheckpointError(f"missing tensor model.visual.{missing[0]} in checkpoint")
     return tower.eval().requires_grad_(False)
+
+
+def has_vision(path: str | Path) -> bool:
+    """The checkpoint at `path` holds a vision tower (`model.visual.*` tensors)."""
+    path = resolve_model(str(path))
+    for file in checkpoint_files(path):
+        with safe_open(str(file), "pt") as handle:
+            if any(k.startswith(PREFIXES) for k in handle.keys()):
+                return True
+    return False

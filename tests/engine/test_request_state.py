@@ -254,7 +254,7 @@ def rewritten(state: RequestState, edit) -> bytes:
         (lambda h: h.update(output_logprobs=[{"x": 0.0}]), "malformed header"),
         (lambda h: h.update(seed="5"), "seed must be an integer"),
         (lambda h: h.pop("seed"), "malformed header"),
-        (lambda h: h.update(version=2), "version 2 is not 3"),
+        (lambda h: h.update(version=2), "version 2 is not 4"),
     ],
     ids=[
         "params_range",
