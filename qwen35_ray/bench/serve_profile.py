@@ -19,6 +19,7 @@ STEP_COUNTERS = {
     "qwen35_ray_step_seconds": "step_s",
     "qwen35_ray_decode_steps": "decode_steps",
     "qwen35_ray_decode_step_seconds": "decode_step_s",
+    "qwen35_ray_step_cpu_seconds": "step_cpu_s",
 }
 # a process of the cluster, named by its command line
 _NAMES = (
@@ -74,6 +75,8 @@ def step_summary(d: dict, seconds: float) -> dict:
         "steps": int(d["steps"]),
         "busy_s": d["step_s"],
         "busy_fraction": d["step_s"] / seconds if seconds else None,
+        # the stepping thread's CPU time over its steps' wall time (1: it never waited)
+        "step_cpu_fraction": d.get("step_cpu_s", 0.0) / d["step_s"] if d["step_s"] else None,
         "mean_step_ms": 1e3 * d["step_s"] / d["steps"] if d["steps"] else None,
         "decode_steps": int(d["decode_steps"]),
         "mean_decode_step_ms": 1e3 * d["decode_step_s"] / d["decode_steps"]
@@ -89,6 +92,7 @@ def engine_counters(stats: dict) -> dict:
         "step_s": stats["step_seconds_total"],
         "decode_steps": stats["decode_steps_total"],
         "decode_step_s": stats["decode_step_seconds_total"],
+        "step_cpu_s": stats.get("step_cpu_seconds_total", 0.0),
     }
 
 

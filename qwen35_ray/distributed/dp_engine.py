@@ -118,7 +118,7 @@ class DPEngine:
     def step(self) -> list[RequestOutput]:
         if self._dead is not None:
             raise self._dead
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         plans = [e.prepare_step() for e in self.engines]
         if all(p is None for p in plans):
             return []
@@ -140,7 +140,7 @@ class DPEngine:
             if out.finished or out.request_state is not None:
                 self._rank_of.pop(out.request_id, None)
         decodes = any(p is not None and p.num_decodes for p in plans)
-        self.step_counters.record(time.perf_counter() - start, decodes)
+        self.step_counters.record(time.perf_counter() - start, decodes, time.thread_time() - cpu)
         return outs
 
     def load_stats(self) -> dict:

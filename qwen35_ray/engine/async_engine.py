@@ -1,5 +1,8 @@
-"""AsyncEngine: the LLMEngine behind asyncio. A background loop runs steps in a worker thread;
-requests are added, streamed and aborted from coroutines, between steps.
+"""AsyncEngine: the LLMEngine behind asyncio. A step thread of its own runs the engine's steps
+back to back; requests are added, streamed and aborted from coroutines, and the thread applies
+them between steps. Each step's outputs reach the event loop in one call_soon_threadsafe, so the
+next step never waits for a busy event loop to turn round (on 2 shared cores the loop of a Serve
+replica is often slow to).
 
 One request's failure ends only its own stream (errors.RequestError or RequestFailed); a failure
 of the model itself kills the engine, and every open and later stream raises EngineDead.
@@ -29,8 +32,12 @@ class AsyncEngine:
         # commands taken from _pending and not yet in the stats snapshot
         self._applying: list[tuple] = []
         self._lock = threading.Lock()
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        # set when a command is queued; the idle step thread waits on it
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        # the event loop the streams live in (the latest caller's)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         # the model's failure that killed the engine
         self.errored: BaseException | None = None
         # replaced whole by the step thread, so a reader never sees a half-updated one
@@ -60,9 +67,16 @@ class AsyncEngine:
         """Read in the step thread (or before it starts): the scheduler's queues change there."""
         return self.engine.load_stats()
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+    def _ensure_thread(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the step thread after its current step (open streams get nothing more)."""
+        self._closed = True
+        self._wake.set()
 
     async def generate(
         self,
@@ -118,7 +132,7 @@ class AsyncEngine:
         self._streams[request_id] = queue
         with self._lock:
             self._pending.append(command)
-        self._ensure_loop()
+        self._ensure_thread()
         self._wake.set()
         finished = False
         try:
@@ -185,23 +199,45 @@ class AsyncEngine:
             self._stats = stats
         return outs
 
-    async def _run(self) -> None:
+    def _post(self, fn, arg) -> None:
+        """Run fn(arg) in the event loop (from the step thread)."""
+        loop = self._loop
         try:
-            while True:
-                for request_id, error in await asyncio.to_thread(self._apply_pending):
-                    if (queue := self._streams.get(request_id)) is not None:
-                        queue.put_nowait(error)
+            loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the loop is closed: its streams are gone with it
+            pass
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _deliver_errors(self, failed: list[tuple[str, Exception]]) -> None:
+        for request_id, error in failed:
+            if (queue := self._streams.get(request_id)) is not None:
+                queue.put_nowait(error)
+
+    def _fail_all(self, _) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(self._dead_error())
+
+    def _run(self) -> None:
+        """The step thread: apply queued commands, step while anything is unfinished, sleep
+        until a command arrives."""
+        try:
+            while not self._closed:
+                if failed := self._apply_pending():
+                    self._post(self._deliver_errors, failed)
                 if not self.engine.has_unfinished():
-                    self._wake.clear()
-                    if not self._pending:
-                        await self._wake.wait()
+                    with self._lock:
+                        if self._pending:
+                            continue
+                        self._wake.clear()
+                    self._wake.wait()
                     continue
-                for out in await asyncio.to_thread(self._step):
-                    queue = self._streams.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
+                self._post(self._deliver, self._step())
         except Exception as e:  # the model failed (EngineDead) or the engine's own state did
             self.errored = e
             log.error("the engine is dead; failing %d open streams", len(self._streams), exc_info=e)
-            for queue in self._streams.values():
-                queue.put_nowait(self._dead_error())
+            self._post(self._fail_all, None)

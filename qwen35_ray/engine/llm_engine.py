@@ -256,13 +256,15 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         plan = self.prepare_step()
         if plan is None:
             return []
         # EngineDead when the model failed; a row whose own sampling failed has the token None
         outs = self.finish_step(plan, self.executor.execute(plan.batch))
-        self.step_counters.record(time.perf_counter() - start, plan.num_decodes > 0)
+        self.step_counters.record(
+            time.perf_counter() - start, plan.num_decodes > 0, time.thread_time() - cpu
+        )
         return outs
 
     def prepare_step(self) -> Plan | None:

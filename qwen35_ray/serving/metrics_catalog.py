@@ -82,6 +82,8 @@ HELP = {
     "qwen35_ray_step_seconds": "Time spent in engine steps.",
     "qwen35_ray_decode_steps": "Engine steps in which a sequence decoded.",
     "qwen35_ray_decode_step_seconds": "Time spent in engine steps in which a sequence decoded.",
+    "qwen35_ray_step_cpu_seconds": "CPU time of the stepping thread in engine steps (the rest "
+    "of qwen35_ray_step_seconds it waited: for a CPU, the GIL, the device or the ranks).",
     "qwen35_ray_requests": "Requests this replica started (resumed ones included).",
     "qwen35_ray_requests_aborted": "Requests cut off before their end (client gone).",
     "qwen35_ray_requests_rejected": "Requests refused with 503 (queue full).",

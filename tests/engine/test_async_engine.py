@@ -1,6 +1,7 @@
 """AsyncEngine: concurrent streams from asyncio, and aborts that free the cache at once."""
 
 import asyncio
+import time
 
 import pytest
 from engine_fixtures import checkpoint, make_engine, prompt, run, tiny_tokenizer
@@ -231,3 +232,27 @@ def test_stats_count_queued_and_running_requests(setup):
     assert after["state_slots_free"] == after["state_slots_total"] == 1
     assert after["kv_blocks_free"] == after["kv_blocks_total"]
     assert after["generation_tokens_total"] == 24
+
+
+def test_steps_go_on_while_the_event_loop_is_busy(setup):
+    # the step thread runs steps back to back: a loop held by other work (a Serve replica's
+    # serialization, the ingress's parsing) delays delivery, not the engine's next step
+    path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok, compile_decode=False))
+    counters = engine.engine.step_counters
+
+    async def main():
+        stream = engine.generate("a", prompt(10, 1), SamplingParams(max_tokens=60, **GREEDY))
+        first = await anext(stream)
+        before = counters.steps
+        time.sleep(0.5)  # blocks the event loop, not the step thread
+        during = counters.steps - before
+        rest = [out async for out in stream]
+        return first, during, rest
+
+    first, during, rest = asyncio.run(main())
+    assert during >= 5, f"only {during} steps ran while the loop was blocked"
+    # what ran meanwhile still reached the stream, in order, to the end
+    lengths = [len(o.outputs[0].token_ids) for o in [first, *rest]]
+    assert lengths == sorted(lengths) and rest[-1].finished and lengths[-1] == 60
+    assert engine.engine.cache_manager.is_empty

@@ -276,6 +276,8 @@ def test_async_engine_resumes_and_counts_its_steps(engine):
     # the 13th token is sampled, then 19 decode steps
     assert stats["steps_total"] == 21 and stats["decode_steps_total"] == 19
     assert 0 < stats["decode_step_seconds_total"] < stats["step_seconds_total"]
+    # the step thread's CPU time in those steps: some, and no more than their wall time
+    assert 0 < stats["step_cpu_seconds_total"] <= stats["step_seconds_total"] * 1.01 + 1e-3
     assert stats["generation_tokens_total"] == 20
 
     async def bad():
