@@ -14,8 +14,10 @@ from pydantic import ValidationInfo
 from qwen35_ray.serving import limits
 
 # parts that carry media; the served model reads text only for now
+# content parts a chat message may not hold: OpenAI's and other servers' names for media this
+# server does not take (images come as image_url parts)
 MEDIA_PARTS = frozenset(
-    {"image_url", "input_image", "image", "video", "video_url", "input_audio", "audio", "file"}
+    {"input_image", "image", "video", "video_url", "input_audio", "audio", "file"}
 )
 
 # arguments apply_chat_template takes itself: a request setting them would replace the
@@ -112,7 +114,9 @@ def messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for j, part in enumerate(content):
                 _check_part(part, f"messages[{i}].content[{j}]")
         elif content is not None and not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+            raise ValueError(
+                f"messages[{i}].content must be a string or a list of text and image_url parts"
+            )
         if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
             raise ValueError(f"messages[{i}].reasoning_content must be a string")
         calls = m.get("tool_calls")
@@ -125,14 +129,27 @@ def messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _check_part(part: Any, where: str) -> None:
+    """A text part, or an image_url part's shape (its image is read by serving/media.py)."""
     kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "image_url":
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else None
+        if not isinstance(url, str) or not url:
+            raise ValueError(
+                f"{where}.image_url must be {{'url': 'data:image/png;base64,...'}} or "
+                "{'url': 'https://...'}"
+            )
+        return
     if kind in MEDIA_PARTS:
         raise ValueError(
-            f"{where}.type is {kind!r}: image, video and audio input are not supported yet; "
-            "send text parts only"
+            f"{where}.type is {kind!r}: video and audio input are not supported; send text "
+            "and image_url parts ({'type': 'image_url', 'image_url': {'url': ...}})"
         )
     if kind != "text" or not isinstance(part.get("text"), str):
-        raise ValueError(f"{where} must be a text part: {{'type': 'text', 'text': '...'}}")
+        raise ValueError(
+            f"{where} must be a text part {{'type': 'text', 'text': '...'}} or an image_url "
+            "part {'type': 'image_url', 'image_url': {'url': ...}}"
+        )
 
 
 def _check_call(call: Any, where: str) -> None:

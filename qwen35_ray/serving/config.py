@@ -53,6 +53,38 @@ class DisaggregationConfig(BaseModel):
     )
 
 
+class MediaConfig(BaseModel):
+    """What the ingress accepts of a request's images (serving/media.py's MediaLimits: each
+    default and why; docs/security.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit_mm_per_prompt: int = Field(8, ge=0, description="images per request (0: none)")
+    max_pixels: int = Field(
+        16_777_216, ge=1, description="pixels of one image, read from its header before decoding"
+    )
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded bytes of one image")
+    allowed_media_domains: list[str] = Field(
+        [],
+        description="hosts whose http(s) image URLs the ingress fetches (exact match); empty: "
+        "data: URIs only",
+    )
+    fetch_timeout_s: float = Field(5.0, gt=0, description="one image URL's whole fetch")
+    max_redirects: int = Field(3, ge=0, description="redirects one image fetch follows")
+
+    def limits(self):
+        from qwen35_ray.serving.media import MediaLimits
+
+        return MediaLimits(
+            limit_mm_per_prompt=self.limit_mm_per_prompt,
+            max_pixels=self.max_pixels,
+            max_image_bytes=self.max_image_bytes,
+            allowed_media_domains=tuple(d.lower() for d in self.allowed_media_domains),
+            fetch_timeout_s=self.fetch_timeout_s,
+            max_redirects=self.max_redirects,
+        )
+
+
 class AppConfig(BaseModel):
     """Everything `deployments/qwen35.yaml` may say under `args`."""
 
@@ -68,6 +100,7 @@ class AppConfig(BaseModel):
     decode_server: EnginePoolConfig = EnginePoolConfig()
     disaggregation: DisaggregationConfig = DisaggregationConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5)
+    media: MediaConfig = MediaConfig()
     api_key: SecretStr | None = Field(
         None,
         description="if set, Bearer token required on /v1 routes; local use only: Ray's "
@@ -97,7 +130,12 @@ class AppConfig(BaseModel):
     grammar_compile_timeout_s: float = Field(
         10.0, gt=0, description="a response format or tool grammar compiling longer gets a 400"
     )
-    max_request_bytes: int = Field(4 * 2**20, ge=1024)
+    max_request_bytes: int = Field(
+        16 * 2**20,
+        ge=1024,
+        description="request bodies past this get 413; images come inside them as base64 "
+        "data: URIs (4/3 of their bytes), so 16 MiB takes one 12 MiB image",
+    )
     migration_limit: int = Field(
         3,
         ge=0,

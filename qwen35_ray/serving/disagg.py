@@ -52,16 +52,19 @@ class PrefillServer(LLMServer):
         self.backend = AppConfig.model_validate(config).disaggregation.transfer
         self.counters |= {"transfer_bytes_total": 0, "transfer_send_seconds_total": 0.0}
 
-    async def prefill(self, prompt_token_ids: list[int], params: dict, request_id: str) -> dict:
+    async def prefill(
+        self, prompt_token_ids: list[int], params: dict, request_id: str, images=None
+    ) -> dict:
         """Returns {"step": the first delta, "handoff": where the state is (None when the
         request already finished), "replica": this replica}, or an error item (see
-        errors.OpenAIError.as_item)."""
+        errors.OpenAIError.as_item). images: see LLMServer.generate; the state handed off
+        carries what decoding needs of them (the rope delta), not the images."""
         try:
-            return await self._run_prefill(prompt_token_ids, params, request_id)
+            return await self._run_prefill(prompt_token_ids, params, request_id, images)
         except OpenAIError as e:
             return e.as_item()
 
-    async def _run_prefill(self, prompt_token_ids: list[int], params: dict, request_id: str):
+    async def _run_prefill(self, prompt_token_ids, params: dict, request_id: str, images):
         sp = await self._params(prompt_token_ids, params)
         self.counters["requests_total"] += 1
         last = None
@@ -69,7 +72,7 @@ class PrefillServer(LLMServer):
         async def outputs():
             nonlocal last
             async for out in self.engine.generate(
-                request_id, prompt_token_ids, sp, prefill_only=True
+                request_id, prompt_token_ids, sp, prefill_only=True, images=images
             ):
                 last = out
                 yield out
@@ -104,12 +107,13 @@ class DecodeServer(LLMServer):
         params: dict,
         request_id: str | None = None,
         resume: dict | None = None,
+        images: list | None = None,
     ) -> AsyncIterator[dict]:
         """The whole request here (a short prompt, or a stream migrated off a lost decode
         replica, prefilled again here from its prompt and `resume`: see LLMServer.generate);
         the first item names this replica."""
         first = True
-        async for step in super().generate(prompt_token_ids, params, request_id, resume):
+        async for step in super().generate(prompt_token_ids, params, request_id, resume, images):
             if first:
                 step["replica"], first = _replica_id(), False
             yield step
@@ -164,31 +168,34 @@ class Disaggregator:
             and self.prefills_in_flight < self.cfg.max_prefill_queue
         )
 
-    def _migration(self, prompt_ids: list[int], params: dict, first: dict | None = None):
+    def _migration(self, prompt_ids: list[int], params: dict, images, first: dict | None = None):
         """A stream of n=1 that loses its decode replica resumes on another, prefilled there
         from the prompt and the tokens sent (DecodeServer.generate with resume)."""
         if params.get("n", 1) != 1:
             return None
         resume = lambda r: self.decode.options(stream=True).generate.remote(  # noqa: E731
-            prompt_ids, params, None, r
+            prompt_ids, params, None, r, images
         )
         return Migration(resume, self.migration_limit, first)
 
-    async def generate(self, prompt_ids: list[int], params: dict) -> AsyncIterator[dict]:
+    async def generate(
+        self, prompt_ids: list[int], params: dict, images: list | None = None
+    ) -> AsyncIterator[dict]:
         request_id = uuid.uuid4().hex
         if not self.disaggregates(len(prompt_ids), params):
             self.counters["requests_local_prefill_total"] += 1
             stream = lambda: self.decode.options(stream=True).generate.remote(  # noqa: E731
-                prompt_ids, params, request_id
+                prompt_ids, params, request_id, None, images
             )
-            async for step in self._on_decode(stream, self._migration(prompt_ids, params)):
+            migration = self._migration(prompt_ids, params, images)
+            async for step in self._on_decode(stream, migration):
                 yield step
             return
         self.counters["requests_disaggregated_total"] += 1
         self.prefills_in_flight += 1
         t0 = time.perf_counter()
         try:
-            first = await self._prefill(prompt_ids, params, request_id)
+            first = await self._prefill(prompt_ids, params, request_id, images)
         finally:
             self.prefills_in_flight -= 1
         self.counters["prefill_seconds_total"] += time.perf_counter() - t0
@@ -203,7 +210,8 @@ class Disaggregator:
         stream = lambda: self.decode.options(stream=True).decode.remote(handoff)  # noqa: E731
         # the first token goes out before the decode stream's own output, so a migration
         # resumes after it
-        decoded = self._on_decode(stream, self._migration(prompt_ids, params, first["step"]))
+        migration = self._migration(prompt_ids, params, images, first["step"])
+        decoded = self._on_decode(stream, migration)
         # the first token waits for a decode replica to admit the import, so that an
         # overloaded decode pool is a clean 503 before any output, not an error mid-stream
         await anext(decoded)
@@ -215,10 +223,10 @@ class Disaggregator:
                 self.counters["transfer_seconds_total"] += step.pop("receive_s")
             yield step
 
-    async def _prefill(self, prompt_ids: list[int], params: dict, request_id: str) -> dict:
+    async def _prefill(self, prompt_ids, params: dict, request_id: str, images) -> dict:
         for attempt in range(1 + self.cfg.retries):
             try:
-                first = await self.prefill.prefill.remote(prompt_ids, params, request_id)
+                first = await self.prefill.prefill.remote(prompt_ids, params, request_id, images)
                 raise_error_item(first)
                 return first
             except BackPressureError:

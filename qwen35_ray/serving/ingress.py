@@ -23,6 +23,7 @@ from starlette.responses import Response
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.generation_config import GenerationDefaults
+from qwen35_ray.model.image_processor import ImageProcessorConfig, image_grid, image_tokens
 from qwen35_ray.model.source import resolve_model
 from qwen35_ray.serving.autoscaling import autoscaling_samples
 from qwen35_ray.serving.chat import (
@@ -41,6 +42,7 @@ from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.disagg import Disaggregator
 from qwen35_ray.serving.errors import OpenAIError
 from qwen35_ray.serving.fanout import collect_all, start_all
+from qwen35_ray.serving.media import image_parts, load_images
 from qwen35_ray.serving.metrics import app_families, exposition, install, replica_names
 from qwen35_ray.serving.openapi import request_body
 from qwen35_ray.serving.parsers import prompt_ends_in_reasoning
@@ -113,6 +115,13 @@ class OpenAIIngress:
             self.cfg.max_model_len(disaggregated=prefill is not None) or 10**9,
         )
         self.defaults = GenerationDefaults.read(path).sampling
+        # a checkpoint with a vision tower takes images: its <|image_pad|> token, and the
+        # processor's geometry, which says how many tokens each image takes in the prompt
+        self.image_token_id = model_config.image_token_id
+        self.image_processor = (
+            None if self.image_token_id is None else ImageProcessorConfig.from_pretrained(path)
+        )
+        self.media_limits = self.cfg.media.limits()
         self.created = int(time.time())
         pool, replica = replica_names("OpenAIIngress")
         self.metrics = IngressMetrics(pool, replica, self.cfg.model_name, self._counter_samples)
@@ -171,6 +180,47 @@ class OpenAIIngress:
         prompt = render_prompt(self.tokenizer, req, add_generation_prompt)
         return prompt, self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
+    async def _chat_input(self, req, add_generation_prompt: bool = True):
+        """(prompt text, prompt token ids, images) of a chat request. Each image's one
+        <|image_pad|> from the template becomes its full run of pad tokens, so the ids are
+        the prompt the engine computes: its length is what max_tokens, the context check and
+        usage count. Images are read (base64, fetch, decode, hash) in a worker thread."""
+        found = image_parts(req.messages)
+        images = []
+        if found:
+            if self.image_token_id is None:
+                raise OpenAIError(
+                    f"model {self.cfg.model_name!r} takes no images (its checkpoint has no "
+                    "vision tower); send text parts only",
+                    param=found[0][0],
+                )
+            loaded = await asyncio.to_thread(load_images, req.messages, self.media_limits)
+            images = [li.image for li in loaded]
+        prompt, ids = await self._off_loop(self._chat_prompt, req, add_generation_prompt)
+        if images:
+            ids = self._expand_images(ids, images)
+        return prompt, ids, images
+
+    def _expand_images(self, ids: list[int], images: list) -> list[int]:
+        pad = self.image_token_id
+        if ids.count(pad) != len(images):
+            raise OpenAIError(
+                f"the rendered prompt has {ids.count(pad)} image placeholders for {len(images)} "
+                "images (a system message cannot hold images; a custom chat template must "
+                "write one <|vision_start|><|image_pad|><|vision_end|> per image)",
+                param="messages",
+            )
+        sizes = iter(images)
+        out = []
+        for t in ids:
+            if t != pad:
+                out.append(t)
+                continue
+            image = next(sizes)
+            grid = image_grid(image.height, image.width, self.image_processor)
+            out.extend([pad] * image_tokens(grid, self.image_processor))
+        return out
+
     def _params(self, req, max_tokens: int, logprobs: int | None, structured) -> dict:
         """The params dict for the LLM servers, checked here so that a request with several
         prompts is refused before any of them starts."""
@@ -210,20 +260,21 @@ class OpenAIIngress:
             )
         return given or room
 
-    def _stream(self, prompt_ids: list[int], params: dict):
-        """The replica stream of one prompt, counted in the request's log line."""
-        return tap(self._replica_stream(prompt_ids, params), prompt_ids)
+    def _stream(self, prompt_ids: list[int], params: dict, images: list | None = None):
+        """The replica stream of one prompt (images: PIL images, one per image of the
+        prompt, in order), counted in the request's log line."""
+        return tap(self._replica_stream(prompt_ids, params, images or None), prompt_ids)
 
-    def _replica_stream(self, prompt_ids: list[int], params: dict):
+    def _replica_stream(self, prompt_ids: list[int], params: dict, images: list | None):
         if self.pd is not None:
-            return self.pd.generate(prompt_ids, params)
+            return self.pd.generate(prompt_ids, params, images)
         llm = self.llm.options(stream=True)
         migration = None
         if params.get("n", 1) == 1:
-            resume = lambda r: llm.generate.remote(prompt_ids, params, None, r)  # noqa: E731
+            resume = lambda r: llm.generate.remote(prompt_ids, params, None, r, images)  # noqa: E731
             migration = Migration(resume, self.cfg.migration_limit)
         return guarded(
-            lambda: llm.generate.remote(prompt_ids, params),
+            lambda: llm.generate.remote(prompt_ids, params, None, None, images),
             retries=self.cfg.disaggregation.retries,
             counters=self.counters,
             migration=migration,
@@ -261,7 +312,7 @@ class OpenAIIngress:
     async def tokenize(self, request: Request):
         req = await self._body(request, TokenizeRequest)
         if req.messages is not None:
-            _, ids = await self._off_loop(self._chat_prompt, req, req.add_generation_prompt)
+            _, ids, _ = await self._chat_input(req, req.add_generation_prompt)
         else:
             ids = await self._off_loop(
                 lambda: self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -278,7 +329,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         req = await self._body(request, ChatCompletionRequest)
-        prompt, ids = await self._off_loop(self._chat_prompt, req)
+        prompt, ids, images = await self._chat_input(req)
         top = req.top_logprobs or 0
         params = self._params(
             req,
@@ -287,7 +338,7 @@ class OpenAIIngress:
             lambda: chat_spec(req, prompt_ends_in_reasoning(prompt)),
         )
         parsers = [ChoiceParser(prompt, req) for _ in range(req.n)]
-        stream = self._stream(ids, params)
+        stream = self._stream(ids, params, images)
         if req.stream:
             (stream,) = await start_all([stream])
             return sse(self._chat_chunks(stream, req, parsers, len(ids)))

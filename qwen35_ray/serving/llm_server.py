@@ -159,6 +159,7 @@ class LLMServer(AutoscalingSignals):
         params: dict,
         request_id: str | None = None,
         resume: dict | None = None,
+        images: list | None = None,
     ) -> AsyncIterator[dict]:
         """Yield {"outputs": [{index, text, token_ids, logprobs, finish_reason}], ...} deltas:
         the text and tokens each output gained in one engine step. An error is the last item,
@@ -166,7 +167,10 @@ class LLMServer(AutoscalingSignals):
 
         resume (n=1): {"token_ids", "logprobs", "text_chars"}, what the client already has of
         output 0 from a replica that was lost (streams.Migration); the request continues after
-        it, and the deltas start from there."""
+        it, and the deltas start from there.
+
+        images: RGB PIL images, one per image of the prompt in order (its <|image_pad|> runs);
+        a replica whose engine has no vision tower refuses them (400)."""
         sp = await self._params(prompt_token_ids, params, resume)
         request_id = request_id or uuid.uuid4().hex
         self.counters["requests_total"] += 1
@@ -180,7 +184,7 @@ class LLMServer(AutoscalingSignals):
             "resumed" if kwargs else "new",
             len(kwargs.get("resume_token_ids", ())),
         )
-        outputs = self.engine.generate(request_id, prompt_token_ids, sp, **kwargs)
+        outputs = self.engine.generate(request_id, prompt_token_ids, sp, images=images, **kwargs)
         deltas = self._deltas(outputs, timer, seen)
         async for delta in coalesced(deltas, self.config.stream_interval_s):
             yield delta

@@ -180,6 +180,12 @@ class EngineArgs(BaseModel):
         description="tokens one prefill chunk may take of a step while other prompts wait; "
         "None: max(block_size, max_num_batched_tokens // 8), 0: no limit",
     )
+    encoder_cache_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description="vision tower outputs kept per image (by its pixels' hash), so a "
+        "conversation that resends its images does not encode them again; 0: keep none",
+    )
     expert_parallel_size: int = Field(
         1,
         ge=1,

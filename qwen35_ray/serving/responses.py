@@ -5,7 +5,9 @@ stream events are built in `responses_stream.py`.
 
 Input: a string (one user message) or a list of items:
 - messages (`type` "message" or omitted) with role user, assistant, system or developer and
-  content as a string or a list of input_text / output_text / refusal parts. System and
+  content as a string or a list of input_text / output_text / refusal parts, and in user
+  messages input_image parts ({"image_url": a data: URI or an allowed URL}: the chat route's
+  image_url parts, held to its media limits; a file_id is refused: no files API). System and
   developer messages become the one system message the chat template allows, after
   `instructions`, so they must come before every other item;
 - `function_call` items (a previous turn's call) join the assistant message before them as
@@ -14,8 +16,8 @@ Input: a string (one user message) or a list of items:
   them, which the template replays within the current turn (as the chat route's
   reasoning_content); one followed by no assistant output is dropped, as is one without
   readable content (encrypted_content is never produced here, nor read).
-Anything else (images, files, audio, item references, built-in tool calls) is a 400 naming
-the item.
+Anything else (files, audio, images outside user messages, item references, built-in tool
+calls) is a 400 naming the item.
 
 Fields:
 - tools (function tools) and tool_choice auto / none / required / {type: function, name}: a
@@ -91,13 +93,13 @@ async def create_response(ingress, req: ResponsesRequest):
     """The route's work, with the ingress's helpers: a JSON response or an SSE stream."""
     with _responses_names():
         chat = validate(ChatCompletionRequest, chat_body(req), ingress.context)
-        prompt, ids = await ingress._off_loop(ingress._chat_prompt, chat)
+        prompt, ids, images = await ingress._chat_input(chat)
         max_tokens = ingress._max_tokens(chat.max_new_tokens, len(ids))
         in_reasoning = prompt_ends_in_reasoning(prompt)
         params = ingress._params(chat, max_tokens, None, lambda: chat_spec(chat, in_reasoning))
         model, tokenizer = ingress.cfg.model_name, ingress.tokenizer
         builder = ResponseBuilder(req, chat, prompt, len(ids), params, model, tokenizer)
-        stream = ingress._stream(ids, params)
+        stream = ingress._stream(ids, params, images)
         if req.stream:
             (stream,) = await start_all([stream])
             return event_stream(builder, stream)
@@ -190,7 +192,7 @@ def chat_messages(instructions: str | None, items: str | list[dict]) -> list[dic
         kind = item.get("type") or "message"
         if kind == "message":
             role = item.get("role")
-            text = _text(item.get("content"), f"{where}.content")
+            text = _text(item.get("content"), f"{where}.content", role == "user")
             if role in ("system", "developer"):
                 if messages:
                     raise OpenAIError(
@@ -201,7 +203,7 @@ def chat_messages(instructions: str | None, items: str | list[dict]) -> list[dic
                     )
                 system.append(text)
             elif role == "user":
-                messages.append({"role": "user", "content": text})
+                messages.append({"role": "user", "content": _user_content(item, where, text)})
             elif role == "assistant":
                 messages.append(_assistant(text, reasoning))
             else:
@@ -245,8 +247,39 @@ def _assistant(text: str, reasoning: str | None) -> dict:
     return message
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content as the text the template would render from its parts."""
+def _user_content(item: dict, where: str, text: str) -> str | list[dict]:
+    """A user message's content for the chat route: its text, or, when it holds input_image
+    parts, the chat route's text and image_url parts in order."""
+    content = item.get("content")
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and p.get("type") == "input_image" for p in content
+    ):
+        return text
+    parts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "input_image":
+            # checked by _text already
+            parts.append({"type": "text", "text": part[TEXT_PARTS[part["type"]]]})
+            continue
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            param = f"{where}.content[{j}].image_url"
+            if part.get("file_id") is not None:
+                message = f"{where}.content[{j}] names a file_id: there is no files API here; "
+            else:
+                message = f"{param} is missing; "
+            raise OpenAIError(
+                message + "give image_url as a data: URI (data:image/png;base64,...) or an "
+                "http(s) URL",
+                param=param,
+            )
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def _text(content: Any, where: str, images: bool = False) -> str:
+    """A message's content as the text the template would render from its parts; images:
+    input_image parts are skipped (a user message's, see _user_content)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -254,10 +287,13 @@ def _text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if images and kind == "input_image":
+            continue
         if kind in MEDIA_PARTS:
+            taken = "input_text and, in user messages, input_image parts"
             raise OpenAIError(
-                f"{where}[{j}].type is {kind!r}: image, file and audio input are not "
-                "supported yet; send input_text parts only",
+                f"{where}[{j}].type is {kind!r}: file and audio input, and images outside "
+                f"user messages, are not supported; send {taken}",
                 param=f"{where}[{j}].type",
             )
         key = TEXT_PARTS.get(kind)

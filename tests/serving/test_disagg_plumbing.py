@@ -79,7 +79,7 @@ HANDOFF = {"nbytes": 10, "wire_bytes": 20, "send_s": 0.0, "num_prompt_tokens": 3
 
 
 def prefill_pool():
-    async def prefill(ids, params, request_id):
+    async def prefill(ids, params, request_id, images=None):
         return {"step": FIRST, "handoff": HANDOFF, "replica": "p"}
 
     return Pool(prefill=prefill)

@@ -190,8 +190,8 @@ def test_wrong_methods_are_error_objects(server):
 
 def test_a_chunked_body_over_the_cap_is_refused(server):
     def chunks():
-        for _ in range(64):
-            yield b" " * 2**17  # 8 MiB in all, over the default 4 MiB cap
+        for _ in range(192):
+            yield b" " * 2**17  # 24 MiB in all, over the default 16 MiB cap
 
     r = requests.post(server + "/v1/chat/completions", data=chunks(), timeout=60)
     assert r.status_code == 413 and is_error_object(r)

@@ -97,7 +97,7 @@ BAD = [
             ]
         },
         None,
-        "messages[0].content[0].type",
+        "allowed_media_domains",
     ),  # noqa: E501
     (
         "request template",

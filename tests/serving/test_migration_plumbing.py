@@ -160,7 +160,7 @@ def test_a_moved_request_resumes_after_the_prefill_token_on_a_decode_replica():
     handoff = {"nbytes": 1, "wire_bytes": 1, "send_s": 0.0, "num_prompt_tokens": 30}
     calls = []
 
-    async def prefill(ids, params, request_id):
+    async def prefill(ids, params, request_id, images=None):
         return {"step": first, "handoff": handoff, "replica": "p"}
 
     async def decode(h):
@@ -168,7 +168,7 @@ def test_a_moved_request_resumes_after_the_prefill_token_on_a_decode_replica():
         yield delta([8], "y")
         raise LOST
 
-    async def generate(ids, params, request_id, resume):
+    async def generate(ids, params, request_id, resume, images=None):
         calls.append((len(ids), resume))
         yield {**delta([9], "z", finish="length"), "replica": "d2"}
 
@@ -189,7 +189,7 @@ def test_a_moved_request_resumes_after_the_prefill_token_on_a_decode_replica():
 
 
 def test_n_above_1_is_not_migrated():
-    async def generate(ids, params, request_id, resume=None):
+    async def generate(ids, params, request_id, resume=None, images=None):
         yield {"outputs": [{"index": 1, "token_ids": [1], "text": "a"}]}
         raise LOST
 

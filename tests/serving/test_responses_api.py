@@ -249,10 +249,10 @@ BAD = [
     ("built-in tool", req(tools=[{"type": "web_search"}]), 400, "tools"),
     ("item reference", req(input=[{"type": "item_reference", "id": "m"}]), 400, "input[0].type"),
     (
-        "image part",
+        "image from a host not allowed",
         req(input=[{"role": "user", "content": [IMAGE]}]),
         400,
-        "input[0].content[0].type",
+        "input[0].content[0].image_url",
     ),
     ("background", req(background=True), 400, "background"),
     ("max_output_tokens past the context", req(max_output_tokens=10**6), 400, "max_output_tokens"),

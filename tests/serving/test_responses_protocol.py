@@ -133,8 +133,12 @@ IMAGE = {"type": "input_image", "image_url": "http://127.0.0.1/x.png"}
 BAD_INPUT = [
     ([{"type": "item_reference", "id": "msg_1"}], "input[0].type"),
     (
-        [{"role": "user", "content": [{"type": "input_text", "text": "x"}, IMAGE]}],
+        [{"role": "assistant", "content": [{"type": "output_text", "text": "x"}, IMAGE]}],
         "input[0].content[1].type",
+    ),
+    (
+        [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}],
+        "input[0].content[0].image_url",
     ),
     ([{"role": "tool", "content": "x"}], "input[0].role"),
     (["hello"], "input[0]"),
@@ -152,6 +156,26 @@ BAD_INPUT = [
     ),
     ([{"role": "user", "content": {"text": "x"}}], "input[0].content"),
 ]
+
+
+def test_input_images_become_the_chat_routes_image_url_parts():
+    content = [
+        {"type": "input_text", "text": "What is it?"},
+        IMAGE,
+        {"type": "input_text", "text": "!"},
+    ]
+    (message,) = chat_body(responses(input=[{"role": "user", "content": content}]))["messages"]
+    assert message == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": IMAGE["image_url"]}},
+            {"type": "text", "text": "!"},
+        ],
+    }
+    # without images a user message stays one string
+    (plain,) = chat_body(responses(input=[{"role": "user", "content": content[:1]}]))["messages"]
+    assert plain == {"role": "user", "content": "What is it?"}
 
 
 @pytest.mark.parametrize("items, param", BAD_INPUT, ids=[p for _, p in BAD_INPUT])
