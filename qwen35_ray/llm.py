@@ -12,6 +12,7 @@ from qwen35_ray.distributed.build import build_engine
 from qwen35_ray.distributed.config import EPConfig
 from qwen35_ray.engine.outputs import RequestOutput
 from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.llm_chat import chat_images
 
 # text, or {"prompt_token_ids": [...]} (or {"prompt": text}), either with
 # "multi_modal_data": {"image": PIL image or a list of them}, one per <|image_pad|> in order
@@ -89,6 +90,39 @@ class LLM:
                 self.engine.abort(rid)
             raise
         return [done[rid] for rid in order]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+        add_generation_prompt: bool = True,
+        allowed_media_domains: tuple[str, ...] = (),
+    ) -> list[RequestOutput]:
+        """generate() on OpenAI-format conversations (one, or a list of them), rendered by
+        the checkpoint's chat template, as vLLM's LLM.chat. Content parts: text, and images
+        as image_url data URIs or PIL images (llm_chat.py; URLs only from
+        allowed_media_domains). The outputs hold the raw text: reasoning and tool calls are
+        not parsed out (the server's routes do that)."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            conversation, images = chat_images(conversation, allowed_media_domains)
+            text = self.engine.tokenizer.apply_chat_template(
+                conversation,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}),
+            )
+            ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt = {"prompt": text, "prompt_token_ids": ids}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, order: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
         done: dict[str, RequestOutput] = {}

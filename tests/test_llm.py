@@ -35,3 +35,60 @@ def test_a_request_refused_when_added_aborts_the_ones_added_before(llm):
     with pytest.raises(RequestError, match="max_tokens=10000"):
         llm.generate(["Hello", "Hi"], [GREEDY, too_long])
     assert not llm.engine.has_unfinished() and llm.engine.cache_manager.is_empty
+
+
+def picture(seed: int, size=(64, 48)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def png_uri(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_renders_the_template_and_takes_images_as_data_uris_or_pil(llm):
+    tok = llm.get_tokenizer()
+    text = [{"role": "user", "content": "Name three rivers."}]
+    rendered = tok.apply_chat_template(text, tokenize=False, add_generation_prompt=True)
+    (plain,) = llm.chat(text, GREEDY)
+    assert plain.outputs[0].token_ids == llm.generate(rendered, GREEDY)[0].outputs[0].token_ids
+
+    a, b = picture(1), picture(2, (96, 64))
+
+    def asking(*images):
+        return [{"role": "user", "content": [*images, {"type": "text", "text": "Compare."}]}]
+
+    by_uri = asking(*({"type": "image_url", "image_url": {"url": png_uri(x)}} for x in (a, b)))
+    by_pil = asking({"type": "image_pil", "image_pil": a}, {"type": "image", "image": b})
+    both = llm.chat([by_uri, by_pil], GREEDY)
+    prompt = tok.apply_chat_template(
+        asking({"type": "image"}, {"type": "image"}), tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    (want,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": [a, b]}}], GREEDY)
+    assert both[0].outputs[0].token_ids == both[1].outputs[0].token_ids
+    assert both[0].outputs[0].token_ids == want.outputs[0].token_ids
+    # the images' tokens are in the prompt: far more than one pad each
+    assert len(both[0].prompt_token_ids) == len(want.prompt_token_ids) > len(tok(prompt).input_ids)
+
+
+@pytest.mark.parametrize(
+    "part, says",
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}, "base64"),
+        ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "allowed"),
+        ({"type": "video_url", "video_url": {"url": "x"}}, "no video"),
+    ],
+)
+def test_chat_refuses_what_it_cannot_read(llm, part, says):
+    with pytest.raises(ValueError, match=says):
+        llm.chat([{"role": "user", "content": [part]}], GREEDY)
+    assert not llm.engine.has_unfinished()
