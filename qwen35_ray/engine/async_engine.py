@@ -93,9 +93,12 @@ class AsyncEngine:
         (or, with prefill_only, carries the exported RequestState). Leaving the iteration
         early (client gone) aborts the request. resume_token_ids, resume_logprobs: continue
         from output tokens it already has (LLMEngine.add_request); its outputs hold them.
-        images: PIL images, one per <|image_pad|> of the prompt (prepared on the engine's
-        thread when the request is added). Raises RequestError, RequestFailed or EngineDead
-        (engine/errors.py)."""
+        images: PIL images, one per <|image_pad|> of the prompt, prepared (resized, cut into
+        patches) in a worker thread, so a large image does not hold the step thread.
+        Raises RequestError, RequestFailed or EngineDead (engine/errors.py)."""
+        prepare = getattr(self.engine, "prepare_images", None)  # an EP engine refuses images
+        if images and prepare is not None:
+            prompt_token_ids, images = await asyncio.to_thread(prepare, prompt_token_ids, images)
         self.engine.check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
         if prefill_only and params.n != 1:
             raise RequestError("a prefill-only request must have n=1")

@@ -15,7 +15,7 @@ from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
-from qwen35_ray.engine.images import EncoderCache, prepare_images
+from qwen35_ray.engine.images import EncoderCache, PromptImages, prepare_images
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
 from qwen35_ray.engine.request_moves import RequestMoves, TokenOutsideGrammar
@@ -165,21 +165,22 @@ class LLMEngine(RequestMoves):
         prefill_only: bool = False,
         resume_token_ids: list[int] | None = None,
         resume_logprobs: list | None = None,
-        images: list | None = None,
+        images: list | PromptImages | None = None,
     ) -> None:
         """Queue a request. images: PIL images, one per `<|image_pad|>` of the prompt (in order;
-        engine/images.py expands each to the image's pad tokens). prefill_only: after its first
-        token, export it as a RequestState (RequestOutput.request_state) and free its cache
-        here. resume_token_ids (n=1 only): output tokens the request already has from elsewhere,
-        with their logprobs when params.logprobs is set; it continues after them as if it had
-        sampled them here (engine/resume.py), and its outputs hold them."""
+        engine/images.py expands each to the image's pad tokens), or what prepare_images made
+        of them, with prompt_token_ids the expanded prompt it returned. prefill_only: after its
+        first token, export it as a RequestState (RequestOutput.request_state) and free its
+        cache here. resume_token_ids (n=1 only): output tokens the request already has from
+        elsewhere, with their logprobs when params.logprobs is set; it continues after them as
+        if it had sampled them here (engine/resume.py), and its outputs hold them."""
         if prefill_only and params.n != 1:
             raise RequestError("a prefill-only request must have n=1")
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        prompt_images = None
-        if images:
-            prompt_token_ids, prompt_images = self._prepare_images(prompt_token_ids, images)
+        prompt_images = images if isinstance(images, PromptImages) else None
+        if images and prompt_images is None:
+            prompt_token_ids, prompt_images = self.prepare_images(prompt_token_ids, images)
         self.check_request(prompt_token_ids, params, resume_token_ids, resume_logprobs)
         seqs = []
         try:
@@ -203,7 +204,10 @@ class LLMEngine(RequestMoves):
             self.scheduler.add(seq)
         self._requests[request_id] = (prompt, list(prompt_token_ids), seqs)
 
-    def _prepare_images(self, prompt_token_ids: list[int], images: list):
+    def prepare_images(self, prompt_token_ids: list[int], images: list):
+        """(the prompt with each image's pads expanded, its PromptImages): the pixels resized
+        and cut into patches, positions computed. CPU work that reads nothing of the engine's
+        state but its configs, so a caller may run it in another thread (AsyncEngine does)."""
         if self.image_processor is None:
             raise RequestError(
                 "this engine takes no images (the checkpoint has no vision tower, or it runs "

@@ -370,3 +370,32 @@ def test_an_engine_without_a_vision_tower_refuses_images(tmp_path_factory):
     with pytest.raises(RequestError, match="takes no images"):
         engine.add_request("x", [1, START, IMAGE, END], GREEDY, images=IMAGES[:1])
     assert not engine.has_unfinished()
+
+
+def test_images_are_prepared_off_the_step_thread(setup, expected):
+    # AsyncEngine resizes and patches a request's images in a worker thread: the step thread
+    # only sees the prepared PromptImages (a large image does not stall running decodes)
+    import threading
+
+    _, path, tok = setup
+    engine = AsyncEngine(make_engine(path, tok, compile_decode=False))
+    threads = []
+    prepare = engine.engine.prepare_images
+
+    def spy(ids, images):
+        threads.append(threading.current_thread().name)
+        return prepare(ids, images)
+
+    engine.engine.prepare_images = spy
+    ids, images = REQUESTS["one"]
+
+    async def main():
+        async for out in engine.generate("one", ids, GREEDY, images=images):
+            last = out
+        return last
+
+    last = asyncio.run(main())
+    assert last.outputs[0].token_ids == expected["one"]
+    assert threads and "engine-step" not in threads[0] and threads[0] != "MainThread"
+    # the output's prompt is the expanded one the engine computed
+    assert len(last.prompt_token_ids) > len(ids)
