@@ -32,6 +32,7 @@ from qwen35_ray.model.step import (
     slot_decodes,
     store_slot_decode,
 )
+from qwen35_ray.model.verify import VerifyStep
 
 
 class Qwen35ForCausalLM(nn.Module):
@@ -109,6 +110,19 @@ class Qwen35ForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, step)
         return self.norm(x)
+
+    def verify(
+        self, input_ids: torch.Tensor, batch: ForwardBatch, cache: HybridCache, width: int
+    ) -> tuple[torch.Tensor, VerifyStep]:
+        """Speculative decoding's verification (model/verify.py): input_ids [B * width], each
+        sequence's last sampled token then its drafts. Returns the final hidden states
+        [B * width, hidden] and the step; its commit(kept) gives the GDN slots the states
+        after each sequence's last kept token. K/V is written for all width positions."""
+        step = VerifyStep(batch, cache, self.kernels, width)
+        hidden = self.hidden_states(input_ids, step)
+        if self.expert_load is not None:
+            self.expert_load.end_step()
+        return hidden, step
 
     def idle_forward(self) -> None:
         """A step without tokens on this rank: every MoE layer's exchange, in layer order, as
