@@ -5,7 +5,8 @@ Ours is the engine `LLM(model=..., dtype=...)` builds with no other option (comp
 step on CPU, by default in the background: its start-up is counted until it is ready) and,
 for comparison, the same with compile_decode=False. Both keep `concurrency` requests in flight;
 transformers runs batches of `concurrency` prompts. `--context` measures something else: one
-decode step at each context length (offline_context.py)."""
+decode step at each context length (offline_context.py); `--images N` prompts carrying N images
+each, with the vision tower's and the image preprocessing's time (offline_images.py)."""
 
 import argparse
 import time
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="qwen35-ray bench offline", description=__doc__)
     p.add_argument("--model", default="qwen35-tiny")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, help="default 64, 16 with --images")
+    p.add_argument("--new-tokens", type=int, help="default 128, 16 with --images")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 1])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-transformers", action="store_true")
@@ -135,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--context-batch", type=int, nargs="+", default=[1], help="sequences per step (--context)"
+    )
+    p.add_argument(
+        "--images", type=int, help="instead: prompts carrying this many random images each"
+    )
+    p.add_argument(
+        "--image-size", nargs="+", default=["448x448"], help="WxH of the images (--images)"
+    )
+    p.add_argument(
+        "--no-text", action="store_true", help="skip the text-only twin of each run (--images)"
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -156,6 +166,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {b}: {max(args.context)} over {min(args.context)} tokens: x{r:.2f}")
         write_report(args.out, report)
         return 0
+    if args.images:
+        from qwen35_ray.bench.offline_images import run as run_images
+
+        report["bench"] = "offline-images"
+        num_prompts, new_tokens = args.num_prompts or 16, args.new_tokens or 16
+        report.update(num_prompts=num_prompts, new_tokens=new_tokens)
+        report.update(
+            run_images(
+                path,
+                args.images,
+                args.image_size,
+                args.concurrency,
+                num_prompts,
+                new_tokens,
+                args.dtype,
+                text=not args.no_text,
+            )
+        )
+        write_report(args.out, report)
+        return 0
+    args.num_prompts, args.new_tokens = args.num_prompts or 64, args.new_tokens or 128
     vocab = ModelConfig.from_hf(path).vocab_size
     prompts = workload(args.num_prompts, vocab)
     results = []

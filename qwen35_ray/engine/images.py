@@ -9,6 +9,7 @@ Legend: P = prompt tokens, N = patches, n = image tokens of the prompt, H = hidd
 """
 
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,13 +116,16 @@ def image_digest(image: Image.Image) -> bytes:
 
 class EncoderCache:
     """The vision tower's output per image digest, least recently used first out, at most
-    `max_bytes` in all: a conversation that resends its images does not re-encode them."""
+    `max_bytes` in all: a conversation that resends its images does not re-encode them.
+    It counts hits and misses (images the tower ran on) and the seconds spent in the tower
+    (host wall time: on a GPU the tower's last kernels may still be queued when it returns)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
         self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0  # images
+        self.tower_seconds = 0.0
 
     def encode(self, images: PromptImages, tower: Callable) -> torch.Tensor:
         """The output [n, H] for all of a prompt's images; `tower(pixel_values, grid_thw)`
@@ -140,12 +144,23 @@ class EncoderCache:
         self.misses += len(missing)
         if missing:
             pixels = torch.cat([images.pixel_values[offsets[i] : offsets[i + 1]] for i in missing])
-            out = tower(pixels, images.grid_thw[missing])
+            start = time.perf_counter()
+            try:
+                out = tower(pixels, images.grid_thw[missing])
+            finally:
+                self.tower_seconds += time.perf_counter() - start
             tokens = [images.spans[i][1] - images.spans[i][0] for i in missing]
             for i, part in zip(missing, out.split(tokens)):
                 parts[i] = part
                 self._put(images.digests[i], part)
         return torch.cat([parts[i] for i in range(len(grids))])
+
+    def stats(self) -> dict:
+        return {
+            "encoder_images_total": self.misses,
+            "encoder_seconds_total": self.tower_seconds,
+            "encoder_cache_hits_total": self.hits,
+        }
 
     def _put(self, digest: bytes, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()

@@ -102,6 +102,8 @@ class LLMEngine(RequestMoves):
         # requests whose images failed to encode in prepare_step, reported by finish_step
         self._failed_images: dict[str, Exception] = {}
         self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
+        # images prepared at admission (pixels, pad tokens, positions) and the time it took
+        self.image_prep = {"images": 0, "seconds": 0.0}
         self.step_counters = StepCounters()
 
     @classmethod
@@ -214,9 +216,14 @@ class LLMEngine(RequestMoves):
                 "expert-parallel, which does not run one yet); send text only"
             )
         merge = self.image_processor.merge_size
-        return prepare_images(
-            prompt_token_ids, images, self.image_processor, self.config.image_token_id, merge
-        )
+        start = time.perf_counter()
+        try:
+            return prepare_images(
+                prompt_token_ids, images, self.image_processor, self.config.image_token_id, merge
+            )
+        finally:
+            self.image_prep["images"] += len(images)
+            self.image_prep["seconds"] += time.perf_counter() - start
 
     def _sequence(
         self, request_id, index, prompt_token_ids, params, seed: int, prefill_only=False
@@ -340,7 +347,7 @@ class LLMEngine(RequestMoves):
         return outs
 
     def load_stats(self) -> dict:
-        """The queues and the cache now (read between steps)."""
+        """The queues and the cache now, and the running totals (read between steps)."""
         sch, cm = self.scheduler, self.cache_manager
         return {
             "running": len(sch.running),
@@ -361,6 +368,9 @@ class LLMEngine(RequestMoves):
             "prompt_tokens_computed_total": self.stats["prompt_tokens_computed"],
             "generation_tokens_total": self.stats["generated_tokens"],
             **self.step_counters.stats(),
+            "images_preprocessed_total": self.image_prep["images"],
+            "image_preprocess_seconds_total": self.image_prep["seconds"],
+            **self.encoder_cache.stats(),
         }
 
     def shutdown(self) -> None:

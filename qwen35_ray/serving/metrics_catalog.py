@@ -84,6 +84,12 @@ HELP = {
     "qwen35_ray_decode_step_seconds": "Time spent in engine steps in which a sequence decoded.",
     "qwen35_ray_step_cpu_seconds": "CPU time of the stepping thread in engine steps (the rest "
     "of qwen35_ray_step_seconds it waited: for a CPU, the GIL, the device or the ranks).",
+    "qwen35_ray_images_preprocessed": "Images prepared at admission (pixels, pad tokens, "
+    "positions).",
+    "qwen35_ray_image_preprocess_seconds": "Time spent preparing images at admission.",
+    "qwen35_ray_encoder_images": "Images the vision tower encoded (encoder cache misses).",
+    "qwen35_ray_encoder_seconds": "Time spent in the vision tower (host wall time).",
+    "qwen35_ray_encoder_cache_hits": "Images whose vision tower output the encoder cache held.",
     "qwen35_ray_requests": "Requests this replica started (resumed ones included).",
     "qwen35_ray_requests_aborted": "Requests cut off before their end (client gone).",
     "qwen35_ray_requests_rejected": "Requests refused with 503 (queue full).",

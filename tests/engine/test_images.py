@@ -336,6 +336,11 @@ def test_resent_images_are_not_encoded_again(setup, expected):
     grid = preprocess([new], ImageProcessorConfig.from_dict(PROCESSOR)).grid_thw.tolist()
     assert encoded[1:] == [grid]
     assert (engine.encoder_cache.hits, engine.encoder_cache.misses) == (2, 4)
+    # load_stats: every image prepared at admission, the 4 the tower ran on, the 2 it did not
+    stats = engine.load_stats()
+    assert (stats["images_preprocessed_total"], stats["encoder_images_total"]) == (6, 4)
+    assert stats["encoder_cache_hits_total"] == 2
+    assert stats["encoder_seconds_total"] > 0 and stats["image_preprocess_seconds_total"] > 0
 
 
 def test_an_encoder_cache_of_zero_bytes_keeps_nothing(setup, expected):
