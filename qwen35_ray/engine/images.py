@@ -8,7 +8,9 @@ holding every image's pads is taken as it is.
 Legend: P = prompt tokens, N = patches, n = image tokens of the prompt, H = hidden size.
 """
 
+import contextlib
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -112,6 +114,32 @@ def image_digest(image: Image.Image) -> bytes:
     processor is a function of them) at a fraction of the cost of hashing the patches."""
     rgb = to_rgb(image)
     return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).digest()
+
+
+class PrepCounters:
+    """Images prepared at admission (pixels, pad tokens, positions) and the seconds it took;
+    prepare_images runs in worker threads (AsyncEngine), so the counts take a lock."""
+
+    def __init__(self):
+        self.images, self.seconds = 0, 0.0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def timing(self, n: int):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.images += n
+                self.seconds += time.perf_counter() - start
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "images_preprocessed_total": self.images,
+                "image_preprocess_seconds_total": self.seconds,
+            }
 
 
 class EncoderCache:

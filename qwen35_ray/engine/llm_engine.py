@@ -15,7 +15,7 @@ from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.detokenizer import IncrementalDetokenizer
 from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failure
 from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
-from qwen35_ray.engine.images import EncoderCache, PromptImages, prepare_images
+from qwen35_ray.engine.images import EncoderCache, PrepCounters, PromptImages, prepare_images
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
 from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
 from qwen35_ray.engine.request_moves import RequestMoves, TokenOutsideGrammar
@@ -102,8 +102,7 @@ class LLMEngine(RequestMoves):
         # requests whose images failed to encode in prepare_step, reported by finish_step
         self._failed_images: dict[str, Exception] = {}
         self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
-        # images prepared at admission (pixels, pad tokens, positions) and the time it took
-        self.image_prep = {"images": 0, "seconds": 0.0}
+        self.image_prep = PrepCounters()
         self.step_counters = StepCounters()
 
     @classmethod
@@ -216,14 +215,10 @@ class LLMEngine(RequestMoves):
                 "expert-parallel, which does not run one yet); send text only"
             )
         merge = self.image_processor.merge_size
-        start = time.perf_counter()
-        try:
+        with self.image_prep.timing(len(images)):
             return prepare_images(
                 prompt_token_ids, images, self.image_processor, self.config.image_token_id, merge
             )
-        finally:
-            self.image_prep["images"] += len(images)
-            self.image_prep["seconds"] += time.perf_counter() - start
 
     def _sequence(
         self, request_id, index, prompt_token_ids, params, seed: int, prefill_only=False
@@ -368,8 +363,7 @@ class LLMEngine(RequestMoves):
             "prompt_tokens_computed_total": self.stats["prompt_tokens_computed"],
             "generation_tokens_total": self.stats["generated_tokens"],
             **self.step_counters.stats(),
-            "images_preprocessed_total": self.image_prep["images"],
-            "image_preprocess_seconds_total": self.image_prep["seconds"],
+            **self.image_prep.stats(),
             **self.encoder_cache.stats(),
         }
 
