@@ -15,6 +15,23 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_mtp(args: argparse.Namespace) -> int:
+    import json
+
+    from qwen35_ray.model.mtp_distill import DistillConfig, distill_mtp
+
+    cfg = DistillConfig(
+        steps=args.steps,
+        seed=args.seed,
+        threads=args.threads,
+        train_sequences=args.train_sequences,
+    )
+    report = distill_mtp(args.model, Path(args.out_dir), cfg)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     import json
 
@@ -135,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="output directory (created if missing)")
     tiny.add_argument("--dense", action="store_true", help="the dense variant (no MoE)")
     tiny.set_defaults(func=_make_tiny)
+
+    distill = sub.add_parser(
+        "distill-mtp",
+        help="copy a checkpoint to OUT_DIR with its MTP head trained on the main model's own "
+        "greedy continuations (docs/mtp.md)",
+    )
+    distill.add_argument("out_dir", help="output directory (created if missing)")
+    distill.add_argument("--model", default="qwen35-tiny", help="source (default qwen35-tiny)")
+    distill.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    distill.add_argument(
+        "--train-sequences",
+        type=int,
+        default=256,
+        help="greedy continuations to train on (default 256; 64 more are held out)",
+    )
+    distill.set_defaults(func=_distill_mtp)
 
     gen = sub.add_parser("generate", help="complete one prompt with the offline engine")
     gen.add_argument(
