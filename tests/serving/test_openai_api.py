@@ -261,7 +261,8 @@ def test_oversized_body_is_413(server):
         server,
         "/v1/completions",
         None,
-        content=json.dumps({"model": MODEL, "prompt": "x" * (5 * 2**20)}),
+        # over the default max_request_bytes (16 MiB)
+        content=json.dumps({"model": MODEL, "prompt": "x" * (17 * 2**20)}),
     )
     assert r.status_code == 413 and r.json()["error"]
 
