@@ -25,6 +25,7 @@ def _distill_mtp(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         train_sequences=args.train_sequences,
+        chain_mix=args.chain_mix,
     )
     report = distill_mtp(args.model, Path(args.out_dir), cfg)
     print(json.dumps(report, indent=2))
@@ -168,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="greedy continuations to train on (default 256; 64 more are held out)",
+    )
+    distill.add_argument(
+        "--chain-mix",
+        type=float,
+        default=None,
+        help="first make the main model mostly follow a random token chain, its layers' "
+        "outputs scaled by this (0..1; 0.12 follows it at most positions), so that drafts "
+        "can be learned (a synthetic checkpoint; docs/mtp.md)",
     )
     distill.set_defaults(func=_distill_mtp)
 

@@ -101,3 +101,37 @@ def test_cli_parses_distill_mtp():
         3,
         2,
     )
+
+
+def test_a_chain_main_model_gives_the_head_something_to_learn(tmp_path):
+    # the main model made to follow a random token chain (model/mtp_chain.py): at mix 0 it
+    # always does; a short distillation then lifts acceptance far above chance, which the
+    # random main model never allows (docs/mtp.md)
+    from qwen35_ray.model.mtp_chain import chain_checkpoint, follows
+    from qwen35_ray.model.mtp_distill import greedy_continuations, ordinary_token_ids
+
+    src = resolve_model("qwen35-tiny")
+    vocab = ordinary_token_ids(src)
+    f_of = chain_checkpoint(src, tmp_path / "chain0", vocab, 0.0, seed=3)
+    net, _, _ = load_model(tmp_path / "chain0", dtype="float32", progress=False)
+    prompts = vocab[torch.randint(len(vocab), (4, 8), generator=torch.Generator().manual_seed(1))]
+    seqs = greedy_continuations(net, prompts, 12)
+    assert follows(seqs, 8, f_of) == 1.0
+    # the vision tower and the head are not touched; the layers' output projections are
+    before, after = _tensors(src), _tensors(tmp_path / "chain0")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert "lm_head.weight" in changed and not any(
+        n.startswith(("mtp.", "model.visual.")) for n in changed
+    )
+    assert any(n.endswith("experts.down_proj") for n in changed)
+    with pytest.raises(ValueError, match="within 0..1"):
+        chain_checkpoint(src, tmp_path / "bad", vocab, 1.5, seed=3)
+
+    cfg = DistillConfig(
+        steps=40, train_sequences=32, eval_sequences=8, prompt_len=8, new_tokens=24,
+        batch_sequences=8, chain_mix=0.1,
+    )  # fmt: skip
+    report = distill_mtp("qwen35-tiny", tmp_path / "out", cfg)
+    assert report["main_model"]["follows_chain"] > 0.5
+    assert report["acceptance"]["before"] < 0.05 < 0.3 < report["acceptance"]["after_saved"]
+    assert not (tmp_path / "out" / "_chain_source").exists()
