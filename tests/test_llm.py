@@ -92,3 +92,9 @@ def test_chat_refuses_what_it_cannot_read(llm, part, says):
     with pytest.raises(ValueError, match=says):
         llm.chat([{"role": "user", "content": [part]}], GREEDY)
     assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("name", ["speculative", "speculative_config"])
+def test_speculative_decoding_is_refused_by_name_until_it_is_built(name):
+    with pytest.raises(ValueError, match=f"{name}: speculative decoding with the MTP head"):
+        LLM("qwen35-tiny", **{name: {"method": "mtp", "num_speculative_tokens": 2}})
