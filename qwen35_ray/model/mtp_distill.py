@@ -98,7 +98,8 @@ class SequenceStep:
         return o.transpose(1, 2).reshape(q.shape)
 
     def conv(self, *args):
-        raise NotImplementedError("the MTP layer has no GDN mixer")
+        # only the MTP layer runs in this step, and it is a full-attention layer
+        raise RuntimeError("SequenceStep runs the MTP layer only, which has no GDN mixer")
 
     delta_rule = conv
 
