@@ -12,6 +12,7 @@ from pydantic import (
     model_validator,
 )
 
+from qwen35_ray.serving.media import MediaLimits
 from qwen35_ray.serving.pool_config import (
     DeploymentConfig,
     EngineArgs,
@@ -53,28 +54,38 @@ class DisaggregationConfig(BaseModel):
     )
 
 
+# the defaults, and why each: MediaLimits' docstring
+_MEDIA = MediaLimits()
+
+
 class MediaConfig(BaseModel):
     """What the ingress accepts of a request's images (serving/media.py's MediaLimits: each
     default and why; docs/security.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    limit_mm_per_prompt: int = Field(8, ge=0, description="images per request (0: none)")
-    max_pixels: int = Field(
-        16_777_216, ge=1, description="pixels of one image, read from its header before decoding"
+    limit_mm_per_prompt: int = Field(
+        _MEDIA.limit_mm_per_prompt, ge=0, description="images per request (0: none)"
     )
-    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded bytes of one image")
+    max_pixels: int = Field(
+        _MEDIA.max_pixels, ge=1, description="pixels of one image, read from its header first"
+    )
+    max_image_bytes: int = Field(
+        _MEDIA.max_image_bytes, ge=1, description="encoded bytes of one image"
+    )
     allowed_media_domains: list[str] = Field(
         [],
         description="hosts whose http(s) image URLs the ingress fetches (exact match); empty: "
         "data: URIs only",
     )
-    fetch_timeout_s: float = Field(5.0, gt=0, description="one image URL's whole fetch")
-    max_redirects: int = Field(3, ge=0, description="redirects one image fetch follows")
+    fetch_timeout_s: float = Field(
+        _MEDIA.fetch_timeout_s, gt=0, description="one image URL's whole fetch"
+    )
+    max_redirects: int = Field(
+        _MEDIA.max_redirects, ge=0, description="redirects one image fetch follows"
+    )
 
-    def limits(self):
-        from qwen35_ray.serving.media import MediaLimits
-
+    def limits(self) -> MediaLimits:
         return MediaLimits(
             limit_mm_per_prompt=self.limit_mm_per_prompt,
             max_pixels=self.max_pixels,
