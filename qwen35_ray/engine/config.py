@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from qwen35_ray.engine.speculative import SpeculativeConfig
 from qwen35_ray.model.kernel_backend import KERNELS
 
 
@@ -39,8 +40,12 @@ class EngineConfig:
     # the vision tower's outputs kept per image digest (engine/images.py), so a conversation
     # that resends its images does not re-encode them; 0: none kept
     encoder_cache_bytes: int = 64 * 2**20
+    # speculative decoding with the checkpoint's MTP head (engine/speculative.py): a
+    # SpeculativeConfig, or its dict {"method": "mtp", "num_speculative_tokens": k}; None: off
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
