@@ -37,9 +37,12 @@ def resolve_max_model_len(config: ModelConfig, ec: EngineConfig) -> int:
 def size_cache(
     config: ModelConfig, ec: EngineConfig, dtype: torch.dtype, max_model_len: int
 ) -> CacheSize:
-    per_block = HybridCache.bytes_per_block(config, ec.block_size, dtype)
+    # with speculative decoding the MTP layer keeps K/V in the same blocks, and a sequence
+    # reserves blocks for the positions its step may write past its length
+    spec = ec.speculative
+    per_block = HybridCache.bytes_per_block(config, ec.block_size, dtype, mtp=spec is not None)
     num_blocks = ec.num_kv_blocks or ec.kv_cache_memory_bytes // per_block
-    need = -(-max_model_len // ec.block_size)
+    need = -(-(max_model_len + (spec.lookahead if spec else 0)) // ec.block_size)
     if num_blocks < need:
         raise ValueError(
             f"the KV cache holds {num_blocks} blocks of {ec.block_size} tokens, but one "

@@ -57,6 +57,12 @@ class EngineConfig:
                 "kernels='triton' runs the Triton kernels instead; set compile_decode=False "
                 "(or leave it None) or use kernels='torch'"
             )
+        if self.speculative is not None and (self.compile_decode or self.cuda_graphs):
+            name = "compile_decode" if self.compile_decode else "cuda_graphs"
+            raise ValueError(
+                f"{name}=True captures the one-token decode step, and with speculative every "
+                f"decode is a verify step of k + 1 tokens; leave {name} unset with speculative"
+            )
         if (self.long_prefill_token_threshold or 0) < 0:
             raise ValueError(
                 f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 0 "

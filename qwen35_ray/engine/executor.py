@@ -40,6 +40,20 @@ class SampleRow:
 
 
 @dataclass
+class SpecBatch:
+    """The speculative part of a step (engine/spec_step.py). Its prompt chunks lead the
+    batch; the verify rows follow, each its last token and k drafts (k + 1 chunk tokens)."""
+
+    k: int
+    num_prompt_chunks: int  # chunks before the verify rows
+    drafts: list[list[int]]  # per verify row, its k drafts (the chunk's tokens after the first)
+    keeps: list[bool]  # per verify row: its drafts may be kept (plain greedy, no grammar)
+    # per prompt chunk, the tokens after its positions that are known: all of them, or all but
+    # the last for the chunk that completes its sequence (its sampled token follows)
+    next_ids: list[list[int]]
+
+
+@dataclass
 class StepBatch:
     """One step of one executor. An empty batch is a rank with nothing to do: it still runs
     the collectives of a forward, so that its expert-parallel peers do not wait forever."""
@@ -55,6 +69,7 @@ class StepBatch:
     # (rows of the step's tokens [k] long, values [k, hidden]): image embeddings replacing
     # those tokens' embeddings (engine/images.py)
     embeds: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    spec: SpecBatch | None = None  # speculative decoding's verify rows and drafts
 
     @property
     def empty(self) -> bool:
@@ -64,6 +79,10 @@ class StepBatch:
 @dataclass
 class StepResult:
     tokens: dict[int, tuple[int | None, dict | None]]  # chunk index -> (token, logprobs)
+    # speculative decoding: the kept tokens that follow tokens[i] in the same step, and the
+    # head's drafts for the sequence's next step, by chunk index
+    more: dict[int, list[int]] = field(default_factory=dict)
+    drafts: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Pending(Protocol):
@@ -117,6 +136,14 @@ class InProcessExecutor:
         for a model on the torch kernels (model/kernel_backend.py). With ec.cuda_graphs the
         decode steps' CUDA graphs are captured now, over a cache with a scratch slot and block
         for their padding rows (engine/cuda_graph.py)."""
+        if ec.speculative is not None:
+            # every decode is a verify row (engine/spec_step.py): the compiled and captured
+            # decode steps would never run; the MTP layer keeps K/V beside the main layers'
+            cache = HybridCache.allocate(
+                config, size.num_slots + size.num_snapshots, size.num_blocks, ec.block_size,
+                dtype, device, with_mtp=True, decode_kv=_torch_kernels(model),
+            )  # fmt: skip
+            return cls(model, config, cache, device, vision=vision)
         if uses_cuda_graphs(ec.cuda_graphs, device, model):
             max_len = resolve_max_model_len(config, ec)
             cache, graphs = cuda_graph.build(model, config, size, ec.block_size, max_len, dtype,
@@ -164,7 +191,7 @@ class InProcessExecutor:
                 with torch.inference_mode():
                     idle()
             return StepResult({})
-        return StepResult(self.runner.run(batch))
+        return self.runner.run(batch)
 
     def submit(self, batch: StepBatch) -> Done:
         return Done(self.execute(batch))

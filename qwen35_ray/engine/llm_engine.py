@@ -17,13 +17,15 @@ from qwen35_ray.engine.errors import RequestError, RequestFailed, request_failur
 from qwen35_ray.engine.executor import Executor, InProcessExecutor, StepResult
 from qwen35_ray.engine.images import EncoderCache, PrepCounters, PromptImages, prepare_images
 from qwen35_ray.engine.outputs import CompletionOutput, RequestOutput
-from qwen35_ray.engine.reasoning import ThinkTokens, check_budget
+from qwen35_ray.engine.reasoning import ThinkTokens
+from qwen35_ray.engine.request_checks import check_request
 from qwen35_ray.engine.request_moves import RequestMoves, TokenOutsideGrammar
 from qwen35_ray.engine.request_state import RequestState, model_fingerprint
-from qwen35_ray.engine.resume import check_resume, normalized_logprobs
+from qwen35_ray.engine.resume import normalized_logprobs
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.engine.scheduler import Scheduler
 from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.spec_stats import SpecCounters
 from qwen35_ray.engine.step_plan import Plan, plan_step
 from qwen35_ray.engine.step_stats import StepCounters
 from qwen35_ray.engine.structured import StructuredOutputs
@@ -64,6 +66,12 @@ class LLMEngine(RequestMoves):
         if executor is None:
             dtype = next(model.parameters()).dtype
             _check_kernels(model, ec.kernels, device)
+            if ec.speculative is not None and getattr(model, "mtp", None) is None:
+                raise ValueError(
+                    "speculative: the drafts come from the checkpoint's MTP layer, and this "
+                    "model has none (mtp_num_hidden_layers=0, or it was loaded with "
+                    "with_mtp=False); leave speculative out"
+                )
         elif dtype is None or fingerprint is None:
             raise ValueError("an engine given an executor needs the model's dtype and fingerprint")
         self.dtype = dtype
@@ -80,9 +88,11 @@ class LLMEngine(RequestMoves):
         self.cache_manager = CacheManager(
             size.num_blocks, ec.block_size, size.num_slots, size.num_snapshots
         )
+        self.speculative = ec.speculative
         self.scheduler = Scheduler(
-            self.cache_manager, ec.max_num_batched_tokens, ec.long_prefill_token_threshold
-        )
+            self.cache_manager, ec.max_num_batched_tokens, ec.long_prefill_token_threshold,
+            ec.speculative.k if ec.speculative else 0,
+        )  # fmt: skip
         # how images become pixels and pad tokens; None: this engine takes no images (its
         # executor has no vision tower: a text checkpoint, or expert-parallel ranks, which do
         # not run one yet)
@@ -104,13 +114,16 @@ class LLMEngine(RequestMoves):
         self.stats = {"prompt_tokens_computed": 0, "generated_tokens": 0}
         self.image_prep = PrepCounters()
         self.step_counters = StepCounters()
+        self.spec_stats = SpecCounters(ec.speculative)
 
     @classmethod
     def from_pretrained(cls, model: str, dtype="auto", device="cpu", **engine_kwargs):
         import transformers
 
         ec = EngineConfig(**engine_kwargs)
-        net, config, path = load_model(model, dtype=dtype, device=device, kernels=ec.kernels)
+        net, config, path = load_model(
+            model, dtype=dtype, device=device, kernels=ec.kernels, with_mtp=bool(ec.speculative)
+        )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         return cls(net, config, tokenizer, ec, path, device)
 
@@ -126,36 +139,10 @@ class LLMEngine(RequestMoves):
     ) -> None:
         """Raise RequestError (a ValueError), saying what to change, for a request this engine
         cannot run."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise RequestError("the prompt is empty; give at least one token")
-        if bad := [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]:
-            raise RequestError(
-                f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size} tokens"
-            )
-        room = self.max_model_len - n
-        if room < 1:
-            raise RequestError(
-                f"the prompt has {n} tokens; the context of this model is "
-                f"{self.max_model_len}; shorten the prompt"
-            )
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise RequestError(
-                f"max_tokens={params.max_tokens} with a {n}-token prompt exceeds the "
-                f"{self.max_model_len}-token context; lower max_tokens or shorten the prompt"
-            )
-        vocab = self.config.vocab_size
-        if bad := [t for t in params.logit_bias or {} if not 0 <= t < vocab]:
-            raise RequestError(
-                f"logit_bias has token id {bad[0]}; token ids must be in [0, {vocab})"
-            )
-        check_budget(self.think, params.thinking_token_budget)
-        check_resume(params, n, resume_token_ids, resume_logprobs, vocab, self.max_model_len)
-        if params.structured is not None:
-            try:
-                self.structured.compile(params.structured)
-            except ValueError as e:
-                raise RequestError(str(e)) from e
+        check_request(
+            prompt_token_ids, params, self.config.vocab_size, self.max_model_len, self.think,
+            self.structured, resume_token_ids, resume_logprobs,
+        )  # fmt: skip
 
     def add_request(
         self,
@@ -284,7 +271,7 @@ class LLMEngine(RequestMoves):
                 self._failed_images[s.seq.request_id] = self._fail(s.seq, e)
         # a failed request's sequences finished and freed their cache
         scheduled = [s for s in scheduled if not s.seq.is_finished]
-        return plan_step(scheduled, self.structured, self.think)
+        return plan_step(scheduled, self.structured, self.think, self.speculative)
 
     def _encode_images(self, seq: Sequence, num_new: int) -> None:
         """The tower runs at the first chunk that needs its output; prefill keeps it."""
@@ -329,6 +316,8 @@ class LLMEngine(RequestMoves):
                 # the grammar's accept and the detokenizer run here
                 self.stats["generated_tokens"] += 1
                 self._append(seq, token, logprobs)
+                if plan.batch.spec is not None:
+                    self._append_kept(seq, i, plan, result)
                 if seq.prefill_only and not seq.is_finished:
                     exported[seq.request_id] = self._export(seq)
             except Exception as e:
@@ -340,6 +329,20 @@ class LLMEngine(RequestMoves):
         for out in outs:
             out.error = failed.get(out.request_id)
         return outs
+
+    def _append_kept(self, seq: Sequence, i: int, plan: Plan, result: StepResult) -> None:
+        """A speculative step's kept drafts after seq's first token, each as if sampled in a
+        step of its own (a stop ends seq mid-draft and the rest are dropped), and the head's
+        drafts for its next step."""
+        more = result.more.get(i, [])
+        self.spec_stats.record(plan.batch.spec, i, len(more))
+        for token in more:
+            if seq.is_finished:
+                return
+            seq.num_computed += 1
+            self.stats["generated_tokens"] += 1
+            self._append(seq, token, None)
+        seq.drafts = result.drafts.get(i, [])
 
     def load_stats(self) -> dict:
         """The queues and the cache now, and the running totals (read between steps)."""
@@ -365,6 +368,7 @@ class LLMEngine(RequestMoves):
             **self.step_counters.stats(),
             **self.image_prep.stats(),
             **self.encoder_cache.stats(),
+            **self.spec_stats.stats(),
         }
 
     def shutdown(self) -> None:

@@ -16,8 +16,9 @@ import torch
 from qwen35_ray.engine.cuda_graph import DecodeGraphs
 from qwen35_ray.engine.decode_graph import CompiledDecode
 from qwen35_ray.engine.errors import EngineDead
-from qwen35_ray.engine.executor import SampleRow, StepBatch
+from qwen35_ray.engine.executor import SampleRow, StepBatch, StepResult
 from qwen35_ray.engine.sampler import sample, token_logprobs
+from qwen35_ray.engine.spec_step import run_speculative
 from qwen35_ray.engine.structured import Masks, apply_bitmask
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.cache import HybridCache
@@ -41,18 +42,20 @@ class ModelRunner:
         self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> dict[int, tuple[int | None, dict | None]]:
-        """Returns {chunk index: (token, logprobs)} for the rows that sample; the token is None
-        for a row whose own sampling failed. Raises EngineDead, and nothing else, when the
-        model failed."""
+    def run(self, batch: StepBatch) -> StepResult:
+        """The sampled tokens, {chunk index: (token, logprobs)} for the rows that sample; the
+        token is None for a row whose own sampling failed. Raises EngineDead, and nothing
+        else, when the model failed."""
+        if batch.spec is not None:
+            return run_speculative(self, batch)
         try:
             logits = self._forward(batch)
         except Exception as e:
             raise EngineDead(f"the model failed in a step of {len(batch.chunks)} sequences") from e
         if not batch.sampling:
-            return {}
+            return StepResult({})
         tokens, logprobs = self._sample(logits, batch.rows, batch.masks)
-        return {i: (t, lp) for i, t, lp in zip(batch.sampling, tokens, logprobs)}
+        return StepResult({i: (t, lp) for i, t, lp in zip(batch.sampling, tokens, logprobs)})
 
     def _forward(self, step: StepBatch) -> torch.Tensor | None:
         """The model over every chunk: logits [B, V] of the sampling rows, on the model's

@@ -64,7 +64,7 @@ def sample(
     still come from the model's own distribution. A row that fails gets the token None (the
     traceback is logged with its request id) and the other rows are sampled as usual."""
     picked = logits if allowed is None else allowed
-    if all(_plain_greedy(seq.params) for seq in seqs):
+    if all(plain_greedy(seq.params) for seq in seqs):
         # one argmax for the whole batch instead of a few ops per row
         return picked.argmax(-1).tolist(), [None] * len(seqs)
     try:
@@ -314,7 +314,7 @@ def _penalised(p) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
-def _plain_greedy(p) -> bool:
+def plain_greedy(p) -> bool:
     """Greedy, no bias, no penalty and no logprobs: the token is the row's argmax."""
     return p.greedy and not p.logit_bias and p.logprobs is None and not _penalised(p)
 

@@ -35,8 +35,13 @@ class Scheduler:
         cache: CacheManager,
         max_num_batched_tokens: int,
         long_prefill_token_threshold: int | None = None,
+        speculative_tokens: int = 0,
     ):
+        """speculative_tokens: k of speculative decoding (engine/speculative.py), 0 without.
+        A sequence's decode then computes its last token and k drafts (k + 1 of the budget),
+        and whoever completes its tokens holds blocks for 2k positions past them."""
         self.cache = cache
+        self.spec_k = speculative_tokens
         self.budget = max_num_batched_tokens
         self.long_prefill = long_prefill_limit(
             long_prefill_token_threshold, max_num_batched_tokens, cache.block_size
@@ -53,9 +58,10 @@ class Scheduler:
 
     def add_running(self, seq: Sequence) -> None:
         """A sequence that arrives with its cache already filled (an imported RequestState)."""
-        if not self.cache.can_grow(seq, seq.num_tokens) or self.cache.slots.num_free == 0:
+        need = seq.num_tokens + 2 * self.spec_k
+        if not self.cache.can_grow(seq, need) or self.cache.slots.num_free == 0:
             raise RuntimeError("no free state slot or KV blocks for an imported request")
-        self.cache.grow(seq, seq.num_tokens)
+        self.cache.grow(seq, need)
         seq.status = Status.RUNNING
         seq.scheduled_time = seq.scheduled_time or time.monotonic()
         self.running.append(seq)
@@ -73,7 +79,8 @@ class Scheduler:
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             n = self._chunk(seq, budget, cap=bool(self.waiting) and self.cache.slots.num_free > 0)
-            while not self.cache.can_grow(seq, seq.num_computed + n):
+            end = seq.num_computed + n + self._lookahead(seq, seq.num_computed + n)
+            while not self.cache.can_grow(seq, end):
                 victim = self.running[-1]
                 self._preempt(victim)
                 # decodes go first, so the latest arrival may already be in this step
@@ -82,15 +89,17 @@ class Scheduler:
                     break
             if seq not in self.running:
                 continue
-            self.cache.grow(seq, seq.num_computed + n)
+            self.cache.grow(seq, end)
             out.append(Scheduled(seq, n))
-            budget -= n
+            # a verify row computes k drafts besides its token
+            budget = max(0, budget - n - (self.spec_k if n == 1 and end > seq.num_tokens else 0))
         while self.waiting and budget > 0 and self.cache.slots.num_free > 0:
             seq = self.waiting[0]
             hit = self.cache.match(seq) if self.cache.prefix_caching else None
             start = hit.num_tokens if hit else 0
             n = self._chunk(seq, budget, start, cap=len(self.waiting) > 1)
-            needed = -(-(start + n) // self.cache.block_size) - (len(hit.blocks) if hit else 0)
+            end = start + n + self._lookahead(seq, start + n)
+            needed = -(-end // self.cache.block_size) - (len(hit.blocks) if hit else 0)
             # cached blocks nobody holds count as free; adopting them takes them off that count
             needed += sum(self.cache.blocks.ref[b] == 0 for b in hit.blocks) if hit else 0
             if needed > self.cache.blocks.num_free:
@@ -101,7 +110,7 @@ class Scheduler:
                 self.prefix_cache_hits += hit.num_tokens if hit else 0
             if hit:
                 self.cache.adopt(seq, hit)
-            self.cache.grow(seq, seq.num_computed + n)
+            self.cache.grow(seq, end)
             seq.status = Status.RUNNING
             seq.scheduled_time = seq.scheduled_time or time.monotonic()
             self.running.append(seq)
@@ -110,6 +119,11 @@ class Scheduler:
         # decodes first: the model runs them apart from prefill chunks (ForwardBatch.parts)
         out.sort(key=lambda s: not (s.num_new == 1 and s.seq.num_computed > 0))
         return out
+
+    def _lookahead(self, seq: Sequence, computed: int) -> int:
+        """Positions past `computed` that a step may write for seq: with speculative
+        decoding, once its tokens are all computed, a verify and the head's drafts (2k)."""
+        return 2 * self.spec_k if computed == seq.num_tokens else 0
 
     def _chunk(
         self, seq: Sequence, budget: int, start: int | None = None, cap: bool = False
@@ -136,6 +150,7 @@ class Scheduler:
         self.running.remove(seq)
         self.cache.release(seq)
         seq.num_computed = 0
+        seq.drafts = []  # the head's K/V went with the blocks; recomputing drafts anew
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

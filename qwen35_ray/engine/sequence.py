@@ -44,6 +44,8 @@ class Sequence:
     # queue time of serving's metrics
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None
+    # speculative decoding: the MTP head's drafts of the tokens after the last one
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

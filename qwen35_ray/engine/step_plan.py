@@ -8,10 +8,12 @@ forces, and the grammar masks (filled on a worker thread while the model runs).
 import logging
 from dataclasses import dataclass
 
-from qwen35_ray.engine.executor import SampleRow, StepBatch
+from qwen35_ray.engine.executor import SampleRow, SpecBatch, StepBatch
 from qwen35_ray.engine.reasoning import ThinkTokens
+from qwen35_ray.engine.sampler import plain_greedy
 from qwen35_ray.engine.scheduler import Scheduled
 from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.speculative import SpeculativeConfig
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.batch import SeqChunk
 
@@ -30,14 +32,31 @@ class Plan:
 
 
 def plan_step(
-    scheduled: list[Scheduled], structured: StructuredOutputs, think: ThinkTokens | None
+    scheduled: list[Scheduled],
+    structured: StructuredOutputs,
+    think: ThinkTokens | None,
+    spec: SpeculativeConfig | None = None,
 ) -> Plan:
+    """spec: speculative decoding is on; each running sequence's decode becomes a verify row
+    of its last token and its drafts, after the step's prompt chunks (SpecBatch)."""
     batch, failed, decodes = StepBatch(), set(), 0
+    if spec is not None:
+        # stable: the prompt chunks keep their order, the verify rows follow
+        scheduled = sorted(scheduled, key=verifies)
+        batch.spec = SpecBatch(spec.k, sum(not verifies(s) for s in scheduled), [], [], [])
     for i, s in enumerate(scheduled):
         seq = s.seq
         decodes += s.num_new == 1 and seq.num_computed > 0
         if s.restore is not None:
             batch.restores.append((s.restore, seq.slot))
+        if spec is not None and verifies(s):
+            _verify_row(batch, seq, spec.k)
+            batch.sampling.append(i)
+            batch.rows.append(_row(seq, think, i, failed))
+            continue
+        if spec is not None:
+            end = seq.num_computed + s.num_new
+            batch.spec.next_ids.append(seq.token_ids(seq.num_computed + 1, end + 1))
         batch.chunks.append(chunk(seq, s.num_new))
         if seq.images is not None and seq.images.overlaps(
             seq.num_computed, seq.num_computed + s.num_new
@@ -47,14 +66,45 @@ def plan_step(
         batch.input_ids.extend(seq.token_ids(seq.num_computed, seq.num_computed + s.num_new))
         if s.completes:
             batch.sampling.append(i)
-            row = sample_row(seq, think)
-            if row is None:
-                failed.add(i)
-                row = SampleRow(seq.request_id, seq.params, seq.seed, len(seq.output_token_ids))
-            batch.rows.append(row)
+            batch.rows.append(_row(seq, think, i, failed))
     # grammar masks depend only on tokens already sampled: filled while the model runs
     batch.masks = structured.start_fill([scheduled[i].seq.grammar for i in batch.sampling])
     return Plan(scheduled, batch, failed, decodes)
+
+
+def verifies(s: Scheduled) -> bool:
+    """With speculative decoding, s is a verify row: a running sequence's one last token
+    (not an image's, whose embedding only a prompt chunk carries)."""
+    seq = s.seq
+    if not (s.completes and s.num_new == 1 and seq.num_computed > 0):
+        return False
+    return seq.images is None or not seq.images.overlaps(seq.num_computed, seq.num_tokens)
+
+
+def keeps_drafts(seq: Sequence) -> bool:
+    """seq's drafts may be kept: its token is the main model's argmax and nothing else reads
+    the step's logits (no bias, penalty, logprobs, grammar or thinking budget)."""
+    p = seq.params
+    return plain_greedy(p) and seq.grammar is None and p.thinking_token_budget is None
+
+
+def _verify_row(batch: StepBatch, seq: Sequence, k: int) -> None:
+    """seq's last token and k drafts: those its previous step made, else (its first decode
+    here after an import) its last token repeated, which verifying keeps only where right."""
+    last = seq.token_ids(seq.num_computed, seq.num_tokens)
+    drafts = seq.drafts if len(seq.drafts) == k else last * k
+    batch.spec.drafts.append(list(drafts))
+    batch.spec.keeps.append(keeps_drafts(seq))
+    batch.chunks.append(chunk(seq, k + 1))
+    batch.input_ids.extend(last + list(drafts))
+
+
+def _row(seq: Sequence, think: ThinkTokens | None, i: int, failed: set[int]) -> SampleRow:
+    row = sample_row(seq, think)
+    if row is None:
+        failed.add(i)
+        row = SampleRow(seq.request_id, seq.params, seq.seed, len(seq.output_token_ids))
+    return row
 
 
 def chunk(seq: Sequence, num_new: int) -> SeqChunk:

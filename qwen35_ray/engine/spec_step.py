@@ -1,0 +1,146 @@
+"""One step of speculative decoding with the MTP head (issue 22), on the model's side.
+
+The step's prompt chunks lead the batch and run in an ordinary forward; its verify rows (each
+a running sequence's last token and the k drafts the head made for it in its previous step)
+run in one verification forward (model/verify.py) that keeps every position's GDN states. Then:
+
+1. Sampling. Each row's first token is sampled as in a step without speculation (grammar
+   masks, penalties, logprobs, the thinking budget: engine/runner.py), from the logits at its
+   last prompt token or at its verify row's first position.
+2. Acceptance. A verify row that may keep drafts (plain greedy, engine/step_plan.py) keeps
+   them while they equal the main model's argmax (engine/spec_accept.py); the others keep
+   none, which is exactly decoding one token. `commit` gives each verify row's GDN slots the
+   states after its last kept position; the K/V of rejected positions stays past the
+   sequence's length, where the next step writes over it.
+3. The head's pass. Position p of the MTP layer reads the main hidden state at p and the
+   token at p + 1, so it runs over every position this step computed whose next token is now
+   known (a prompt chunk's, and a verify row's kept positions), which writes its own K/V
+   there; its output at a sequence's last position drafts the token after the one just
+   sampled. Drafts 2..k each run the layer once more, one position further, on its own output
+   and the draft before (recursive MTP); the K/V they write past the kept positions is
+   rewritten by the next step's pass.
+
+Legend: B = verify rows, k = drafts per row, V = vocabulary, H = hidden size.
+"""
+
+import torch
+
+from qwen35_ray.engine.errors import EngineDead
+from qwen35_ray.engine.executor import StepBatch, StepResult
+from qwen35_ray.engine.spec_accept import accept_greedy
+from qwen35_ray.model.batch import ForwardBatch, SeqChunk
+
+
+def run_speculative(runner, batch: StepBatch) -> StepResult:
+    """The step's tokens (StepResult.tokens: each sampling row's first token; .more: the kept
+    tokens after it), and the head's next drafts for every sequence that sampled (.drafts)."""
+    spec = batch.spec
+    P, k = spec.num_prompt_chunks, spec.k
+    model, cache, device = runner.model, runner.cache, runner.device
+    chunks, block_size = batch.chunks, cache.block_size
+    T = sum(c.num_new for c in chunks[:P])  # the prompt chunks' tokens
+    verify = None
+    try:
+        hidden_p = hidden_v = None
+        first = []  # [B', V] logits of each sampling row's first token, in sampling order
+        if P:
+            fb = ForwardBatch.build(chunks[:P], block_size, device)
+            embeds = None
+            if batch.embeds:  # image rows: every one in the prompt chunks, which lead
+                rows = torch.cat([r for r, _ in batch.embeds]).to(device)
+                embeds = rows, torch.cat([v.to(device) for _, v in batch.embeds])
+            hidden_p = model(torch.tensor(batch.input_ids[:T], device=device), fb, cache, embeds)
+            last = fb.last_token_indices[[i for i in batch.sampling if i < P]]
+            first.append(model.compute_logits(hidden_p[last]))
+        if len(chunks) > P:
+            vb = ForwardBatch.build(chunks[P:], block_size, device)
+            ids = torch.tensor(batch.input_ids[T:], device=device)
+            hidden_v, verify = model.verify(ids, vb, cache, k + 1)
+            logits_v = model.compute_logits(hidden_v).unflatten(0, (-1, k + 1))  # [B, k+1, V]
+            first.append(logits_v[:, 0])
+    except Exception as e:
+        raise EngineDead(f"the model failed in a speculative step of {len(chunks)} rows") from e
+    tokens, logprobs = runner._sample(torch.cat(first), batch.rows, batch.masks)
+    by_chunk = dict(zip(batch.sampling, tokens))
+    emitted = []
+    if verify is not None:
+        # every verify row samples, after the prompt chunks that do
+        emitted = _accept(spec, logits_v, tokens[len(tokens) - (len(chunks) - P) :])
+        # a row whose sampling failed keeps its last token's states; its request fails
+        verify.commit([max(len(e), 1) for e in emitted])
+    result = StepResult({i: (t, lp) for i, t, lp in zip(batch.sampling, tokens, logprobs)})
+    for j, e in enumerate(emitted):
+        if len(e) > 1:
+            result.more[P + j] = e[1:]
+    try:
+        result.drafts = _draft(model, cache, device, batch, by_chunk, hidden_p, hidden_v, emitted)
+    except Exception as e:
+        raise EngineDead(f"the MTP head failed in a step of {len(chunks)} sequences") from e
+    return result
+
+
+def _accept(spec, logits_v, firsts: list[int | None]) -> list[list[int]]:
+    """Each verify row's emitted tokens: its first (sampled) token, and for a row that may keep
+    drafts, the kept drafts and the main model's token after them (none when its sampling
+    failed)."""
+    out = [[t] if t is not None else [] for t in firsts]
+    keeps = [j for j, keep in enumerate(spec.keeps) if keep and firsts[j] is not None]
+    if keeps:
+        target = logits_v[keeps].argmax(-1)  # [b, k + 1]
+        drafts = torch.tensor([spec.drafts[j] for j in keeps], device=target.device)
+        for j, tokens in zip(keeps, accept_greedy(drafts, target)):
+            # the first is the sample, the argmax of the same logits
+            out[j] = [firsts[j], *tokens[1:]]
+    return out
+
+
+def _draft(model, cache, device, batch: StepBatch, by_chunk, hidden_p, hidden_v, emitted):
+    """The MTP head over this step's positions whose next token is known, then k drafts for
+    each sequence that sampled: {chunk index: drafts}."""
+    spec = batch.spec
+    P, k = spec.num_prompt_chunks, spec.k
+    chunks, ids, hidden, drafting = [], [], [], []  # drafting: chunk index of each MTP chunk
+    start = 0
+    for i, c in enumerate(batch.chunks[:P]):
+        nxt = list(spec.next_ids[i])
+        if by_chunk.get(i) is not None:
+            nxt.append(by_chunk[i])
+        if nxt:
+            chunks.append(_head(c, len(nxt)))
+            ids += nxt
+            hidden.append(hidden_p[start : start + len(nxt)])
+            drafting.append(i if i in by_chunk and by_chunk[i] is not None else None)
+        start += c.num_new
+    for j, e in enumerate(emitted):
+        if e:
+            c = batch.chunks[P + j]
+            chunks.append(_head(c, len(e)))
+            ids += e
+            hidden.append(hidden_v[j * (k + 1) : j * (k + 1) + len(e)])
+            drafting.append(P + j)
+    if not chunks:
+        return {}
+    fb = ForwardBatch.build(chunks, cache.block_size, device)
+    h = model.mtp_forward(torch.tensor(ids, device=device), torch.cat(hidden), fb, cache)
+    rows = [n for n, i in enumerate(drafting) if i is not None]
+    if not rows:
+        return {}
+    h = h[fb.last_token_indices[rows]]  # [D, H]
+    heads = [chunks[n] for n in rows]
+    out = [[t] for t in model.compute_logits(h).argmax(-1).tolist()]
+    for step in range(1, k):
+        # one position on: the head over its own output and the draft before
+        pos = [SeqChunk(c.num_computed + c.num_new - 1 + step, 1, c.state_slot, c.block_table,
+                        c.rope_delta) for c in heads]  # fmt: skip
+        fb = ForwardBatch.build(pos, cache.block_size, device)
+        prev = torch.tensor([d[-1] for d in out], device=device)
+        h = model.mtp_forward(prev, h, fb, cache)
+        for d, t in zip(out, model.compute_logits(h).argmax(-1).tolist()):
+            d.append(t)
+    return {drafting[n]: d for n, d in zip(rows, out)}
+
+
+def _head(c: SeqChunk, n: int) -> SeqChunk:
+    """The head's chunk over the first n positions of chunk c."""
+    mrope = None if c.mrope is None else c.mrope[:, :n]
+    return SeqChunk(c.num_computed, n, c.state_slot, c.block_table, c.rope_delta, mrope)
