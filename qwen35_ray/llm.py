@@ -29,15 +29,22 @@ class LLM:
         rank_num_cpus: float = 1.0,
         rank_num_gpus: float = 0.0,
         placement_strategy: str = "STRICT_PACK",
+        speculative: dict | str | None = None,
+        speculative_config: dict | str | None = None,
         **engine_kwargs,
     ):
-        for name in ("speculative", "speculative_config"):
-            if engine_kwargs.get(name) is not None:
-                raise ValueError(
-                    f"{name}: speculative decoding with the MTP head is not available yet "
-                    "(issue 22; what is built is in docs/mtp.md); leave it out"
-                )
+        """speculative: MTP speculative decoding, {"method": "mtp", "num_speculative_tokens":
+        k} with k 1..4 (docs/mtp.md); speculative_config is vLLM's name for it. The rest of
+        engine_kwargs are EngineConfig's."""
+        if speculative is not None and speculative_config is not None:
+            raise ValueError(
+                "speculative and speculative_config are one setting (speculative_config is "
+                "vLLM's name); give one of them"
+            )
         ep = EPConfig(expert_parallel_size, rank_num_cpus, rank_num_gpus, placement_strategy)
+        engine_kwargs["speculative"] = (
+            speculative if speculative is not None else speculative_config
+        )
         # an LLMEngine (expert_parallel_size 1) or a DPEngine over the rank actors
         self.engine = build_engine(model, dtype, device, ep, **engine_kwargs)
         self._ids = itertools.count()

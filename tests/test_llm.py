@@ -94,7 +94,34 @@ def test_chat_refuses_what_it_cannot_read(llm, part, says):
     assert not llm.engine.has_unfinished()
 
 
+MTP2 = {"method": "mtp", "num_speculative_tokens": 2}
+
+
 @pytest.mark.parametrize("name", ["speculative", "speculative_config"])
-def test_speculative_decoding_is_refused_by_name_until_it_is_built(name):
-    with pytest.raises(ValueError, match=f"{name}: speculative decoding with the MTP head"):
-        LLM("qwen35-tiny", **{name: {"method": "mtp", "num_speculative_tokens": 2}})
+def test_speculative_and_vllms_speculative_config_reach_the_engine_as_speculative(
+    name, monkeypatch
+):
+    import qwen35_ray.llm as llm_module
+
+    built = {}
+    monkeypatch.setattr(llm_module, "build_engine", lambda *a, **kw: built.update(kw))
+    LLM("qwen35-tiny", max_model_len=256, **{name: MTP2})
+    assert built["speculative"] == MTP2 and "speculative_config" not in built
+    assert built["max_model_len"] == 256
+
+
+def test_speculative_given_under_both_names_is_refused():
+    with pytest.raises(ValueError, match="speculative and speculative_config are one setting"):
+        LLM("qwen35-tiny", speculative=MTP2, speculative_config=MTP2)
+
+
+def test_speculative_with_expert_parallelism_is_refused_before_ray_starts(monkeypatch):
+    import qwen35_ray.distributed.build as build
+
+    def no_ray(ep):
+        raise AssertionError("Ray was started for a configuration that cannot run")
+
+    monkeypatch.setattr(build, "ensure_ray", no_ray)
+    with pytest.raises(ValueError, match="speculative .*expert_parallel_size=2") as e:
+        LLM("qwen35-tiny", expert_parallel_size=2, speculative_config=MTP2)
+    assert "experts are not sharded across ranks" in str(e.value)

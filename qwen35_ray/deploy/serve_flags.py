@@ -18,7 +18,6 @@ tp x dp ranks, as vLLM does.
 """
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -35,14 +34,13 @@ from qwen35_ray.deploy.serve_parser import (
     normalise,
     supported_flags,
 )
+from qwen35_ray.deploy.serve_speculative import speculative_flags
 from qwen35_ray.serving.config import AppConfig
 
 BUILDERS = "qwen35_ray.serving.builder"
 # the environment variable carrying --api-key to the ingress, so the key stays out of the
 # app's args (Ray's dashboard shows them) and out of --print-config
 API_KEY_ENV = "QWEN35_RAY_API_KEY"
-# speculative methods that mean the checkpoint's own MTP head (vLLM's, and SGLang's NEXTN)
-MTP_METHODS = ("qwen3_next_mtp", "qwen3_5_mtp", "mtp", "nextn")
 MEMORY_FRACTION_REFUSAL = (
     "{flag} is refused: qwen35-ray sizes its caches in bytes, not as a share of GPU memory; "
     "pass --kv-cache-memory-bytes (e.g. 20GiB), and see `qwen35-ray plan` for the bytes that "
@@ -127,17 +125,6 @@ def _refusals(a: argparse.Namespace) -> list[str]:
         sglang = "--mem-fraction-static" in a.given
         flag = "--mem-fraction-static" if sglang else "--gpu-memory-utilization"
         errors.append(MEMORY_FRACTION_REFUSAL.format(flag=flag))
-    if a.speculative_config is not None:
-        try:
-            spec = json.loads(a.speculative_config)
-        except json.JSONDecodeError as e:
-            spec = None
-            errors.append(f"--speculative-config is not JSON ({e.msg})")
-        if spec is not None:
-            method = spec.get("method") if isinstance(spec, dict) else None
-            errors.append(_speculative_refusal("--speculative-config", method))
-    if a.spec_algo is not None:
-        errors.append(_speculative_refusal("--speculative-algorithm", a.spec_algo))
     if a.seed is not None:
         errors.append(
             "--seed is refused: the engine has no global seed; every request without a `seed` "
@@ -161,15 +148,6 @@ def _refusals(a: argparse.Namespace) -> list[str]:
     if a.served_model_name and len(a.served_model_name) > 1:
         errors.append("--served-model-name takes one name here; several are not supported")
     return errors
-
-
-def _speculative_refusal(flag: str, method) -> str:
-    if isinstance(method, str) and method.lower() in MTP_METHODS:
-        return (
-            f"{flag}: MTP speculative decoding ({method}) is not available yet (issue 22); "
-            f"drop {flag} to serve without it"
-        )
-    return f"{flag}: speculative method {method!r} is not supported (only MTP, once issue 22 lands)"
 
 
 def _ranks(a: argparse.Namespace, notes: list[str]) -> int:
@@ -296,6 +274,9 @@ def translate(argv: list[str], *, cuda_available=_has_cuda, environ=None) -> Ser
         ranks = _ranks(a, notes)
     except ServeFlagError as e:
         errors.append(str(e))
+        ranks = 1
+    spec, spec_errors = speculative_flags(a, ranks)
+    errors += spec_errors
     if errors:
         raise ServeFlagError("\n".join(errors))
     device = a.device if a.device != "auto" else ("cuda" if cuda_available() else "cpu")
@@ -316,6 +297,8 @@ def translate(argv: list[str], *, cuda_available=_has_cuda, environ=None) -> Ser
         if a.enable_prefix_caching:
             raise ServeFlagError("--disable-radix-cache contradicts --enable-prefix-caching")
         engine["enable_prefix_caching"] = False
+    if spec is not None:
+        engine["speculative"] = spec
     if ranks > 1:
         engine["expert_parallel_size"] = ranks
     args: dict = {"model": _model(a)}

@@ -138,6 +138,44 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--enable-metrics", action="store_true", help="no-op: /metrics is always on")
     m.add_argument("--enforce-eager", action="store_true", help="no-op: no CUDA graphs")
     m.add_argument("--generation-config", help="auto (the model's generation_config.json)")
+    d = p.add_argument_group(
+        "speculative decoding with the checkpoint's MTP head, one chain of 1 to 4 drafts a step "
+        "(docs/mtp.md); expert_parallel_size 1 only"
+    )
+    d.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='vLLM\'s: \'{"method": "qwen3_next_mtp", "num_speculative_tokens": K}\' (method '
+        "mtp, qwen3_next_mtp, qwen3_5_mtp or nextn)",
+    )
+    d.add_argument(
+        "--speculative-algorithm",
+        "--speculative-algo",
+        dest="spec_algo",
+        metavar="NEXTN",
+        help="SGLang's: NEXTN (or MTP), with --speculative-num-steps K",
+    )
+    d.add_argument(
+        "--speculative-num-steps",
+        dest="spec_steps",
+        type=_positive_int,
+        metavar="K",
+        help="drafts verified per step",
+    )
+    d.add_argument(
+        "--speculative-eagle-topk",
+        dest="spec_topk",
+        type=_positive_int,
+        metavar="N",
+        help="1 only (a chain, not a tree)",
+    )
+    d.add_argument(
+        "--speculative-num-draft-tokens",
+        dest="spec_draft_tokens",
+        type=_positive_int,
+        metavar="N",
+        help="K + 1 only",
+    )
     r = p.add_argument_group("refused, each with the reason and what to use instead")
     r.add_argument(
         "--gpu-memory-utilization",
@@ -145,17 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mem_fraction",
         metavar="FRACTION",
         help="use --kv-cache-memory-bytes",
-    )
-    r.add_argument(
-        "--speculative-config",
-        metavar="JSON",
-        help="MTP speculative decoding is not available yet (issue 22)",
-    )
-    r.add_argument(
-        "--speculative-algorithm",
-        "--speculative-algo",
-        dest="spec_algo",
-        help="as --speculative-config",
     )
     r.add_argument("--seed", help="seed requests instead (the request body's `seed`)")
     s = p.add_argument_group("server")
@@ -210,7 +237,7 @@ def normalise(argv: list[str]) -> list[str]:
 
 
 # flags parsed only to refuse them with a reason
-REFUSED = ("mem_fraction", "speculative_config", "spec_algo", "seed")
+REFUSED = ("mem_fraction", "seed")
 
 
 def supported_flags(parser: argparse.ArgumentParser | None = None) -> list[str]:

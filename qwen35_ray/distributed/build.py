@@ -8,7 +8,7 @@ import os
 
 import transformers
 
-from qwen35_ray.distributed.config import EPConfig
+from qwen35_ray.distributed.config import EPConfig, check_speculative
 from qwen35_ray.engine.cache_sizing import resolve_max_model_len, size_cache
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.llm_engine import LLMEngine
@@ -34,6 +34,8 @@ def build_engine(
     are in (a Serve replica's own: ray.util.get_current_placement_group(), replica in bundle
     0, ranks in the last ep.size bundles); None: one is created, and removed by shutdown()."""
     ep = ep or EPConfig()
+    # before the checkpoint is resolved and any rank starts
+    check_speculative(ep.size, engine_kwargs.get("speculative"))
     if ep.size == 1:
         return LLMEngine.from_pretrained(model, dtype=dtype, device=device, **engine_kwargs)
     return start_dp_engine(

@@ -62,3 +62,15 @@ class EPConfig:
                 f"expert_parallel_size={self.size} exceeds the model's {num_experts} routed "
                 "experts per layer; every rank must hold at least one"
             )
+
+
+def check_speculative(size: int, speculative) -> None:
+    """Raise ValueError when an expert-parallel group of `size` ranks is asked for speculative
+    decoding: the MTP layer's routed experts are not sharded across ranks, so only a
+    single-process engine (expert_parallel_size 1) can run the MTP head."""
+    if size > 1 and speculative is not None:
+        raise ValueError(
+            f"speculative (MTP speculative decoding) needs expert_parallel_size=1, got "
+            f"expert_parallel_size={size}: the MTP layer's experts are not sharded across ranks; "
+            "drop speculative or set expert_parallel_size=1"
+        )

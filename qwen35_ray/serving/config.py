@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     model_validator,
 )
 
@@ -185,7 +186,13 @@ class AppConfig(BaseModel):
         if override is None:
             return self.engine
         given = override.model_dump(include=override.model_fields_set)
-        return EngineArgs.model_validate({**self.engine.model_dump(), **given})
+        try:
+            return EngineArgs.model_validate({**self.engine.model_dump(), **given})
+        except ValidationError as e:
+            # each part was valid alone: a rule spanning fields (speculative with
+            # expert_parallel_size > 1) broke when the pool's keys met the top-level ones
+            why = "; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())
+            raise ValueError(f"{pool}.engine over the top-level engine: {why}") from None
 
     def max_model_len(self, disaggregated: bool) -> int | None:
         """The context the ingress admits: the shortest of the pools a request runs on (each

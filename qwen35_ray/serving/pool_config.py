@@ -12,6 +12,9 @@ from pydantic import (
     model_validator,
 )
 
+from qwen35_ray.distributed.config import check_speculative
+from qwen35_ray.engine.speculative import SpeculativeConfig
+
 # Ray refuses an empty placement-group bundle; a replica or rank asking for no resources
 # gets this much CPU instead (Ray counts resources in units of 1e-4)
 MIN_BUNDLE_CPU = 0.01
@@ -186,6 +189,13 @@ class EngineArgs(BaseModel):
         description="vision tower outputs kept per image (by its pixels' hash), so a "
         "conversation that resends its images does not encode them again; 0: keep none",
     )
+    speculative: dict | None = Field(
+        None,
+        description="speculative decoding with the checkpoint's MTP head (docs/mtp.md): "
+        "{method: mtp, num_speculative_tokens: k}, k from 1 to 4 drafts verified per step; "
+        "vLLM's qwen3_next_mtp / qwen3_5_mtp and SGLang's nextn name the same method. None: "
+        "off. Needs expert_parallel_size 1",
+    )
     expert_parallel_size: int = Field(
         1,
         ge=1,
@@ -202,6 +212,17 @@ class EngineArgs(BaseModel):
         "PACK or SPREAD lets a group span nodes; STRICT_SPREAD puts each rank and the replica "
         "on a node of its own",
     )
+
+    @field_validator("speculative")
+    @classmethod
+    def _speculative(cls, v: dict | None):
+        spec = SpeculativeConfig.parse(v)
+        return None if spec is None else {"method": spec.method, "num_speculative_tokens": spec.k}
+
+    @model_validator(mode="after")
+    def _speculative_needs_one_rank(self):
+        check_speculative(self.expert_parallel_size, self.speculative)
+        return self
 
     @property
     def engine_kwargs(self) -> dict:

@@ -74,14 +74,52 @@ def test_vllm_seed_line_with_expert_parallel_serves_eight_ranks_per_replica():
     assert cfg.llm_server.num_replicas == 1
 
 
-def test_vllm_seed_line_with_mtp_is_refused_until_issue_22():
+def test_vllm_seed_line_with_mtp_is_refused_for_its_expert_parallel_ranks():
+    """-tp 8 runs as 8 expert-parallel ranks, and the MTP layer's experts are not sharded."""
     text = refused(VLLM_SEED + " --enable-expert-parallel " + MTP)
-    assert "MTP speculative decoding" in text and "issue 22" in text
+    assert "--speculative-config with 8 expert-parallel ranks" in text
+    assert "experts are not sharded across ranks" in text
+    assert "not sharded" in refused(VLLM_SEED + " " + MTP)
     # every problem of the line is reported at once
-    assert "issue 22" in refused(VLLM_SEED + " " + MTP)
-    # every problem of the line is reported at once
-    both = refused(VLLM_SEED + " -dp 2 " + MTP)
-    assert "issue 22" in both and "--data-parallel-size 2" in both
+    both = refused(VLLM_SEED + """ -dp 2 --speculative-config '{"method": "ngram"}'""")
+    assert "'ngram'" in both and "--data-parallel-size 2" in both
+
+
+def test_vllm_mtp_speculative_config_reaches_the_engine_as_mtp():
+    c = cmd("qwen35-tiny --max-model-len 4096 " + MTP)
+    assert valid(c.config).engine.speculative == {"method": "mtp", "num_speculative_tokens": 2}
+    assert c.args["engine"]["speculative"] == {"method": "mtp", "num_speculative_tokens": 2}
+    for method in ("mtp", "qwen3_5_mtp", "nextn", "Qwen3_Next_MTP"):
+        spec = f'{{"method": "{method}", "num_speculative_tokens": 3}}'
+        assert args(f"m --speculative-config '{spec}'")["engine"]["speculative"] == {
+            "method": "mtp",
+            "num_speculative_tokens": 3,
+        }
+    assert "speculative" not in args("m").get("engine", {})
+
+
+def test_sglang_nextn_flags_give_vllms_config():
+    """SGLang's chain of drafts: top-k 1, draft tokens = steps + 1 (each may be left out)."""
+    want = args("m " + MTP)
+    for line in (
+        "--speculative-algorithm NEXTN --speculative-num-steps 2",
+        "--speculative-algo NEXTN --speculative-num-steps 2 --speculative-eagle-topk 1 "
+        "--speculative-num-draft-tokens 3",
+        "--speculative-algo MTP --speculative-num-draft-tokens 3",
+        "--speculative-algorithm nextn --speculative-num-steps 2 --speculative-eagle-topk 1",
+    ):
+        assert args("m " + line) == want, line
+
+
+def test_print_config_carries_speculative_to_every_pool(capsys):
+    line = "qwen35-tiny --disaggregate --speculative-algo NEXTN --speculative-num-steps 3"
+    assert main([*shlex.split(line), "--print-config"]) == 0
+    cfg = valid(yaml.safe_load(capsys.readouterr().out))
+    for pool in ("prefill_server", "decode_server"):
+        assert cfg.engine_for(pool).engine_kwargs["speculative"] == {
+            "method": "mtp",
+            "num_speculative_tokens": 3,
+        }
 
 
 def test_sglang_seed_line_maps_like_vllms():
@@ -146,10 +184,39 @@ def test_accepted_flags_change_nothing():
         ("m --dtype half", ["--dtype half", "bfloat16"]),
         ("m --dtype float16", ["--dtype float16", "bfloat16"]),
         ("m --dtype int8", ["--dtype int8"]),
-        ('m --speculative-config \'{"method": "mtp"}\'', ["issue 22"]),
+        ('m --speculative-config \'{"method": "mtp"}\'', ["num_speculative_tokens is required"]),
         ('m --speculative-config \'{"method": "ngram"}\'', ["'ngram'", "not supported"]),
+        (
+            'm --speculative-config \'{"method": "mtp", "num_speculative_tokens": 5}\'',
+            ["--speculative-config: ", "num_speculative_tokens=5", "from 1 to 4"],
+        ),
+        (
+            "m --speculative-config "
+            """'{"method": "mtp", "num_speculative_tokens": 2, "model": "d"}'""",
+            ["--speculative-config: model not supported"],
+        ),
         ("m --speculative-config '{nope'", ["--speculative-config is not JSON"]),
-        ("m --speculative-algorithm NEXTN", ["issue 22"]),
+        ("m --speculative-config '[2]'", ["--speculative-config must be a JSON object"]),
+        ("m --speculative-algorithm NEXTN", ["needs --speculative-num-steps"]),
+        ("m --speculative-algorithm EAGLE --speculative-num-steps 2", ["EAGLE", "NEXTN"]),
+        ("m --speculative-algorithm NGRAM", ["NGRAM is not supported"]),
+        ("m --speculative-algo NEXTN --speculative-num-steps 5", ["--speculative-num-steps 5"]),
+        ("m --speculative-algo NEXTN --speculative-num-steps 0", ["at least 1"]),
+        (
+            "m --speculative-algo NEXTN --speculative-num-steps 3 --speculative-eagle-topk 4",
+            ["--speculative-eagle-topk 4", "tree", "--speculative-eagle-topk 1"],
+        ),
+        (
+            "m --speculative-algo NEXTN --speculative-num-steps 3 --speculative-num-draft-tokens 8",
+            ["--speculative-num-draft-tokens 8", "--speculative-num-draft-tokens 4"],
+        ),
+        ("m --speculative-algo NEXTN --speculative-num-draft-tokens 1", ["from 2 to 5"]),
+        ("m --speculative-num-steps 2", ["needs --speculative-algorithm NEXTN"]),
+        (
+            "m " + MTP + " --speculative-algo NEXTN",
+            ["--speculative-config is vLLM's spelling of --speculative-algorithm"],
+        ),
+        ("m --ep-size 2 " + MTP, ["2 expert-parallel ranks", "not sharded"]),
         ("m --reasoning-parser deepseek_r1", ["--reasoning-parser deepseek_r1", "qwen3"]),
         ("m --tool-call-parser hermes", ["--tool-call-parser hermes", "qwen3_coder"]),
         ("m --seed 0", ["--seed", "`seed` in the request body"]),

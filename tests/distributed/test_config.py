@@ -54,6 +54,12 @@ def test_size_one_is_the_in_process_engine_whatever_the_rank_resources():
         ("qwen35-tiny", EPConfig(17), {}, "expert_parallel_size=17"),
         ("qwen35-tiny-dense", EPConfig(2), {}, "dense"),
         ("qwen35-tiny", EPConfig(2), {"compile_decode": True}, "compile_decode=False"),
+        (
+            "qwen35-tiny",
+            EPConfig(2),
+            {"speculative": {"method": "mtp", "num_speculative_tokens": 2}},
+            "MTP layer's experts are not sharded across ranks",
+        ),
     ],
 )
 def test_build_engine_refuses_before_starting_ranks(model, ep, kwargs, setting, monkeypatch):

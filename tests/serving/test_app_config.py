@@ -221,3 +221,62 @@ def test_the_ingress_context_is_the_shortest_of_its_pools():
     one = AppConfig.model_validate({"llm_server": {"engine": {"max_model_len": 512}}})
     assert one.max_model_len(disaggregated=False) == 512
     assert AppConfig().max_model_len(disaggregated=True) is None
+
+
+MTP2 = {"method": "qwen3_next_mtp", "num_speculative_tokens": 2}
+
+
+def test_speculative_reaches_the_engine_of_every_pool_that_sets_it():
+    from qwen35_ray.engine.config import EngineConfig
+
+    cfg = parse_args({"engine": {"speculative": MTP2}})
+    for pool in ENGINE_POOLS:
+        kwargs = cfg.engine_for(pool).engine_kwargs
+        assert kwargs["speculative"] == MTP2
+        assert EngineConfig(**kwargs).speculative.num_speculative_tokens == 2
+    # a replica re-validates the dumped config
+    assert AppConfig.model_validate(cfg.model_dump()).engine.speculative == MTP2
+    one = parse_args({"decode_server": {"engine": {"speculative": {"num_speculative_tokens": 1}}}})
+    assert one.engine_for("decode_server").speculative == {
+        "method": "mtp",
+        "num_speculative_tokens": 1,
+    }
+    assert one.engine_for("prefill_server").speculative is None
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (
+            {"engine": {"speculative": {"method": "ngram", "num_speculative_tokens": 2}}},
+            "engine.speculative: Value error, speculative.method='ngram' is not supported",
+        ),
+        (
+            {"engine": {"speculative": {"method": "mtp", "num_speculative_tokens": 5}}},
+            "speculative.num_speculative_tokens=5 must be an integer from 1 to 4",
+        ),
+        ({"engine": {"speculative": {"method": "mtp"}}}, "num_speculative_tokens is required"),
+        (
+            {"engine": {"speculative": {**MTP2, "model": "x"}}},
+            "speculative: model not supported",
+        ),
+        ({"engine": {"speculative": MTP2, "expert_parallel_size": 2}}, "engine: Value error"),
+        (
+            {"decode_server": {"engine": {"speculative": MTP2, "expert_parallel_size": 2}}},
+            "decode_server.engine: Value error",
+        ),
+        (
+            {
+                "engine": {"speculative": MTP2},
+                "decode_server": {"engine": {"expert_parallel_size": 2}},
+            },
+            "decode_server.engine over the top-level engine: speculative",
+        ),
+    ],
+)
+def test_invalid_speculative_args_name_the_setting(args, named):
+    with pytest.raises(ValueError, match="invalid qwen35-ray app args") as e:
+        parse_args(args)
+    assert named in str(e.value)
+    if "expert_parallel_size" in str(args):
+        assert "MTP layer's experts are not sharded across ranks" in str(e.value)
