@@ -46,11 +46,15 @@ class SpecBatch:
 
     k: int
     num_prompt_chunks: int  # chunks before the verify rows
-    drafts: list[list[int]]  # per verify row, its k drafts (the chunk's tokens after the first)
-    keeps: list[bool]  # per verify row: its drafts may be kept (plain greedy, no grammar)
+    # per verify row: its k drafts (the chunk's tokens after the first), the head's
+    # distributions [k, V] they were drawn from (a sampled request's; None: drawn greedily),
+    # and whether it may keep any (spec_accept.draft_mode)
+    drafts: list[list[int]] = field(default_factory=list)
+    q: list[Any] = field(default_factory=list)
+    keeps: list[bool] = field(default_factory=list)
     # per prompt chunk, the tokens after its positions that are known: all of them, or all but
     # the last for the chunk that completes its sequence (its sampled token follows)
-    next_ids: list[list[int]]
+    next_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class StepResult:
     # head's drafts for the sequence's next step, by chunk index
     more: dict[int, list[int]] = field(default_factory=dict)
     drafts: dict[int, list[int]] = field(default_factory=dict)
+    draft_probs: dict[int, Any] = field(default_factory=dict)  # [k, V] of sampled requests
 
 
 class Pending(Protocol):

@@ -343,6 +343,7 @@ class LLMEngine(RequestMoves):
             self.stats["generated_tokens"] += 1
             self._append(seq, token, None)
         seq.drafts = result.drafts.get(i, [])
+        seq.draft_probs = result.draft_probs.get(i)
 
     def load_stats(self) -> dict:
         """The queues and the cache now, and the running totals (read between steps)."""

@@ -114,7 +114,7 @@ def _merge(B, rows_a, a, rows_b, b) -> torch.Tensor:
 def _adjusted(picked: torch.Tensor, seqs: list[SampleRow]) -> torch.Tensor:
     """[B, V] fp32: logit_bias added, penalties applied, nan at -inf and +inf at the largest
     finite logit (an extreme penalty overflows fp32; nan is never picked)."""
-    changes = any(s.params.logit_bias or _penalised(s.params) for s in seqs)
+    changes = any(s.params.logit_bias or penalised(s.params) for s in seqs)
     x = picked.to(torch.float32, copy=changes)
     fix = dict(nan=-torch.inf, posinf=torch.finfo(x.dtype).max, neginf=-torch.inf)
     if not changes:
@@ -242,7 +242,7 @@ def _draw_candidates(s, K: int, params, u, lse):
     ids, by_id = ids.sort(-1)
     vals = vals.gather(-1, by_id)
     ranked, order = vals.sort(dim=-1, descending=True, stable=True)
-    kept, closed = _nucleus(ranked, params, s.shape[-1], lse)
+    kept, closed = nucleus(ranked, params, s.shape[-1], lse)
     keep = torch.zeros_like(kept).scatter(-1, order, kept)
     tokens, top = _invert(vals, ids, keep, u)
     return tokens, top, closed
@@ -252,13 +252,13 @@ def _draw_exact(s, params, u) -> torch.Tensor:
     """s [e, V] -> tokens [e], each row sorted whole: the rows whose candidates did not hold
     their kept set."""
     ranked, order = s.sort(dim=-1, descending=True, stable=True)
-    kept, _ = _nucleus(ranked, params, s.shape[-1], None)
+    kept, _ = nucleus(ranked, params, s.shape[-1], None)
     keep = torch.zeros_like(kept).scatter(-1, order, kept)
     ids = torch.arange(s.shape[-1], device=s.device).expand_as(s)
     return _invert(s, ids, keep, u)[0]
 
 
-def _nucleus(vals, params, V: int, open_lse) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus(vals, params, V: int, open_lse) -> tuple[torch.Tensor, torch.Tensor]:
     """vals [n, K] each row's most likely scaled logits, descending (ties in token-id order)
     -> which of them the row keeps [n, K], and whether its kept set is known to lie inside
     them [n]. open_lse [n]: logsumexp of each whole row, for rows without top_k."""
@@ -310,13 +310,13 @@ def _invert(vals, ids, keep, u) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.gather(-1, j).squeeze(-1), top.squeeze(-1)
 
 
-def _penalised(p) -> bool:
+def penalised(p) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def plain_greedy(p) -> bool:
     """Greedy, no bias, no penalty and no logprobs: the token is the row's argmax."""
-    return p.greedy and not p.logit_bias and p.logprobs is None and not _penalised(p)
+    return p.greedy and not p.logit_bias and p.logprobs is None and not penalised(p)
 
 
 def _logprobs(raw: torch.Tensor, tokens: list[int], tops: list[int | None]) -> list[dict | None]:

@@ -150,7 +150,8 @@ class Scheduler:
         self.running.remove(seq)
         self.cache.release(seq)
         seq.num_computed = 0
-        seq.drafts = []  # the head's K/V went with the blocks; recomputing drafts anew
+        # the head's K/V went with the blocks: its drafts come anew after the recompute
+        seq.drafts, seq.draft_probs = [], None
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

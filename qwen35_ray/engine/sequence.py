@@ -46,6 +46,7 @@ class Sequence:
     scheduled_time: float | None = None
     # speculative decoding: the MTP head's drafts of the tokens after the last one
     drafts: list[int] = field(default_factory=list)
+    draft_probs: Any = None  # [k, V] the distributions they were drawn from (sampled only)
 
     @property
     def num_tokens(self) -> int:

@@ -22,11 +22,13 @@ Legend: B = sequences, k = drafts per sequence, V = vocabulary.
 
 import torch
 
-from qwen35_ray.engine.sampler import MASK64, uniform
+from qwen35_ray.engine.sampler import MASK64, nucleus, penalised, uniform
 
 # stream tags mixed into the seed: the accept tests and the draws after them
 ACCEPT_STREAM = 0x5A17_ACCE_0000_0001
 DRAW_STREAM = 0x5A17_D4A3_0000_0002
+# the head's draws of a sampled request's drafts
+DRAFT_STREAM = 0x5A17_D2AF_0000_0003
 
 
 def spec_uniform(seed: int, position: int, stream: int) -> float:
@@ -90,3 +92,26 @@ def inverse_cdf(weights: torch.Tensor, u: float) -> int:
     i = int(torch.searchsorted(cdf, u * float(cdf[-1]), right=True))
     # u * total can round up to the total: the last token with weight
     return min(i, int(torch.nonzero(weights).max()))
+
+
+def draft_mode(params) -> str | None:
+    """How a request's verify rows keep drafts: "greedy" (equal to the argmax), "sampled"
+    (rejection sampling), or None: they keep none, since something else reads or changes the
+    step's logits (logit_bias, penalties, logprobs, a grammar, a thinking budget)."""
+    p = params
+    if p.structured is not None or p.thinking_token_budget is not None:
+        return None
+    if p.logit_bias or p.logprobs is not None or penalised(p):
+        return None
+    return "greedy" if p.greedy else "sampled"
+
+
+def sampling_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """logits [n, V] -> [n, V] fp32: the distribution the sampler draws a token of one request
+    from (temperature, then the top-k, min-p and top-p it keeps; engine/sampler.py), each row
+    sorted whole. For the rows speculative sampling verifies: no bias, penalty or grammar."""
+    s = logits.float() / params.temperature
+    ranked, order = s.sort(dim=-1, descending=True, stable=True)
+    kept, _ = nucleus(ranked, [params] * s.shape[0], s.shape[-1], None)
+    keep = torch.zeros_like(kept).scatter(-1, order, kept)
+    return s.masked_fill(~keep, -torch.inf).softmax(-1)

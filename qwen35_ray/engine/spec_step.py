@@ -27,7 +27,16 @@ import torch
 
 from qwen35_ray.engine.errors import EngineDead
 from qwen35_ray.engine.executor import StepBatch, StepResult
-from qwen35_ray.engine.spec_accept import accept_greedy
+from qwen35_ray.engine.spec_accept import (
+    DRAFT_STREAM,
+    accept_greedy,
+    accept_sampled,
+    draft_mode,
+    inverse_cdf,
+    sampling_probs,
+    spec_uniform,
+    spec_uniforms,
+)
 from qwen35_ray.model.batch import ForwardBatch, SeqChunk
 
 
@@ -61,55 +70,67 @@ def run_speculative(runner, batch: StepBatch) -> StepResult:
     except Exception as e:
         raise EngineDead(f"the model failed in a speculative step of {len(chunks)} rows") from e
     tokens, logprobs = runner._sample(torch.cat(first), batch.rows, batch.masks)
-    by_chunk = dict(zip(batch.sampling, tokens))
+    V0 = len(tokens) - (len(chunks) - P)  # every verify row samples, after the prompt rows
     emitted = []
     if verify is not None:
-        # every verify row samples, after the prompt chunks that do
-        emitted = _accept(spec, logits_v, tokens[len(tokens) - (len(chunks) - P) :])
+        emitted = _accept(spec, logits_v, tokens[V0:], batch.rows[V0:])
         # a row whose sampling failed keeps its last token's states; its request fails
         verify.commit([max(len(e), 1) for e in emitted])
+        for j, e in enumerate(emitted):
+            if e:
+                tokens[V0 + j] = e[0]
     result = StepResult({i: (t, lp) for i, t, lp in zip(batch.sampling, tokens, logprobs)})
     for j, e in enumerate(emitted):
         if len(e) > 1:
             result.more[P + j] = e[1:]
     try:
-        result.drafts = _draft(model, cache, device, batch, by_chunk, hidden_p, hidden_v, emitted)
+        _draft(model, cache, device, batch, tokens, hidden_p, hidden_v, emitted, result)
     except Exception as e:
         raise EngineDead(f"the MTP head failed in a step of {len(chunks)} sequences") from e
     return result
 
 
-def _accept(spec, logits_v, firsts: list[int | None]) -> list[list[int]]:
-    """Each verify row's emitted tokens: its first (sampled) token, and for a row that may keep
-    drafts, the kept drafts and the main model's token after them (none when its sampling
-    failed)."""
+def _accept(spec, logits_v, firsts: list[int | None], rows) -> list[list[int]]:
+    """Each verify row's emitted tokens: for a row that keeps no drafts, its sampled token;
+    else its kept drafts and the token after them, by the greedy or the sampled rule
+    (engine/spec_accept.py). None for a row whose sampling failed."""
     out = [[t] if t is not None else [] for t in firsts]
-    keeps = [j for j, keep in enumerate(spec.keeps) if keep and firsts[j] is not None]
-    if keeps:
-        target = logits_v[keeps].argmax(-1)  # [b, k + 1]
-        drafts = torch.tensor([spec.drafts[j] for j in keeps], device=target.device)
-        for j, tokens in zip(keeps, accept_greedy(drafts, target)):
-            # the first is the sample, the argmax of the same logits
-            out[j] = [firsts[j], *tokens[1:]]
+    modes = [draft_mode(r.params) if t is not None else None for r, t in zip(rows, firsts)]
+    greedy = [j for j, m in enumerate(modes) if m == "greedy"]
+    if greedy:
+        target = logits_v[greedy].argmax(-1)  # [b, k + 1]
+        drafts = torch.tensor([spec.drafts[j] for j in greedy], device=target.device)
+        for j, tokens in zip(greedy, accept_greedy(drafts, target)):
+            out[j] = tokens  # the first is the sample: the argmax of the same logits
+    for j in (j for j, m in enumerate(modes) if m == "sampled"):
+        row, drafts = rows[j], torch.tensor([spec.drafts[j]])
+        p = sampling_probs(logits_v[j], row.params)  # [k + 1, V]
+        q = spec.q[j]
+        if q is None:  # drafts not drawn from the head (filler): drawn from themselves
+            q = torch.nn.functional.one_hot(drafts[0], p.shape[-1]).float()
+        accept_u, draw_u = spec_uniforms(row.seed, row.position, spec.k)
+        out[j] = accept_sampled(drafts, q[None].to(p), p[None], [accept_u], [draw_u])[0]
     return out
 
 
-def _draft(model, cache, device, batch: StepBatch, by_chunk, hidden_p, hidden_v, emitted):
+def _draft(model, cache, device, batch: StepBatch, tokens, hidden_p, hidden_v, emitted, result):
     """The MTP head over this step's positions whose next token is known, then k drafts for
-    each sequence that sampled: {chunk index: drafts}."""
+    each sequence that sampled, into result.drafts (and .draft_probs, a sampled request's)."""
     spec = batch.spec
     P, k = spec.num_prompt_chunks, spec.k
-    chunks, ids, hidden, drafting = [], [], [], []  # drafting: chunk index of each MTP chunk
+    row_of = {i: (batch.rows[n], tokens[n]) for n, i in enumerate(batch.sampling)}
+    chunks, ids, hidden, drafting = [], [], [], []  # drafting: (chunk index, row, next position)
     start = 0
     for i, c in enumerate(batch.chunks[:P]):
         nxt = list(spec.next_ids[i])
-        if by_chunk.get(i) is not None:
-            nxt.append(by_chunk[i])
+        row, token = row_of.get(i, (None, None))
+        if token is not None:
+            nxt.append(token)
         if nxt:
             chunks.append(_head(c, len(nxt)))
             ids += nxt
             hidden.append(hidden_p[start : start + len(nxt)])
-            drafting.append(i if i in by_chunk and by_chunk[i] is not None else None)
+            drafting.append((i, row, row.position + 1) if token is not None else None)
         start += c.num_new
     for j, e in enumerate(emitted):
         if e:
@@ -117,27 +138,41 @@ def _draft(model, cache, device, batch: StepBatch, by_chunk, hidden_p, hidden_v,
             chunks.append(_head(c, len(e)))
             ids += e
             hidden.append(hidden_v[j * (k + 1) : j * (k + 1) + len(e)])
-            drafting.append(P + j)
+            row = row_of[P + j][0]
+            drafting.append((P + j, row, row.position + len(e)))
     if not chunks:
-        return {}
+        return
     fb = ForwardBatch.build(chunks, cache.block_size, device)
     h = model.mtp_forward(torch.tensor(ids, device=device), torch.cat(hidden), fb, cache)
-    rows = [n for n, i in enumerate(drafting) if i is not None]
+    rows = [n for n, d in enumerate(drafting) if d is not None]
     if not rows:
-        return {}
+        return
     h = h[fb.last_token_indices[rows]]  # [D, H]
     heads = [chunks[n] for n in rows]
-    out = [[t] for t in model.compute_logits(h).argmax(-1).tolist()]
-    for step in range(1, k):
-        # one position on: the head over its own output and the draft before
-        pos = [SeqChunk(c.num_computed + c.num_new - 1 + step, 1, c.state_slot, c.block_table,
-                        c.rope_delta) for c in heads]  # fmt: skip
-        fb = ForwardBatch.build(pos, cache.block_size, device)
-        prev = torch.tensor([d[-1] for d in out], device=device)
-        h = model.mtp_forward(prev, h, fb, cache)
-        for d, t in zip(out, model.compute_logits(h).argmax(-1).tolist()):
+    who = [drafting[n] for n in rows]
+    sampled = [n for n, (_, row, _) in enumerate(who) if draft_mode(row.params) == "sampled"]
+    out, probs = [[] for _ in who], {n: [] for n in sampled}
+    for step in range(k):
+        if step:
+            # one position on: the head over its own output and the draft before
+            pos = [SeqChunk(c.num_computed + c.num_new - 1 + step, 1, c.state_slot,
+                            c.block_table, c.rope_delta) for c in heads]  # fmt: skip
+            fb = ForwardBatch.build(pos, cache.block_size, device)
+            prev = torch.tensor([d[-1] for d in out], device=device)
+            h = model.mtp_forward(prev, h, fb, cache)
+        logits = model.compute_logits(h)
+        picked = logits.argmax(-1).tolist()
+        for n in sampled:
+            _, row, position = who[n]
+            q = sampling_probs(logits[n : n + 1], row.params)[0]
+            probs[n].append(q)
+            picked[n] = inverse_cdf(q, spec_uniform(row.seed, position + step, DRAFT_STREAM))
+        for d, t in zip(out, picked):
             d.append(t)
-    return {drafting[n]: d for n, d in zip(rows, out)}
+    for n, (i, _, _) in enumerate(who):
+        result.drafts[i] = out[n]
+        if n in probs:
+            result.draft_probs[i] = torch.stack(probs[n])
 
 
 def _head(c: SeqChunk, n: int) -> SeqChunk:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from qwen35_ray.engine.executor import SampleRow, SpecBatch, StepBatch
 from qwen35_ray.engine.reasoning import ThinkTokens
-from qwen35_ray.engine.sampler import plain_greedy
 from qwen35_ray.engine.scheduler import Scheduled
 from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.spec_accept import draft_mode
 from qwen35_ray.engine.speculative import SpeculativeConfig
 from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.batch import SeqChunk
@@ -43,7 +43,7 @@ def plan_step(
     if spec is not None:
         # stable: the prompt chunks keep their order, the verify rows follow
         scheduled = sorted(scheduled, key=verifies)
-        batch.spec = SpecBatch(spec.k, sum(not verifies(s) for s in scheduled), [], [], [])
+        batch.spec = SpecBatch(spec.k, sum(not verifies(s) for s in scheduled))
     for i, s in enumerate(scheduled):
         seq = s.seq
         decodes += s.num_new == 1 and seq.num_computed > 0
@@ -81,20 +81,15 @@ def verifies(s: Scheduled) -> bool:
     return seq.images is None or not seq.images.overlaps(seq.num_computed, seq.num_tokens)
 
 
-def keeps_drafts(seq: Sequence) -> bool:
-    """seq's drafts may be kept: its token is the main model's argmax and nothing else reads
-    the step's logits (no bias, penalty, logprobs, grammar or thinking budget)."""
-    p = seq.params
-    return plain_greedy(p) and seq.grammar is None and p.thinking_token_budget is None
-
-
 def _verify_row(batch: StepBatch, seq: Sequence, k: int) -> None:
     """seq's last token and k drafts: those its previous step made, else (its first decode
     here after an import) its last token repeated, which verifying keeps only where right."""
     last = seq.token_ids(seq.num_computed, seq.num_tokens)
     drafts = seq.drafts if len(seq.drafts) == k else last * k
     batch.spec.drafts.append(list(drafts))
-    batch.spec.keeps.append(keeps_drafts(seq))
+    # the head's distributions the drafts were drawn from (sampled requests only)
+    batch.spec.q.append(seq.draft_probs if len(seq.drafts) == k else None)
+    batch.spec.keeps.append(draft_mode(seq.params) is not None)
     batch.chunks.append(chunk(seq, k + 1))
     batch.input_ids.extend(last + list(drafts))
 
