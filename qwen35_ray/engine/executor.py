@@ -212,10 +212,24 @@ class InProcessExecutor:
             return self.vision(pixel_values.to(self.device, dtype), grid_thw)
 
     def read_state(self, slot: int, block_table: list[int], num_tokens: int) -> dict:
+        """The slot's GDN states and the K/V of its first num_tokens tokens; with the MTP
+        layer (speculative decoding) its K/V too, as mtp_key and mtp_value."""
         n_attn = len(self.config.attention_layers)
-        return self.cache.read(slot, block_table, num_tokens, n_attn)
+        out = self.cache.read(slot, block_table, num_tokens, self.cache.key.shape[0])
+        for name in ("key", "value"):
+            if out[name].shape[0] > n_attn:
+                out[name], out[f"mtp_{name}"] = out[name][:n_attn], out[name][n_attn:]
+        return out
 
     def write_state(self, slot: int, block_table: list[int], tensors: dict) -> None:
+        """read_state's inverse. The MTP layer's K/V, where one side has no MTP layer, is
+        left out: without it an engine's drafts are poor until its own head has run over the
+        positions (its output stays exact)."""
+        tensors = dict(tensors)
+        mtp = {name: tensors.pop(f"mtp_{name}", None) for name in ("key", "value")}
+        n_attn = len(self.config.attention_layers)
+        if self.cache.key.shape[0] > n_attn and mtp["key"] is not None:
+            tensors = {**tensors, **{n: torch.cat([tensors[n], mtp[n]]) for n in mtp}}
         self.cache.write(slot, block_table, tensors)
 
     def expert_load(self):

@@ -7,6 +7,7 @@ request's are (LLMEngine.add_request with resume_token_ids)."""
 from qwen35_ray.engine.errors import RequestError
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sequence import Sequence
+from qwen35_ray.engine.spec_accept import draft_mode
 from qwen35_ray.engine.step_plan import forced_token
 
 
@@ -31,6 +32,9 @@ class RequestMoves:
             self._requests[seq.request_id][0],
             list(seq.output_logprobs),
             seq.rope_delta,
+            # a sampled request's drafts are not sent: without the distributions they were
+            # drawn from, the importer could not keep them exactly
+            list(seq.drafts) if seq.draft_probs is None else [],
         )
         self.scheduler.remove(seq)
         return state
@@ -47,7 +51,9 @@ class RequestMoves:
     def can_import(self, state: RequestState) -> bool:
         """A free state slot and KV blocks for an imported request's tokens are available."""
         cm = self.cache_manager
-        blocks = -(-(state.num_computed + 1) // cm.block_size)
+        # with speculative decoding, room for a verify and the head's drafts past the tokens
+        tokens = state.num_computed + 1 + 2 * self.scheduler.spec_k
+        blocks = -(-tokens // cm.block_size)
         return cm.slots.num_free > 0 and blocks <= cm.blocks.num_free
 
     def import_request(self, state: RequestState) -> None:
@@ -62,6 +68,9 @@ class RequestMoves:
             self._replay(seq, state.output_token_ids, state.output_logprobs, "output_token_ids")
             seq.num_computed = state.num_computed
             seq.rope_delta = state.rope_delta
+            if draft_mode(seq.params) == "greedy" and self.speculative is not None:
+                # an argmax draft is kept only where it is the main model's: exact as it is
+                seq.drafts = state.drafts[: self.speculative.k]
             self.scheduler.add_running(seq)
             self.executor.write_state(seq.slot, seq.block_table, state.tensors)
         except Exception:

@@ -55,13 +55,16 @@ class RequestState:
     output_token_ids: list[int]
     num_computed: int
     params: SamplingParams
-    tensors: dict[str, torch.Tensor]  # conv, recurrent, key, value
+    # conv, recurrent, key, value; mtp_key, mtp_value from an engine with the MTP layer
+    tensors: dict[str, torch.Tensor]
     seed: int  # the sequence's sampling seed, in [0, 2**64)
     prompt: str | None = None
     # one {token id: logprob} per output token when params.logprobs is set, else empty
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     # a prompt with images: the rotary position offset of every later token (model/mrope.py)
     rope_delta: int = 0
+    # the MTP head's drafts after the last token (a greedy request of a speculative engine)
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +83,7 @@ class RequestState:
             "prompt": self.prompt,
             "output_logprobs": self.output_logprobs,
             "rope_delta": self.rope_delta,
+            "drafts": self.drafts,
         }
         tensors = {k: v.contiguous().cpu() for k, v in self.tensors.items()}
         return save(tensors, metadata={"qwen35_ray_request_state": json.dumps(header)})
@@ -113,6 +117,7 @@ class RequestState:
                 header["prompt"],
                 logprobs,
                 _integer("rope_delta", header["rope_delta"]),
+                _token_ids("drafts", header.get("drafts", [])),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"RequestState of request {rid!r} has a malformed header: {e}") from e
@@ -183,6 +188,13 @@ class RequestState:
             "value": (len(c.attention_layers), L, c.num_key_value_heads, c.head_dim),
         }
         dtypes = {"conv": dtype, "recurrent": torch.float32, "key": dtype, "value": dtype}
+        if "mtp_key" in self.tensors or "mtp_value" in self.tensors:
+            # the MTP layer's K/V, from an engine that decodes speculatively (optional)
+            mtp = (c.mtp_num_hidden_layers, L, c.num_key_value_heads, c.head_dim)
+            shapes.update(mtp_key=mtp, mtp_value=mtp)
+            dtypes.update(mtp_key=dtype, mtp_value=dtype)
+        if unknown := sorted(set(self.tensors) - set(shapes)):
+            raise ValueError(f"RequestState has unknown tensors {unknown}")
         for name, shape in shapes.items():
             t = self.tensors.get(name)
             if t is None or tuple(t.shape) != shape or t.dtype != dtypes[name]:
