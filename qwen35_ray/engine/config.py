@@ -23,7 +23,8 @@ class EngineConfig:
     # None (auto): on for a CPU engine in one process, compiled in the background while the
     # first steps run eagerly (QWEN35_RAY_COMPILE_DECODE=0 turns it off); True: compiled at
     # start-up, before the first step; False: never. The graph is made of the PyTorch paths:
-    # with kernels='triton' None stays off and True is an error
+    # with kernels='triton' None stays off and True is an error. With speculative, the step
+    # compiled is the verify step that replaces decoding (engine/verify_graph.py)
     compile_decode: bool | None = None
     # the model's ops, chosen once when it is built (model/kernel_backend.py): auto (Triton
     # kernels on CUDA, PyTorch paths on CPU), torch (the PyTorch paths on any device, a
@@ -57,11 +58,10 @@ class EngineConfig:
                 "kernels='triton' runs the Triton kernels instead; set compile_decode=False "
                 "(or leave it None) or use kernels='torch'"
             )
-        if self.speculative is not None and (self.compile_decode or self.cuda_graphs):
-            name = "compile_decode" if self.compile_decode else "cuda_graphs"
+        if self.speculative is not None and self.cuda_graphs:
             raise ValueError(
-                f"{name}=True captures the one-token decode step, and with speculative every "
-                f"decode is a verify step of k + 1 tokens; leave {name} unset with speculative"
+                "cuda_graphs=True captures the one-token decode step, and with speculative "
+                "every decode is a verify step of k + 1 tokens; leave cuda_graphs unset"
             )
         if (self.long_prefill_token_threshold or 0) < 0:
             raise ValueError(

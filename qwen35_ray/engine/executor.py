@@ -148,7 +148,14 @@ class InProcessExecutor:
                 config, size.num_slots + size.num_snapshots, size.num_blocks, ec.block_size,
                 dtype, device, with_mtp=True, decode_kv=_torch_kernels(model),
             )  # fmt: skip
-            return cls(model, config, cache, device, vision=vision)
+            executor = cls(model, config, cache, device, vision=vision)
+            if compiles_decode(ec.compile_decode, device, model):
+                from qwen35_ray.engine.verify_graph import CompiledVerify
+
+                compiled = CompiledVerify(model, cache, ec.speculative.k + 1, size.num_slots)
+                executor.runner.compiled_verify = compiled
+                compiled.warmup() if ec.compile_decode else compiled.start()
+            return executor
         if uses_cuda_graphs(ec.cuda_graphs, device, model):
             max_len = resolve_max_model_len(config, ec)
             cache, graphs = cuda_graph.build(model, config, size, ec.block_size, max_len, dtype,
@@ -183,7 +190,7 @@ class InProcessExecutor:
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait for the compiled decode step of a background compile; True once decode steps
         run compiled, False without one (or when it failed)."""
-        compiled = self.runner.compiled_decode
+        compiled = self.runner.compiled_decode or self.runner.compiled_verify
         return compiled is not None and compiled.wait(timeout)
 
     def execute(self, batch: StepBatch) -> StepResult:

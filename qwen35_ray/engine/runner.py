@@ -40,6 +40,8 @@ class ModelRunner:
         self.device = device
         self.compiled_decode = compiled_decode
         self.decode_graphs = decode_graphs
+        # speculative decoding's verify step as a graph (engine/verify_graph.py), CPU only
+        self.compiled_verify = None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> StepResult:

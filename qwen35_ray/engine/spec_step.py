@@ -28,16 +28,20 @@ import torch
 from qwen35_ray.engine.errors import EngineDead
 from qwen35_ray.engine.executor import StepBatch, StepResult
 from qwen35_ray.engine.spec_accept import (
-    DRAFT_STREAM,
     accept_greedy,
     accept_sampled,
     draft_mode,
-    inverse_cdf,
     sampling_probs,
-    spec_uniform,
     spec_uniforms,
 )
-from qwen35_ray.model.batch import ForwardBatch, SeqChunk
+from qwen35_ray.engine.spec_draft import draft
+from qwen35_ray.model.batch import ForwardBatch
+from qwen35_ray.model.slot_verify import (
+    slot_verifies,
+    slot_verify_inputs,
+    store_slot_verify,
+    verify_logits,
+)
 
 
 def run_speculative(runner, batch: StepBatch) -> StepResult:
@@ -64,8 +68,8 @@ def run_speculative(runner, batch: StepBatch) -> StepResult:
         if len(chunks) > P:
             vb = ForwardBatch.build(chunks[P:], block_size, device)
             ids = torch.tensor(batch.input_ids[T:], device=device)
-            hidden_v, verify = model.verify(ids, vb, cache, k + 1)
-            logits_v = model.compute_logits(hidden_v).unflatten(0, (-1, k + 1))  # [B, k+1, V]
+            logits_v, hidden_v, verify = _verify(runner, ids, vb, k + 1)
+            logits_v = logits_v.unflatten(0, (-1, k + 1))  # [B, k+1, V]
             first.append(logits_v[:, 0])
     except Exception as e:
         raise EngineDead(f"the model failed in a speculative step of {len(chunks)} rows") from e
@@ -75,7 +79,7 @@ def run_speculative(runner, batch: StepBatch) -> StepResult:
     if verify is not None:
         emitted = _accept(spec, logits_v, tokens[V0:], batch.rows[V0:])
         # a row whose sampling failed keeps its last token's states; its request fails
-        verify.commit([max(len(e), 1) for e in emitted])
+        verify([max(len(e), 1) for e in emitted])
         for j, e in enumerate(emitted):
             if e:
                 tokens[V0 + j] = e[0]
@@ -84,10 +88,29 @@ def run_speculative(runner, batch: StepBatch) -> StepResult:
         if len(e) > 1:
             result.more[P + j] = e[1:]
     try:
-        _draft(model, cache, device, batch, tokens, hidden_p, hidden_v, emitted, result)
+        draft(runner, batch, tokens, hidden_p, hidden_v, emitted, result)
     except Exception as e:
         raise EngineDead(f"the MTP head failed in a step of {len(chunks)} sequences") from e
     return result
+
+
+def _verify(runner, ids: torch.Tensor, vb: ForwardBatch, width: int):
+    """The verify rows' forward: (logits [B * width, V], final hidden states, commit), where
+    commit(kept) keeps each row's states after its last kept token. On CPU with DecodeKV
+    copies a SlotVerify step, compiled once runner.compiled_verify is ready; else VerifyStep."""
+    model, cache = runner.model, runner.cache
+    if not slot_verifies(vb, cache):
+        hidden, step = model.verify(ids, vb, cache, width)
+        return model.compute_logits(hidden), hidden, step.commit
+    inputs = slot_verify_inputs(vb, cache, len(model.config.attention_layers), width)
+    compiled = runner.compiled_verify
+    if compiled is not None and compiled.ready:
+        logits, hidden, *outputs = compiled(ids, *inputs)
+    else:
+        logits, hidden, *outputs = verify_logits(model, width, ids, *inputs)
+    if (load := getattr(model, "expert_load", None)) is not None:
+        load.end_step()
+    return logits, hidden, lambda kept: store_slot_verify(vb, cache, outputs, kept)
 
 
 def _accept(spec, logits_v, firsts: list[int | None], rows) -> list[list[int]]:
@@ -111,71 +134,3 @@ def _accept(spec, logits_v, firsts: list[int | None], rows) -> list[list[int]]:
         accept_u, draw_u = spec_uniforms(row.seed, row.position, spec.k)
         out[j] = accept_sampled(drafts, q[None].to(p), p[None], [accept_u], [draw_u])[0]
     return out
-
-
-def _draft(model, cache, device, batch: StepBatch, tokens, hidden_p, hidden_v, emitted, result):
-    """The MTP head over this step's positions whose next token is known, then k drafts for
-    each sequence that sampled, into result.drafts (and .draft_probs, a sampled request's)."""
-    spec = batch.spec
-    P, k = spec.num_prompt_chunks, spec.k
-    row_of = {i: (batch.rows[n], tokens[n]) for n, i in enumerate(batch.sampling)}
-    chunks, ids, hidden, drafting = [], [], [], []  # drafting: (chunk index, row, next position)
-    start = 0
-    for i, c in enumerate(batch.chunks[:P]):
-        nxt = list(spec.next_ids[i])
-        row, token = row_of.get(i, (None, None))
-        if token is not None:
-            nxt.append(token)
-        if nxt:
-            chunks.append(_head(c, len(nxt)))
-            ids += nxt
-            hidden.append(hidden_p[start : start + len(nxt)])
-            drafting.append((i, row, row.position + 1) if token is not None else None)
-        start += c.num_new
-    for j, e in enumerate(emitted):
-        if e:
-            c = batch.chunks[P + j]
-            chunks.append(_head(c, len(e)))
-            ids += e
-            hidden.append(hidden_v[j * (k + 1) : j * (k + 1) + len(e)])
-            row = row_of[P + j][0]
-            drafting.append((P + j, row, row.position + len(e)))
-    if not chunks:
-        return
-    fb = ForwardBatch.build(chunks, cache.block_size, device)
-    h = model.mtp_forward(torch.tensor(ids, device=device), torch.cat(hidden), fb, cache)
-    rows = [n for n, d in enumerate(drafting) if d is not None]
-    if not rows:
-        return
-    h = h[fb.last_token_indices[rows]]  # [D, H]
-    heads = [chunks[n] for n in rows]
-    who = [drafting[n] for n in rows]
-    sampled = [n for n, (_, row, _) in enumerate(who) if draft_mode(row.params) == "sampled"]
-    out, probs = [[] for _ in who], {n: [] for n in sampled}
-    for step in range(k):
-        if step:
-            # one position on: the head over its own output and the draft before
-            pos = [SeqChunk(c.num_computed + c.num_new - 1 + step, 1, c.state_slot,
-                            c.block_table, c.rope_delta) for c in heads]  # fmt: skip
-            fb = ForwardBatch.build(pos, cache.block_size, device)
-            prev = torch.tensor([d[-1] for d in out], device=device)
-            h = model.mtp_forward(prev, h, fb, cache)
-        logits = model.compute_logits(h)
-        picked = logits.argmax(-1).tolist()
-        for n in sampled:
-            _, row, position = who[n]
-            q = sampling_probs(logits[n : n + 1], row.params)[0]
-            probs[n].append(q)
-            picked[n] = inverse_cdf(q, spec_uniform(row.seed, position + step, DRAFT_STREAM))
-        for d, t in zip(out, picked):
-            d.append(t)
-    for n, (i, _, _) in enumerate(who):
-        result.drafts[i] = out[n]
-        if n in probs:
-            result.draft_probs[i] = torch.stack(probs[n])
-
-
-def _head(c: SeqChunk, n: int) -> SeqChunk:
-    """The head's chunk over the first n positions of chunk c."""
-    mrope = None if c.mrope is None else c.mrope[:, :n]
-    return SeqChunk(c.num_computed, n, c.state_slot, c.block_table, c.rope_delta, mrope)

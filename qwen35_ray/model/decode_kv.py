@@ -85,6 +85,24 @@ class DecodeKV:
         for s, p in zip(slots, positions):
             self.length[s] = p + 1
 
+    def append_run(
+        self,
+        k: torch.Tensor,  # [B * w, Hkv, D] w new tokens per sequence
+        v: torch.Tensor,
+        slots: list[int],
+        starts: list[int],  # [B] position of each sequence's first new token
+        width: int,
+        kept: list[int],  # [B] of its w tokens, those that stand (the copy holds them)
+    ) -> None:
+        """Add a verify step's tokens after refill(): the copy then holds each sequence's
+        tokens up to its last kept one."""
+        self.reserve(max(starts) + width)
+        ks, vs = k.unflatten(0, (-1, width)), v.unflatten(0, (-1, width))
+        for b, (s, p) in enumerate(zip(slots, starts)):
+            self.key[s, :, p : p + width] = ks[b].transpose(0, 1).to(self.key.dtype)
+            self.value[s, :, p : p + width] = vs[b].transpose(0, 1).to(self.value.dtype)
+            self.length[s] = p + kept[b]
+
     def reserve(self, n: int) -> None:
         """Room for n tokens per slot."""
         cap = self.key.shape[2]
