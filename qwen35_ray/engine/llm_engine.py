@@ -29,14 +29,21 @@ from qwen35_ray.engine.spec_stats import SpecCounters
 from qwen35_ray.engine.step_plan import Plan, plan_step
 from qwen35_ray.engine.step_stats import StepCounters
 from qwen35_ray.engine.structured import StructuredOutputs
+from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.image_processor import ImageProcessorConfig
 from qwen35_ray.model.kernel_backend import kernel_backend
 from qwen35_ray.model.loader import load_model
+from qwen35_ray.model.source import resolve_model
 from qwen35_ray.model.vision import has_vision, load_vision
 from qwen35_ray.model.weights import tensor_fingerprint
 
 log = logging.getLogger(__name__)
+
+NO_MTP = (
+    "speculative: the drafts come from the checkpoint's MTP layer, and this model has none "
+    "(mtp_num_hidden_layers=0, or it was loaded with with_mtp=False); leave speculative out"
+)
 
 
 class LLMEngine(RequestMoves):
@@ -67,11 +74,7 @@ class LLMEngine(RequestMoves):
             dtype = next(model.parameters()).dtype
             _check_kernels(model, ec.kernels, device)
             if ec.speculative is not None and getattr(model, "mtp", None) is None:
-                raise ValueError(
-                    "speculative: the drafts come from the checkpoint's MTP layer, and this "
-                    "model has none (mtp_num_hidden_layers=0, or it was loaded with "
-                    "with_mtp=False); leave speculative out"
-                )
+                raise ValueError(NO_MTP)
         elif dtype is None or fingerprint is None:
             raise ValueError("an engine given an executor needs the model's dtype and fingerprint")
         self.dtype = dtype
@@ -121,8 +124,12 @@ class LLMEngine(RequestMoves):
         import transformers
 
         ec = EngineConfig(**engine_kwargs)
+        path = resolve_model(str(model))
+        # before loading: building the model's MTP layer would fail without naming the setting
+        if ec.speculative is not None and ModelConfig.from_hf(path).mtp_num_hidden_layers == 0:
+            raise ValueError(NO_MTP)
         net, config, path = load_model(
-            model, dtype=dtype, device=device, kernels=ec.kernels, with_mtp=bool(ec.speculative)
+            path, dtype=dtype, device=device, kernels=ec.kernels, with_mtp=bool(ec.speculative)
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         return cls(net, config, tokenizer, ec, path, device)
