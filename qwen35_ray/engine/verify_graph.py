@@ -59,6 +59,7 @@ class CompiledVerify:
         self.hidden_size = config.hidden_size
         self._heads = {n: _compile(mtp_logits, model) for n in sorted({width, 1})}
         self.heads = {n: _bound(fn, n) for n, fn in self._heads.items()}
+        self.steps = 0  # verify steps run through the graphs
         self.ready = False
         self.error: BaseException | None = None
         self._done = threading.Event()
@@ -66,6 +67,7 @@ class CompiledVerify:
     def __call__(self, input_ids: torch.Tensor, *inputs) -> tuple:
         """verify_logits' outputs for slot_verify_inputs' inputs."""
         B = len(input_ids) // self.width
+        self.steps += 1
         return self.fns[self._pick(B)](self.width, input_ids, *inputs)
 
     def _pick(self, batch: int) -> int:

