@@ -6,7 +6,8 @@ step on CPU, by default in the background: its start-up is counted until it is r
 for comparison, the same with compile_decode=False. Both keep `concurrency` requests in flight;
 transformers runs batches of `concurrency` prompts. `--context` measures something else: one
 decode step at each context length (offline_context.py); `--images N` prompts carrying N images
-each, with the vision tower's and the image preprocessing's time (offline_images.py)."""
+each, with the vision tower's and the image preprocessing's time (offline_images.py);
+`--speculative 0 1 2 3` MTP speculative decoding at each k side by side (offline_spec.py)."""
 
 import argparse
 import time
@@ -46,11 +47,21 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def workload(num_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Prompts of mixed lengths (16 to 512 tokens), fixed by the seed."""
+def workload(
+    num_prompts: int,
+    vocab: int,
+    seed: int = 0,
+    lengths: tuple[int, int] = (16, 512),
+    token_ids: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Prompts of mixed lengths (lengths[0] to lengths[1] tokens), fixed by the seed: ids below
+    vocab, or drawn from token_ids when given."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(16, 513, (num_prompts,), generator=gen).tolist()
-    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (num_prompts,), generator=gen).tolist()
+    if token_ids is None:
+        return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in sizes]
+    picks = [torch.randint(0, len(token_ids), (n,), generator=gen) for n in sizes]
+    return [token_ids[p].tolist() for p in picks]
 
 
 def run_ours(path, prompts, new_tokens, concurrency, dtype, **engine_kwargs) -> dict:
@@ -122,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="qwen35-ray bench offline", description=__doc__)
     p.add_argument("--model", default="qwen35-tiny")
-    p.add_argument("--num-prompts", type=int, help="default 64, 16 with --images")
-    p.add_argument("--new-tokens", type=int, help="default 128, 16 with --images")
+    p.add_argument(
+        "--num-prompts", type=int, help="default 64, 16 with --images, 32 with --speculative"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, help="default 128, 16 with --images, 64 with --speculative"
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 1])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-transformers", action="store_true")
@@ -145,6 +160,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--no-text", action="store_true", help="skip the text-only twin of each run (--images)"
+    )
+    p.add_argument(
+        "--speculative",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="instead: MTP speculative decoding with K drafts (0: off), each K in turn",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="interleaved runs of each K (--speculative)"
+    )
+    p.add_argument(
+        "--input-len",
+        type=int,
+        nargs=2,
+        default=[64, 128],
+        metavar=("MIN", "MAX"),
+        help="prompt lengths in tokens (--speculative)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="(--speculative) 0: greedy, the default"
     )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -186,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         write_report(args.out, report)
         return 0
+    if args.speculative:
+        from qwen35_ray.bench.offline_spec import from_args
+
+        return from_args(args, path, report)
     args.num_prompts, args.new_tokens = args.num_prompts or 64, args.new_tokens or 128
     vocab = ModelConfig.from_hf(path).vocab_size
     prompts = workload(args.num_prompts, vocab)

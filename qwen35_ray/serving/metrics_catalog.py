@@ -68,6 +68,12 @@ HELP = {
     "qwen35_ray:prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
     "qwen35_ray:prefix_cache_hits": "Prompt tokens found in the prefix cache.",
     "qwen35_ray:kv_cache_usage_perc": "Fraction of KV blocks in use (1 = full).",
+    "qwen35_ray:spec_decode_num_drafts": "Verify rows that could keep drafts (speculative "
+    "decoding).",
+    "qwen35_ray:spec_decode_num_draft_tokens": "Draft tokens those rows verified.",
+    "qwen35_ray:spec_decode_num_accepted_tokens": "Draft tokens kept.",
+    "qwen35_ray:spec_decode_num_accepted_tokens_per_pos": "Draft tokens kept at each draft "
+    "position (position 0: the first draft).",
     # the project's own, engine replicas
     "qwen35_ray_state_slot_usage_perc": "Fraction of GDN state slots in use (1 = full).",
     "qwen35_ray_pending_prompt_tokens": "Prompt tokens not yet computed, running prompts' rest "
@@ -148,6 +154,24 @@ HELP_PREFIXES = {
     "qwen35_ray_autoscaling_pool_": "A pool-level autoscaling signal of the last decision.",
     "qwen35_ray_autoscaling_": "A replica's autoscaling signal as its pool's policy saw it.",
 }
+# engine stats (LLMEngine.load_stats keys) that vLLM also has, under vLLM's names; the other
+# numbers of load_stats are the project's own, qwen35_ray_<key>
+VLLM_ENGINE_STATS = {
+    "running": "qwen35_ray:num_requests_running",
+    "waiting": "qwen35_ray:num_requests_waiting",
+    "preemptions_total": "qwen35_ray:num_preemptions_total",
+    "prefix_cache_queries_total": "qwen35_ray:prefix_cache_queries_total",
+    "prefix_cache_hits_total": "qwen35_ray:prefix_cache_hits_total",
+    # only while speculative decoding is on (engine/spec_stats.py)
+    "spec_decode_num_drafts_total": "qwen35_ray:spec_decode_num_drafts_total",
+    "spec_decode_num_draft_tokens_total": "qwen35_ray:spec_decode_num_draft_tokens_total",
+    "spec_decode_num_accepted_tokens_total": "qwen35_ray:spec_decode_num_accepted_tokens_total",
+    "spec_decode_num_accepted_tokens_per_pos": (
+        "qwen35_ray:spec_decode_num_accepted_tokens_per_pos_total"
+    ),
+}
+# families whose engine stat is a list: one sample per element, this label its index from 0
+INDEX_LABELS = {"qwen35_ray:spec_decode_num_accepted_tokens_per_pos": "position"}
 # names ending in _total that are gauges: sizes, not running totals
 GAUGE_NAMES = (
     "qwen35_ray_expert_bytes_total",
@@ -165,6 +189,16 @@ def help_of(name: str) -> str:
         if base.startswith(prefix):
             return text
     raise KeyError(f"{name} has no HELP text in serving/metrics_catalog.py")
+
+
+def indexed(name: str, values: list) -> list[tuple]:
+    """A list-valued stat as samples of `name`, each labelled with its index
+    (INDEX_LABELS), as vLLM labels its per-position counters."""
+    base = name.removesuffix("_total")
+    if base not in INDEX_LABELS:
+        raise KeyError(f"{name} has a list of values but no index label in INDEX_LABELS")
+    label = INDEX_LABELS[base]
+    return [(name, {label: str(i)}, v) for i, v in enumerate(values)]
 
 
 def families(samples, labels: dict[str, str] | None = None):

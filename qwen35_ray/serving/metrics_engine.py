@@ -10,15 +10,23 @@ and prompt are counted on the prefill replica and the rest (ITL, end-to-end, fin
 decode replica that imported it; summed over pools every request counts once.
 
 At scrape time EngineStats reads what the replica already counts: the engine's queues, cache
-occupancy, preemptions, prefix-cache lookups and step counters, the replica's request counters,
-and the expert-parallel samples.
+occupancy, preemptions, prefix-cache lookups, speculative decoding's drafts and accepted tokens
+(when it is on), step counters, the replica's request counters, and the expert-parallel
+samples.
 """
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from qwen35_ray.serving.metrics_catalog import BUCKETS, families, help_of, token_buckets
+from qwen35_ray.serving.metrics_catalog import (
+    BUCKETS,
+    VLLM_ENGINE_STATS,
+    families,
+    help_of,
+    indexed,
+    token_buckets,
+)
 
 LABELS = ("pool", "replica", "model_name")
 # finish reasons that complete a request: its end-to-end, decode time and length are observed
@@ -143,22 +151,18 @@ class EngineStats:
         s = dict(self.stats())
         labelled = s.pop("labelled", [])
         out = [
-            ("qwen35_ray:num_requests_running", {}, s.pop("running")),
-            ("qwen35_ray:num_requests_waiting", {}, s.pop("waiting")),
-            ("qwen35_ray:num_preemptions_total", {}, s.pop("preemptions_total")),
-            ("qwen35_ray:prefix_cache_queries_total", {}, s.pop("prefix_cache_queries_total")),
-            ("qwen35_ray:prefix_cache_hits_total", {}, s.pop("prefix_cache_hits_total")),
             ("qwen35_ray:kv_cache_usage_perc", {}, _used(s, "kv_blocks")),
             ("qwen35_ray_state_slot_usage_perc", {}, _used(s, "state_slots")),
         ]
         # the engine's own count of sampled tokens: qwen35_ray:generation_tokens_total counts
         # what the replica streamed
         s.pop("generation_tokens_total", None)
-        out += [
-            (f"qwen35_ray_{k}", {}, v)
-            for k, v in s.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
+        for key, value in s.items():
+            name = VLLM_ENGINE_STATS.get(key, f"qwen35_ray_{key}")
+            if isinstance(value, list):
+                out += indexed(name, value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append((name, {}, value))
         out += [(f"qwen35_ray_{name}", own, v) for name, own, v in labelled]
         yield from families(out, self.labels)
 

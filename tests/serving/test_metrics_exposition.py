@@ -114,6 +114,64 @@ def test_replicas_merge_into_one_family_each():
     assert "qwen35_ray_generation_tokens_total" not in text
 
 
+SPEC = {
+    "spec_decode_num_drafts_total": 10,
+    "spec_decode_num_draft_tokens_total": 30,
+    "spec_decode_num_accepted_tokens_total": 17,
+    "spec_decode_num_accepted_tokens_per_pos": [9, 5, 3],
+}
+
+
+def test_speculative_counters_under_vllms_names_with_a_position_label():
+    m = EngineMetrics("LLMServer", "r1", "tiny", 2048, lambda: {**STATS, **SPEC})
+    text, found = render(m)
+    assert total(found, "qwen35_ray:spec_decode_num_drafts_total") == 10
+    assert total(found, "qwen35_ray:spec_decode_num_draft_tokens_total") == 30
+    assert total(found, "qwen35_ray:spec_decode_num_accepted_tokens_total") == 17
+    per_pos = series(found, "qwen35_ray:spec_decode_num_accepted_tokens_per_pos_total")
+    # vLLM's position label, from 0, beside the replica's labels
+    assert {dict(k)["position"]: v for k, v in per_pos.items()} == {"0": 9, "1": 5, "2": 3}
+    assert all(dict(k)["replica"] == "r1" for k in per_pos)
+    for name in ("drafts", "draft_tokens", "accepted_tokens", "accepted_tokens_per_pos"):
+        assert f"# TYPE qwen35_ray:spec_decode_num_{name}_total counter" in text
+    # replacing qwen35_ray: by vllm: gives vLLM's names: no project-named twin beside them
+    assert "qwen35_ray_spec_decode" not in text
+
+
+def test_a_speculative_engines_own_stats_reach_metrics():
+    from qwen35_ray.engine.llm_engine import LLMEngine
+    from qwen35_ray.engine.sampling_params import SamplingParams
+
+    k = 2
+    eng = LLMEngine.from_pretrained(
+        "qwen35-tiny", speculative={"method": "mtp", "num_speculative_tokens": k}
+    )
+    eng.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    while not any(out.finished for out in eng.step()):
+        pass
+    # what LLMServer.stats() hands its metrics (waiting_prompt_tokens is for the routers)
+    stats = {k: v for k, v in eng.load_stats().items() if k != "waiting_prompt_tokens"}
+    _, found = render(EngineMetrics("LLMServer", "r1", "tiny", 2048, lambda: stats))
+    drafts = total(found, "qwen35_ray:spec_decode_num_drafts_total")
+    assert drafts == stats["spec_decode_num_drafts_total"] > 0
+    assert total(found, "qwen35_ray:spec_decode_num_draft_tokens_total") == k * drafts
+    per_pos = series(found, "qwen35_ray:spec_decode_num_accepted_tokens_per_pos_total")
+    assert sorted(dict(key)["position"] for key in per_pos) == ["0", "1"]
+    accepted = total(found, "qwen35_ray:spec_decode_num_accepted_tokens_total")
+    assert sum(per_pos.values()) == accepted
+
+
+def test_no_speculative_families_when_it_is_off():
+    text, _ = render(engine())
+    assert "spec_decode" not in text
+
+
+def test_a_list_stat_needs_an_index_label():
+    m = EngineMetrics("LLMServer", "r1", "tiny", 2048, lambda: {**STATS, "new_per_rank": [1]})
+    with pytest.raises(KeyError, match="qwen35_ray_new_per_rank has a list"):
+        m.collect()
+
+
 def test_openmetrics_when_the_scraper_asks():
     found = list(engine().collect())
     body, content_type = exposition(found, "application/openmetrics-text; version=1.0.0")
