@@ -3,7 +3,6 @@
 import dataclasses
 import itertools
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from qwen35_ray.engine.structured import StructuredOutputs
 from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.generation_config import GenerationDefaults
 from qwen35_ray.model.image_processor import ImageProcessorConfig
-from qwen35_ray.model.kernel_backend import kernel_backend
+from qwen35_ray.model.kernel_backend import check_model_kernels
 from qwen35_ray.model.loader import load_model
 from qwen35_ray.model.source import resolve_model
 from qwen35_ray.model.vision import has_vision, load_vision
@@ -72,7 +71,7 @@ class LLMEngine(RequestMoves):
         self.max_model_len = resolve_max_model_len(config, ec)
         if executor is None:
             dtype = next(model.parameters()).dtype
-            _check_kernels(model, ec.kernels, device)
+            check_model_kernels(model, ec.kernels, device)
             if ec.speculative is not None and getattr(model, "mtp", None) is None:
                 raise ValueError(NO_MTP)
         elif dtype is None or fingerprint is None:
@@ -180,7 +179,7 @@ class LLMEngine(RequestMoves):
         seqs = []
         try:
             for i in range(params.n):
-                seed = _seed(params, i)
+                seed = params.output_seed(i)
                 seq = self._sequence(request_id, i, prompt_token_ids, params, seed, prefill_only)
                 if prompt_images is not None:
                     # each sequence holds its own encoder output while it prefills
@@ -434,24 +433,3 @@ class LLMEngine(RequestMoves):
             for s in seqs:
                 self._detok.pop(id(s), None)
         return out
-
-
-def _check_kernels(model, kernels: str, device) -> None:
-    """The model's kernel backend, chosen when it was loaded, is the one EngineConfig.kernels
-    names for this device."""
-    built = getattr(model, "kernels", None)
-    wanted = kernel_backend(kernels, device)
-    if built is not None and built is not wanted:
-        raise ValueError(
-            f"EngineConfig.kernels={kernels!r} means the {wanted.name} kernels on "
-            f"{torch.device(device).type}, but the model was loaded with the {built.name} "
-            f"kernels; load it with load_model(..., kernels={kernels!r})"
-        )
-
-
-def _seed(params: SamplingParams, index: int) -> int:
-    """The seed of output `index` of a request: its draws are token_seed(seed, position)."""
-    if params.seed is None:
-        return random.getrandbits(63)
-    # output i of n draws from seed + i, wrapped to 64 bits
-    return (params.seed + index) % 2**64

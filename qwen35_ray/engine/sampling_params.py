@@ -1,5 +1,6 @@
 """SamplingParams: how one request picks its tokens and when it stops."""
 
+import random
 from dataclasses import dataclass, field
 
 # OpenAI's seed is a signed 64-bit integer
@@ -74,6 +75,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+    def output_seed(self, index: int) -> int:
+        """The seed of output `index` of a request: its draws are token_seed(seed, position)."""
+        if self.seed is None:
+            return random.getrandbits(63)
+        # output i of n draws from seed + i, wrapped to 64 bits
+        return (self.seed + index) % 2**64
 
 
 def _logit_bias(bias) -> dict[int, float]:

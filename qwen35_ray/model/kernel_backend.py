@@ -118,3 +118,16 @@ def kernel_backend(kernels: str | KernelBackend, device: str | torch.device) -> 
             "environment before starting it (slow, for tests), or use kernels='torch' or 'auto'"
         )
     return TRITON if kernels == "triton" else TORCH
+
+
+def check_model_kernels(model, kernels: str, device) -> None:
+    """The model's kernel backend, chosen when it was loaded, is the one EngineConfig.kernels
+    names for this device."""
+    built = getattr(model, "kernels", None)
+    wanted = kernel_backend(kernels, device)
+    if built is not None and built is not wanted:
+        raise ValueError(
+            f"EngineConfig.kernels={kernels!r} means the {wanted.name} kernels on "
+            f"{torch.device(device).type}, but the model was loaded with the {built.name} "
+            f"kernels; load it with load_model(..., kernels={kernels!r})"
+        )
