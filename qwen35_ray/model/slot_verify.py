@@ -119,18 +119,26 @@ def slot_verify_inputs(batch: ForwardBatch, cache: HybridCache, n_attn: int, wid
     """SlotVerify's tensors for a batch of `width`-token chunks after cached state: the
     DecodeKV copies of the first n_attn attention layers refilled to each sequence's cached
     tokens, and (positions, rows, lengths, conv slots, recurrent slots, keys, values)."""
+    rope, rows, lengths, keys, values = _copies(batch, cache, range(n_attn), width)
+    return rope, rows, lengths, cache.conv, cache.recurrent, keys, values
+
+
+def _copies(batch: ForwardBatch, cache: HybridCache, layers: range, width: int):
+    """(rotary positions, rows, lengths, keys, values) of the DecodeKV copies of `layers`,
+    each refilled to hold its sequence's tokens before the chunk."""
     slots = batch.state_indices.tolist()
     starts = batch.positions[::width].tolist()
-    copies = cache.decode_kv[:n_attn]
-    for j, d in enumerate(copies):
+    keys, values = [], []
+    for j in layers:
+        d = cache.decode_kv[j]
         d.reserve(max(starts) + width)
         d.refill(slots, starts, batch.block_tables, cache.key[j], cache.value[j])
     rows, lengths, n = decode_rows(slots, starts)
-    keys = [d.key[:rows, :, :n] for d in copies]
-    values = [d.value[:rows, :, :n] for d in copies]
+    for j in layers:
+        keys.append(cache.decode_kv[j].key[:rows, :, :n])
+        values.append(cache.decode_kv[j].value[:rows, :, :n])
     rope = batch.positions if batch.rope_positions is None else batch.rope_positions
-    return (rope, batch.state_indices, lengths, cache.conv, cache.recurrent, keys,
-            values)  # fmt: skip
+    return rope, batch.state_indices, lengths, keys, values
 
 
 def store_slot_verify(batch: ForwardBatch, cache: HybridCache, outputs: tuple, kept: list[int]):
@@ -180,17 +188,7 @@ def mtp_logits(model, width, input_ids, hidden, positions, rows, lengths, keys, 
 def slot_mtp_inputs(batch: ForwardBatch, cache: HybridCache, first: int, width: int):
     """mtp_logits' tensors after its hidden states: (positions, rows, lengths, keys, values),
     the head's DecodeKV copies (cache layers `first` on) refilled to each sequence's start."""
-    slots = batch.state_indices.tolist()
-    starts = batch.positions[::width].tolist()
-    copies = cache.decode_kv[first:]
-    for j, d in enumerate(copies):
-        d.reserve(max(starts) + width)
-        d.refill(slots, starts, batch.block_tables, cache.key[first + j], cache.value[first + j])
-    rows, lengths, n = decode_rows(slots, starts)
-    keys = [d.key[:rows, :, :n] for d in copies]
-    values = [d.value[:rows, :, :n] for d in copies]
-    rope = batch.positions if batch.rope_positions is None else batch.rope_positions
-    return rope, batch.state_indices, lengths, keys, values
+    return _copies(batch, cache, range(first, len(cache.decode_kv)), width)
 
 
 def store_slot_mtp(batch: ForwardBatch, cache: HybridCache, first: int, k, v, kept: list[int]):

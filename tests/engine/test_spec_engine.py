@@ -14,11 +14,13 @@ counts the steps kept drafts save; the last ones check the settings speculative 
 
 import json
 import shutil
+from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 from json_schemas import PERSON
+from PIL import Image
 
 from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.llm_engine import LLMEngine
@@ -223,6 +225,35 @@ def test_kept_drafts_take_fewer_steps(checkpoint):
         assert_same_outputs(got, want)
         assert_spec_counters(stats, k)
         assert stats["steps_total"] < plain["steps_total"], k
+
+
+def test_prompts_with_images(checkpoint):
+    """Prompt chunks holding an image's tokens (its vision tower's embeddings, multimodal
+    positions) run beside verify rows, chunked; the head passes over them with the pads'
+    token embeddings; the decodes after them continue at their rope delta."""
+    vocab = ordinary_token_ids(checkpoint).tolist()
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    start, pad, end = (config[f"{n}_token_id"] for n in ("vision_start", "image", "vision_end"))
+    g = torch.Generator().manual_seed(8)
+    pixels = [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+              for w, h in ((64, 64), (96, 64), (64, 96))]  # fmt: skip
+    images = [Image.fromarray(p) for p in pixels]
+    tag = [start, pad, end]
+    requests = {
+        "one": (vocab[:5] + tag + vocab[5:20], images[:1]),
+        "text": (vocab[30:40], []),
+        "two": (tag + vocab[50:60] + tag + vocab[60:63], images[1:]),
+    }
+    params = greedy(max_tokens=20, ignore_eos=True)
+    outs = []
+    for kw in ({}, speculative(2)):
+        engine = LLMEngine.from_pretrained(
+            checkpoint, dtype="float32", max_num_batched_tokens=24, **kw
+        )
+        for rid, (ids, imgs) in requests.items():
+            engine.add_request(rid, ids, params, images=imgs or None)
+        outs.append(drain(engine))
+    assert_same_outputs(outs[1], outs[0])
 
 
 @pytest.fixture(scope="module")
