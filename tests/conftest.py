@@ -6,6 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run on CPU through the interpreter, which must be chosen before
@@ -22,3 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))
 # would ignore them: Ctrl-C's default handler for this process, so its children start with it
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session")
+def chain_checkpoint(tmp_path_factory):
+    """chain_checkpoint(model) -> a checkpoint whose MTP head keeps drafts (support/chain.py),
+    distilled once per session per model."""
+    from chain import ChainCheckpoints
+
+    return ChainCheckpoints(tmp_path_factory)

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from qwen35_ray.cli import main
-from qwen35_ray.model.mtp_distill import DistillConfig, distill_mtp
 
 PROMPTS, NEW_TOKENS = 3, 10
 
@@ -60,13 +59,7 @@ def test_bench_offline_speculative_reports_drafts_beside_plain_decoding(tmp_path
 
 
 @pytest.mark.slow
-def test_bench_offline_speculative_on_a_head_that_keeps_drafts(tmp_path):
-    # a chained main model and a head distilled from it in 120 steps (about 6 s on a quiet
-    # host): it keeps about a third of first drafts (tests/model/test_spec_decode_loop.py)
-    cfg = DistillConfig(
-        steps=120, train_sequences=64, eval_sequences=8, prompt_len=12, new_tokens=40,
-        batch_sequences=8, chain_mix=0.12,
-    )  # fmt: skip
-    distill_mtp("qwen35-tiny", tmp_path / "chain", cfg)
-    for row in check_rows(bench(str(tmp_path / "chain"), tmp_path / "spec.json")):
+def test_bench_offline_speculative_on_a_head_that_keeps_drafts(tmp_path, chain_checkpoint):
+    # a head that keeps drafts (tests/support/chain.py)
+    for row in check_rows(bench(str(chain_checkpoint("qwen35-tiny")), tmp_path / "spec.json")):
         assert row["accepted"] > 0 and row["mean_accept_length"] > 1

@@ -26,16 +26,12 @@ from qwen35_ray.engine.config import EngineConfig
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.loader import load_model
-from qwen35_ray.model.mtp_distill import DistillConfig, distill_mtp, ordinary_token_ids
+from qwen35_ray.model.mtp_distill import ordinary_token_ids
 from qwen35_ray.model.source import resolve_model
 
 CHECKPOINTS = {"moe": "qwen35-tiny", "dense": "qwen35-tiny-dense"}
 # a short distillation (as tests/model/test_spec_decode_loop.py): about a third of first
 # drafts kept
-DISTILL = DistillConfig(
-    steps=120, train_sequences=64, eval_sequences=8, prompt_len=12, new_tokens=40,
-    batch_sequences=8, chain_mix=0.12,
-)  # fmt: skip
 # prompts split into chunks of at most 32 tokens; 24 blocks of 16 hold about a third of what
 # the workload's sequences need at once
 ENGINE = dict(
@@ -55,10 +51,8 @@ def greedy(**kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
-def checkpoint(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    distill_mtp(CHECKPOINTS[request.param], out, DISTILL)
-    return out
+def checkpoint(request, chain_checkpoint):
+    return str(chain_checkpoint(CHECKPOINTS[request.param]))
 
 
 @pytest.fixture(scope="module")

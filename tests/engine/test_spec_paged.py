@@ -9,18 +9,12 @@ import torch
 
 from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
-from qwen35_ray.model.mtp_distill import DistillConfig, distill_mtp, ordinary_token_ids
+from qwen35_ray.model.mtp_distill import ordinary_token_ids
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    out = tmp_path_factory.mktemp("chain-dense")
-    cfg = DistillConfig(
-        steps=120, train_sequences=64, eval_sequences=8, prompt_len=12, new_tokens=40,
-        batch_sequences=8, chain_mix=0.12,
-    )  # fmt: skip
-    distill_mtp("qwen35-tiny-dense", out, cfg)
-    return out
+def chain(chain_checkpoint):
+    return chain_checkpoint("qwen35-tiny-dense")
 
 
 def run(engine, prompts) -> dict:

@@ -14,7 +14,7 @@ from http_helpers import client, delta, metrics
 from json_schemas import WEATHER_ARGS
 from serve_fixtures import running_apps
 
-from qwen35_ray.model.mtp_distill import DistillConfig, distill_mtp, ordinary_token_ids
+from qwen35_ray.model.mtp_distill import ordinary_token_ids
 from qwen35_ray.serving.builder import build_app, build_pd_app
 
 MIN_PREFILL = 16
@@ -22,13 +22,8 @@ SPEC = {"method": "mtp", "num_speculative_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chain")
-    cfg = DistillConfig(
-        steps=120, train_sequences=64, eval_sequences=8, prompt_len=12, new_tokens=40,
-        batch_sequences=8, chain_mix=0.12,
-    )  # fmt: skip
-    distill_mtp("qwen35-tiny", path, cfg)
+def apps(chain_checkpoint):
+    path = chain_checkpoint("qwen35-tiny")
     engine = {"max_num_seqs": 16, "max_model_len": 1024, "kv_cache_memory_bytes": 2**25}
     common = {"model": str(path), "dtype": "float32", "ingress": {"num_cpus": 0.25}}
     co = build_app({**common, "engine": engine, "llm_server": {"num_cpus": 0.25}})
