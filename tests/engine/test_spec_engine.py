@@ -250,6 +250,21 @@ def test_prompts_with_images(checkpoint):
     assert_same_outputs(outs[1], outs[0])
 
 
+def test_a_resumed_request_continues_as_without_speculation(checkpoint):
+    """Migration resumes a stream on another replica from the tokens it already sent
+    (resume_token_ids): the resumed sequence has no drafts yet (its last token repeated
+    stands in, kept only where right) and its output is plain decoding's."""
+    prompt = ordinary_token_ids(checkpoint)[:20].tolist()
+    params = greedy(max_tokens=30, ignore_eos=True)
+    plain = LLMEngine.from_pretrained(checkpoint, dtype="float32")
+    plain.add_request("r", prompt, params)
+    want = drain(plain)["r"].outputs[0].token_ids
+    engine = LLMEngine.from_pretrained(checkpoint, dtype="float32", **speculative(2))
+    engine.add_request("r", prompt, params, resume_token_ids=want[:11])
+    assert drain(engine)["r"].outputs[0].token_ids == want
+    assert engine.load_stats()["spec_decode_num_accepted_tokens_total"] > 0
+
+
 @pytest.fixture(scope="module")
 def without_mtp(tmp_path_factory):
     """The embedded MoE checkpoint with its config saying it has no MTP layer."""
