@@ -111,6 +111,10 @@ def sampling_probs(logits: torch.Tensor, params) -> torch.Tensor:
     from (temperature, then the top-k, min-p and top-p it keeps; engine/sampler.py), each row
     sorted whole. For the rows speculative sampling verifies: no bias, penalty or grammar."""
     s = logits.float() / params.temperature
+    V = s.shape[-1]
+    if not 0 < params.top_k < V and params.top_p >= 1 and params.min_p <= 0:
+        # nothing truncated: no sort of the vocabulary, which costs a large model's step dear
+        return s.softmax(-1)
     ranked, order = s.sort(dim=-1, descending=True, stable=True)
     kept, _ = nucleus(ranked, [params] * s.shape[0], s.shape[-1], None)
     keep = torch.zeros_like(kept).scatter(-1, order, kept)
