@@ -35,6 +35,7 @@ from qwen35_ray.engine.spec_accept import (
     spec_uniforms,
 )
 from qwen35_ray.engine.spec_draft import draft
+from qwen35_ray.engine.spec_greedy import try_greedy
 from qwen35_ray.model.batch import ForwardBatch
 from qwen35_ray.model.slot_verify import (
     slot_verifies,
@@ -47,6 +48,8 @@ from qwen35_ray.model.slot_verify import (
 def run_speculative(runner, batch: StepBatch) -> StepResult:
     """The step's tokens (StepResult.tokens: each sampling row's first token; .more: the kept
     tokens after it), and the head's next drafts for every sequence that sampled (.drafts)."""
+    if (result := try_greedy(runner, batch)) is not None:
+        return result  # verify rows of greedy requests only: one forward
     spec = batch.spec
     P, k = spec.num_prompt_chunks, spec.k
     model, cache, device = runner.model, runner.cache, runner.device

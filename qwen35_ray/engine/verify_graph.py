@@ -6,7 +6,9 @@ k + 1 times over for the GDN layers' token-by-token recurrence, and it would los
 compiled decode step it replaces (engine/decode_graph.py). So it is compiled the same way: the
 model's one forward path (`hidden_states`) in a SlotVerify step (model/slot_verify.py), which
 reads states where they are and writes nothing, with the logits, into one graph; what it
-returns is stored once the kept counts are known (store_slot_verify).
+returns is stored once the kept counts are known (store_slot_verify). A step of greedy verify
+rows only runs a third kind of graph, verify, acceptance and drafts in one
+(model/greedy_spec.py, engine/spec_greedy.py).
 
 The width (k + 1) is fixed per engine; sequences, slots and context length are dynamic, traced
 size-obliviously as the decode graph's are, with a second graph for an MoE model's batches
@@ -33,6 +35,7 @@ from qwen35_ray.engine.decode_graph import (
 )
 from qwen35_ray.model.cache import HybridCache
 from qwen35_ray.model.decode_kv import decode_rows
+from qwen35_ray.model.greedy_spec import greedy_spec
 from qwen35_ray.model.slot_verify import mtp_logits, verify_logits
 
 log = logging.getLogger(__name__)
@@ -54,12 +57,15 @@ class CompiledVerify:
             self.max_gathered += 1
         n_graphs = 2 if moe and self.max_batch > self.max_gathered else 1
         self.fns = [_compile(verify_logits, model) for _ in range(n_graphs)]
+        # a step of greedy verify rows only, acceptance and drafts included (spec_greedy.py)
+        self.greedy_fns = [_compile(greedy_spec, model) for _ in range(n_graphs)]
         # the MTP head's steps (engine/spec_draft.py): over a verify row's positions, and one
         # position on for each further draft; by width
         self.hidden_size = config.hidden_size
         self._heads = {n: _compile(mtp_logits, model) for n in sorted({width, 1})}
         self.heads = {n: _bound(fn, n) for n, fn in self._heads.items()}
         self.steps = 0  # verify steps run through the graphs
+        self.greedy_steps = 0  # greedy steps run through the one-forward graphs
         self.ready = False
         self.error: BaseException | None = None
         self._done = threading.Event()
@@ -69,6 +75,12 @@ class CompiledVerify:
         B = len(input_ids) // self.width
         self.steps += 1
         return self.fns[self._pick(B)](self.width, input_ids, *inputs)
+
+    def greedy(self, input_ids: torch.Tensor, *inputs) -> tuple:
+        """greedy_spec's outputs for greedy_spec_inputs' inputs."""
+        B = len(input_ids) // self.width
+        self.greedy_steps += 1
+        return self.greedy_fns[self._pick(B)](self.width, input_ids, *inputs)
 
     def _pick(self, batch: int) -> int:
         return len(self.fns) - 1 if batch > self.max_gathered else 0
@@ -86,10 +98,12 @@ class CompiledVerify:
         floats = dynamo_config.patch(specialize_float=True)
         with torch.inference_mode(), shapes, floats:
             states = self._stand_in_states()
+            head = self._stand_in_states(self.n_attn)
             for slots, starts in batches:
                 args = _stand_in_step(states, slots, starts, self.width)
                 self.fns[self._pick(len(slots))](self.width, *args)
-            head = self._stand_in_states(self.n_attn)
+                *_, K, V = _stand_in_step(head, slots, starts, self.width)
+                self.greedy_fns[self._pick(len(slots))](self.width, *args, K, V)
             for n, fn in self._heads.items():
                 ids, positions, idx, lengths, _, _, K, V = _stand_in_step(head, *batches[0], n)
                 hidden = torch.zeros(len(ids), self.hidden_size, dtype=head[0].dtype)
