@@ -236,12 +236,17 @@ def summarize(name: str, settings: dict, concurrency: int, runs: list[dict]) -> 
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Each row's median tokens/s over k = 0's default and eager runs at its concurrency."""
-    base = {row["variant"]: row["output_tokens_per_s"] for row in rows}
+    """Each row's median tokens/s over k = 0's default and eager runs at its concurrency, and
+    (speedup_paired) the median of its runs' ratios to k = 0's run of the same repeat: runs of
+    one repeat are seconds apart, so a host whose speed drifts over minutes moves both."""
+    base = {row["variant"]: row for row in rows}
     for row in rows:
         for key, ref in (("speedup", "k=0"), ("speedup_over_eager", "k=0 eager")):
             if ref in base:
-                row[key] = row["output_tokens_per_s"] / base[ref]
+                row[key] = row["output_tokens_per_s"] / base[ref]["output_tokens_per_s"]
+        if "k=0" in base:
+            pairs = zip(row["output_tokens_per_s_runs"], base["k=0"]["output_tokens_per_s_runs"])
+            row["speedup_paired"] = statistics.median(a / b for a, b in pairs)
 
 
 def progress(text: str) -> None:
@@ -256,7 +261,7 @@ def spec_line(row: dict) -> str:
     if row["compile_decode"] is None and not row["compiled"]:
         text += " (not compiled)"
     if "speedup" in row:
-        text += f" x{row['speedup']:.2f}"
+        text += f" x{row['speedup']:.2f} (paired x{row['speedup_paired']:.2f})"
     if "speedup_over_eager" in row:
         text += f" (x{row['speedup_over_eager']:.2f} over eager)"
     text += f", {row['decode_step_ms']:.1f} ms a decode step"

@@ -38,6 +38,10 @@ def check_rows(report: dict) -> list[dict]:
         (base,) = [r for r in rows if r["concurrency"] == row["concurrency"] and r["k"] == 0
                    and r["compile_decode"] is None]  # fmt: skip
         assert row["speedup"] == row["output_tokens_per_s"] / base["output_tokens_per_s"]
+        # the median of the per-repeat ratios (2 repeats: their mean)
+        ratios = [a / b for a, b in zip(row["output_tokens_per_s_runs"],
+                                        base["output_tokens_per_s_runs"])]  # fmt: skip
+        assert row["speedup_paired"] == pytest.approx(sum(ratios) / 2)
         if row["k"] == 0:
             assert "drafts" not in row and "mean_accept_length" not in row
             continue
