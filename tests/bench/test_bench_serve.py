@@ -299,8 +299,10 @@ def send_all(url, route, reqs, count=None):
 def test_send_times_the_first_and_following_chunks_and_reads_usage(stub_url):
     (ok,) = send_all(stub_url, "completions", [BenchRequest([20, 21], None, 2, 5)])
     assert ok.success and ok.output_tokens == 5 and ok.prompt_len == 1002
-    assert StubServer.FIRST <= ok.ttft < StubServer.FIRST + 0.5
-    assert len(ok.itl) == 4 and all(StubServer.GAP * 0.9 <= g < 0.5 for g in ok.itl)
+    # lower bounds: the stub's own delays; upper ones only against absurd values, loose
+    # enough for a loaded 2-core host (a 0.5 s bound failed once beside a training run)
+    assert StubServer.FIRST <= ok.ttft < StubServer.FIRST + 3
+    assert len(ok.itl) == 4 and all(StubServer.GAP * 0.9 <= g < 3 for g in ok.itl)
     assert ok.latency == pytest.approx(ok.ttft + sum(ok.itl))
     assert ok.generated_text == "ab " * 5 and ok.output_tokens_source == "usage"
     # chat: the role delta sent at once is not the first token, nor is the finish delta one
