@@ -310,7 +310,7 @@ def test_fuzzed_bodies_never_get_a_5xx(server, greedy_before):
 
 
 def test_a_burst_of_200_streams_gets_answers_or_fast_503s(server):
-    client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=60)
+    client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=120)
 
     async def one(i):
         t0 = time.perf_counter()
@@ -331,7 +331,7 @@ def test_a_burst_of_200_streams_gets_answers_or_fast_503s(server):
             return e.status_code, time.perf_counter() - t0
 
     async def burst():
-        return await asyncio.gather(*(asyncio.wait_for(one(i), 60) for i in range(200)))
+        return await asyncio.gather(*(asyncio.wait_for(one(i), 120) for i in range(200)))
 
     results = asyncio.run(burst())
     outcomes = [r for r, _ in results]
@@ -341,7 +341,11 @@ def test_a_burst_of_200_streams_gets_answers_or_fast_503s(server):
     )
     assert set(outcomes) <= {"length", 503}, outcomes
     assert outcomes.count("length") >= 32  # a full batch at least was served
-    assert max(t for _, t in results) < 30, sorted(t for _, t in results)[-5:]
+    # the refused are refused at once; the admitted finish within the clients' 120 s (else
+    # wait_for raises), at the engine's pace: under 30 s on one 2-core host, 53-59 s on a
+    # slower one (2026-12-01, at this commit and at 0d40d83 alike)
+    refused = [t for r, t in results if r == 503]
+    assert not refused or max(refused) < 5, sorted(refused)[-5:]
 
 
 def test_clients_that_leave_free_their_requests(server):
