@@ -6,6 +6,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+# slow tier (.ci/run): every step of the GPU check, dry, with a served app
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

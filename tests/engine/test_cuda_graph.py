@@ -166,6 +166,7 @@ def test_padded_steps_after_prefix_cache_hits():
     assert graphs.steps[3] > 0
 
 
+@pytest.mark.slow  # the Triton kernels interpreted through the graphs' buffers
 def test_triton_kernels_through_the_static_buffers():
     """The GPU's code (Triton kernels, here under the interpreter) through padded steps."""
     kw = dict(max_num_seqs=4, block_size=4, enable_prefix_caching=False)

@@ -90,6 +90,7 @@ def launches(monkeypatch):
     return seen
 
 
+@pytest.mark.slow  # two engines on the Triton kernels, interpreted
 @pytest.mark.parametrize("name", ["qwen35-tiny", "qwen35-tiny-dense"])
 def test_triton_kernels_generate_the_tokens_of_the_torch_paths(name, launches):
     reference = scenario(name, "torch")

@@ -11,6 +11,9 @@ from qwen35_ray.engine.llm_engine import LLMEngine
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.model.mtp_distill import ordinary_token_ids
 
+# slow tier (.ci/run): speculative decoding through the Triton kernels, interpreted
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def chain(chain_checkpoint):

@@ -29,6 +29,9 @@ from serve_streams import Streams, offline_run, replicas, wait_for
 
 from qwen35_ray.serving.builder import build_app
 
+# slow tier (.ci/run): a Ray cluster whose replicas are stopped under streams
+pytestmark = pytest.mark.slow
+
 MODEL = "qwen35-tiny"
 ENGINE = {"max_num_seqs": 8, "max_model_len": 1024, "kv_cache_memory_bytes": 2**24}
 LONG = dict(max_tokens=200, extra_body={"ignore_eos": True})

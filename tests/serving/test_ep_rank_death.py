@@ -18,6 +18,9 @@ from serve_fixtures import running_app
 
 from qwen35_ray.serving.config import EP_HEALTH_CHECK_PERIOD_S
 
+# slow tier (.ci/run): expert-parallel groups whose ranks are killed and rebuilt
+pytestmark = pytest.mark.slow
+
 MODEL = "qwen35-tiny"
 # a dead rank is seen within one health-check period, the replica exits a second later, and
 # Serve sees it gone at its next check: the replica must be gone well within this

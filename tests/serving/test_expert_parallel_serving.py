@@ -20,6 +20,9 @@ from qwen35_ray.model.expert_load import ExpertLoadSnapshot
 from qwen35_ray.serving.builder import build_app, build_pd_app
 from qwen35_ray.serving.metrics_ep import expert_samples
 
+# slow tier (.ci/run): expert-parallel apps beside an offline engine
+pytestmark = pytest.mark.slow
+
 MODEL = "qwen35-tiny"
 MIN_PREFILL = 16
 LENGTHS = [3, 20, 64, 300, 1000]

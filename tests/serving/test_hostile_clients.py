@@ -25,6 +25,9 @@ from serve_fixtures import running_app
 
 from qwen35_ray.cli import main as cli
 
+# slow tier (.ci/run): a fuzzing run, a 200-stream burst and a leak check after them
+pytestmark = pytest.mark.slow
+
 MODEL = "qwen35-tiny"
 JSON_HEADERS = {"Content-Type": "application/json"}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]

@@ -20,6 +20,9 @@ from serve_fixtures import running_apps
 from qwen35_ray.cli import main as cli
 from qwen35_ray.serving.builder import build_app, build_pd_app
 
+# slow tier (.ci/run): two apps under a load run, scraped until settled
+pytestmark = pytest.mark.slow
+
 MODEL = "qwen35-tiny"
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "k8s" / "monitoring" / "grafana-dashboard.json"

@@ -25,6 +25,9 @@ from serve_streams import Streams, kill, offline_run, replicas, wait_for
 
 from qwen35_ray.serving.builder import build_app, build_pd_app
 
+# slow tier (.ci/run): a Ray cluster whose replicas are killed under streams
+pytestmark = pytest.mark.slow
+
 MODEL = "qwen35-tiny"
 MIN_PREFILL = 16
 ENGINE = {"max_num_seqs": 16, "max_model_len": 2048, "kv_cache_memory_bytes": 2**25}

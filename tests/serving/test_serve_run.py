@@ -13,6 +13,9 @@ import pytest
 import requests
 from http_helpers import parse, total
 
+# slow tier (.ci/run): `serve run` of each shipped YAML in a fresh Ray
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
