@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from qwen35_ray.engine.errors import EngineDead, RequestError, request_failure
 from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.engine.output_stream import OutputStream
 from qwen35_ray.engine.outputs import RequestOutput
 from qwen35_ray.engine.request_state import RequestState
 from qwen35_ray.engine.sampling_params import SamplingParams
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, OutputStream] = {}
         # ("add", args) / ("import", RequestState) / ("abort", id), applied between steps;
         # an import waits here until a state slot and blocks are free
         self._pending: list[tuple] = []
@@ -88,6 +89,8 @@ class AsyncEngine:
         resume_token_ids: list[int] | None = None,
         resume_logprobs: list | None = None,
         images: list | None = None,
+        interval_s: float = 0.0,
+        on_output=None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changes it; the last is finished
         (or, with prefill_only, carries the exported RequestState). Leaving the iteration
@@ -95,6 +98,9 @@ class AsyncEngine:
         from output tokens it already has (LLMEngine.add_request); its outputs hold them.
         images: PIL images, one per <|image_pad|> of the prompt, prepared (resized, cut into
         patches) in a worker thread, so a large image does not hold the step thread.
+        interval_s > 0: after the first token, only the newest output at most that often
+        (outputs are cumulative), the end at once; on_output(out) sees every step's output
+        (engine/output_stream.py).
         Raises RequestError, RequestFailed or EngineDead (engine/errors.py)."""
         prepare = getattr(self.engine, "prepare_images", None)  # an EP engine refuses images
         if images and prepare is not None:
@@ -113,26 +119,31 @@ class AsyncEngine:
             resume_logprobs,
             images,
         )
-        async for out in self._stream(request_id, ("add", args)):
+        stream = OutputStream(interval_s, on_output)
+        async for out in self._stream(request_id, ("add", args), stream):
             yield out
 
-    async def import_state(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+    async def import_state(
+        self, state: RequestState, interval_s: float = 0.0, on_output=None
+    ) -> AsyncIterator[RequestOutput]:
         """Continue a request another engine prefilled (see LLMEngine.import_request) and
         yield its outputs like generate(). It waits for a free state slot and KV blocks."""
         try:
             self.engine.check_import(state)
         except ValueError as e:
             raise request_failure(state.request_id, e, "being imported") from e
-        async for out in self._stream(state.request_id, ("import", state)):
+        stream = OutputStream(interval_s, on_output)
+        async for out in self._stream(state.request_id, ("import", state), stream):
             yield out
 
-    async def _stream(self, request_id: str, command: tuple) -> AsyncIterator[RequestOutput]:
+    async def _stream(
+        self, request_id: str, command: tuple, stream: OutputStream
+    ) -> AsyncIterator[RequestOutput]:
         if self.errored is not None:
             raise self._dead_error()
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        self._streams[request_id] = stream
         with self._lock:
             self._pending.append(command)
         self._ensure_thread()
@@ -140,13 +151,10 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if item.error is not None:
-                    finished = True
-                    raise item.error
                 finished = item.finished or item.request_state is not None
                 yield item
         finally:
@@ -212,18 +220,18 @@ class AsyncEngine:
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         for out in outs:
-            queue = self._streams.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
 
     def _deliver_errors(self, failed: list[tuple[str, Exception]]) -> None:
         for request_id, error in failed:
-            if (queue := self._streams.get(request_id)) is not None:
-                queue.put_nowait(error)
+            if (stream := self._streams.get(request_id)) is not None:
+                stream.fail(error)
 
     def _fail_all(self, _) -> None:
-        for queue in self._streams.values():
-            queue.put_nowait(self._dead_error())
+        for stream in self._streams.values():
+            stream.fail(self._dead_error())
 
     def _run(self) -> None:
         """The step thread: apply queued commands, step while anything is unfinished, sleep

@@ -162,7 +162,7 @@ class AppConfig(BaseModel):
         le=1,
         description="a stream's tokens after its first are sent at most this often, those of "
         "several engine steps in one chunk (the first token and the finish go at once); each "
-        "chunk costs the replica, the ingress and the proxy CPU (serving/coalesce.py). 0: "
+        "chunk costs the replica, the ingress and the proxy CPU (engine/output_stream.py). 0: "
         "one chunk per engine step",
     )
     log_requests: bool = Field(

@@ -31,10 +31,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from qwen35_ray.serving import transfer
-from qwen35_ray.serving.coalesce import coalesced
 from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
 from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items, raise_error_item
-from qwen35_ray.serving.llm_server import LLMServer
+from qwen35_ray.serving.llm_server import LLMServer, timed
 from qwen35_ray.serving.streams import REPLICA_LOST, Migration, guarded
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -68,16 +67,21 @@ class PrefillServer(LLMServer):
         sp = await self._params(prompt_token_ids, params)
         self.counters["requests_total"] += 1
         last = None
+        timer = self.metrics.request(len(prompt_token_ids))
 
         async def outputs():
             nonlocal last
             async for out in self.engine.generate(
-                request_id, prompt_token_ids, sp, prefill_only=True, images=images
+                request_id,
+                prompt_token_ids,
+                sp,
+                prefill_only=True,
+                images=images,
+                on_output=timed(timer),
             ):
                 last = out
                 yield out
 
-        timer = self.metrics.request(len(prompt_token_ids))
         steps = [step async for step in self._deltas(outputs(), timer)]
         step = {"outputs": [d for s in steps for d in s["outputs"]], "num_cached_tokens": 0}
         step["num_cached_tokens"] = last.num_cached_tokens
@@ -140,9 +144,10 @@ class DecodeServer(LLMServer):
             timer = self.metrics.request(
                 len(state.prompt_token_ids), "imported", len(state.output_token_ids)
             )
-            imported = self.engine.import_state(state)
-            deltas = self._deltas(imported, timer, handoff["seen"])
-            async for step in coalesced(deltas, self.config.stream_interval_s):
+            imported = self.engine.import_state(
+                state, self.config.stream_interval_s, timed(timer, handoff["seen"])
+            )
+            async for step in self._deltas(imported, timer, handoff["seen"]):
                 if first:
                     step["receive_s"], first = seconds, False
                 yield step

@@ -38,7 +38,6 @@ from qwen35_ray.engine.async_engine import AsyncEngine
 from qwen35_ray.engine.errors import EngineDead, RequestError, RequestFailed
 from qwen35_ray.engine.sampling_params import SamplingParams
 from qwen35_ray.serving.autoscaling_signals import AutoscalingSignals
-from qwen35_ray.serving.coalesce import coalesced
 from qwen35_ray.serving.config import AppConfig
 from qwen35_ray.serving.errors import EngineLost, OpenAIError, Overloaded, errors_as_items
 from qwen35_ray.serving.metrics import install, replica_names
@@ -184,16 +183,24 @@ class LLMServer(AutoscalingSignals):
             "resumed" if kwargs else "new",
             len(kwargs.get("resume_token_ids", ())),
         )
-        outputs = self.engine.generate(request_id, prompt_token_ids, sp, images=images, **kwargs)
-        deltas = self._deltas(outputs, timer, seen)
-        async for delta in coalesced(deltas, self.config.stream_interval_s):
+        outputs = self.engine.generate(
+            request_id,
+            prompt_token_ids,
+            sp,
+            images=images,
+            interval_s=self.config.stream_interval_s,
+            on_output=timed(timer, seen),
+            **kwargs,
+        )
+        async for delta in self._deltas(outputs, timer, seen):
             yield delta
 
     async def _deltas(self, outputs, timer, seen: dict[int, tuple[int, int]] | None = None):
         """RequestOutputs -> what each output gained since the last one (or since `seen`:
         index -> (tokens, characters) the client already has). Engine failures become the
         client's error: 400 for what the request caused, 500 for ours, 503 if the engine died.
-        timer (metrics_engine.RequestTimer) records the request's metrics."""
+        timer (metrics_engine.RequestTimer) records how the request ended; its steps are
+        recorded at each engine step (timed())."""
         seen = dict(seen or {})
         finished, reason = False, "error"
         try:
@@ -214,7 +221,6 @@ class LLMServer(AutoscalingSignals):
                     )
                     seen[o.index] = (len(o.token_ids), len(o.text))
                 finished = out.finished or out.request_state is not None
-                timer.step(sum(len(d["token_ids"]) for d in deltas), out.queue_time)
                 if finished:
                     # a prefill handed off (request_state) ends on the decode replica
                     reason = request_reason([o.finish_reason for o in out.outputs])
@@ -301,6 +307,21 @@ class LLMServer(AutoscalingSignals):
                 shutdown()
             except Exception as e:
                 log.warning("engine shutdown failed: %s", e)
+
+
+def timed(timer, seen: dict[int, tuple[int, int]] | None = None):
+    """An AsyncEngine on_output hook: every engine step's output of a request to its timer
+    (metrics_engine.RequestTimer: time to first token, inter-token latency per step), whatever
+    the stream's interval. seen: what the client already had (see LLMServer._deltas)."""
+    counted = sum(n for n, _ in (seen or {}).values())
+
+    def on_output(out) -> None:
+        nonlocal counted
+        total = sum(len(o.token_ids) for o in out.outputs)
+        timer.step(total - counted, out.queue_time)
+        counted = total
+
+    return on_output
 
 
 def _resume_args(resume: dict | None) -> dict:

@@ -204,7 +204,13 @@ async def collect(stream, n):
 
 
 async def merge(streams):
-    """Interleave several response streams as (stream index, item)."""
+    """Interleave several response streams as (stream index, item). One stream (the usual
+    request) is read directly: no task and queue hop per item."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(k, s):
@@ -230,6 +236,8 @@ async def merge(streams):
     finally:
         for t in tasks:
             t.cancel()
+        # their streams closed before the consumer goes on (the engines abort at once)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def primed(stream):
@@ -238,9 +246,14 @@ async def primed(stream):
     first = await stream.__anext__()
 
     async def rest():
-        yield first
-        async for item in stream:
-            yield item
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            # closed early (the client left): close the stream now, not when collected
+            if (aclose := getattr(stream, "aclose", None)) is not None:
+                await aclose()
 
     return rest()
 

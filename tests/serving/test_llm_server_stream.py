@@ -1,5 +1,6 @@
-"""LLMServer on its own (no Ray): its stream coalesced per stream_interval_s with the same tokens
-as one item per step, its pool's torch_threads, and wait_compiled for a benchmark."""
+"""LLMServer on its own (no Ray): its stream sent at most once per stream_interval_s (by the
+AsyncEngine) with the same tokens as one item per step, its pool's torch_threads, and
+wait_compiled for a benchmark."""
 
 import asyncio
 
