@@ -1,0 +1,49 @@
+"""The CPU MoE paths' time per call, compiled: gathered (each (token, expert) pair's weights)
+against dense (every expert over every token), at the widths of a decode step (1 token) and of
+a speculative verify step (k + 1 tokens). qwen35-tiny's shapes: E = 16, top-4, H = 128, I = 64
+(docs/mtp.md).
+
+    python scripts/moe_paths_cost.py [float32|bfloat16]
+"""
+
+import sys
+import time
+
+import torch
+from qwen35_kernels.moe.fused_moe import _dense, _gathered
+
+E, H, I, K = 16, 128, 64, 4
+
+
+def main():
+    dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
+    torch.manual_seed(0)
+    # column-major per expert, as the CPU loader stores them
+    w_gate_up = torch.randn(E, H, 2 * I, dtype=dtype).transpose(1, 2)
+    w_down = torch.randn(E, I, H, dtype=dtype).transpose(1, 2)
+    paths = {
+        "gathered": torch.compile(_gathered, fullgraph=True, dynamic=False),
+        "dense": torch.compile(_dense, fullgraph=True, dynamic=False),
+    }
+    print(f"{dtype}, torch threads {torch.get_num_threads()}: median of 5 x 200 calls, us")
+    for tokens in (1, 4, 8, 16, 32):
+        x = torch.randn(tokens, H, dtype=dtype)
+        weights = torch.rand(tokens, K, dtype=dtype)
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
+        args = (x, w_gate_up, w_down, weights, ids)
+        torch.testing.assert_close(
+            paths["gathered"](*args), paths["dense"](*args), rtol=2e-2, atol=2e-2
+        )
+        times = {name: [] for name in paths}
+        for _ in range(5):  # interleaved
+            for name, f in paths.items():
+                start = time.perf_counter()
+                for _ in range(200):
+                    f(*args)
+                times[name].append((time.perf_counter() - start) / 200 * 1e6)
+        row = ", ".join(f"{n} {sorted(t)[2]:.1f}" for n, t in times.items())
+        print(f"{tokens} tokens: {row}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
