@@ -99,8 +99,8 @@ class AsyncEngine:
         images: PIL images, one per <|image_pad|> of the prompt, prepared (resized, cut into
         patches) in a worker thread, so a large image does not hold the step thread.
         interval_s > 0: after the first token, only the newest output at most that often
-        (outputs are cumulative), the end at once; on_output(out) sees every step's output
-        (engine/output_stream.py).
+        (outputs are cumulative), the end at once; on_output(out) sees every step's output but
+        an error's (engine/output_stream.py).
         Raises RequestError, RequestFailed or EngineDead (engine/errors.py)."""
         prepare = getattr(self.engine, "prepare_images", None)  # an EP engine refuses images
         if images and prepare is not None:

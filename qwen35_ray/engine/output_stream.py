@@ -10,7 +10,8 @@ loop about 20 times a second per stream instead of 140, and sends as many stream
 wake-up and each item costs CPU the engine's step thread shares (docs/bench/serving.md).
 
 interval_s 0: every output, in order. on_output(out) runs at every step's delivery, in the
-event loop, whatever the interval: per-step metrics (inter-token latency) stay per step.
+event loop, whatever the interval, for every output but one that carries an error (the stream
+ends with that error instead): per-step metrics (inter-token latency) stay per step.
 """
 
 import asyncio
