@@ -23,6 +23,7 @@ from qwen35_ray.bench.gpu_check_engine import (  # noqa: F401 (steps, by name)
     step_engine_parity,
     step_engine_speed,
 )
+from qwen35_ray.serving.serve_mode import use_fast_serve
 
 # in the order they run: the engine's own checks first, the longest (kernels) near the end
 STEPS = (
@@ -154,9 +155,11 @@ def step_serve(dry: bool) -> dict:
     # with SIGINT ignored (which Python, and so the child, would otherwise keep)
     cli = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
            "from ray.serve.scripts import cli; cli()")  # fmt: skip
+    env = dict(os.environ)
+    use_fast_serve(env)  # as the README's `serve run` (serving/serve_mode.py)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", cli, "run", str(path)], cwd=root, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)  # fmt: skip
     answer, first = None, None
     body = {"model": args["model"], "max_tokens": 16,
             "messages": [{"role": "user", "content": "Say hello."}]}  # fmt: skip

@@ -42,6 +42,7 @@ from qwen35_ray.bench.serve_args import parser
 from qwen35_ray.bench.serve_client import Endpoint, first_model, run_load, send, session
 from qwen35_ray.bench.serve_data import ChatDataset, load_tokenizer, random_requests
 from qwen35_ray.bench.serve_metrics import detailed, parse_goodput, summarize
+from qwen35_ray.serving.serve_mode import started_env
 
 
 def load_points(args) -> list[tuple[int | None, float]]:
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run(args, url, slo, percentiles, app if started else None))
     report.update(
         config=str(args.start_yaml) if args.start_yaml else None,
+        # the Serve mode of the cluster it started (serving/serve_mode.py)
+        serve_env=started_env() if args.start_yaml else None,
         label=args.label,
         notes=args.notes,
         command="qwen35-ray bench serve " + shlex.join(argv),

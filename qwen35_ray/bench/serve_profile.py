@@ -25,6 +25,9 @@ STEP_COUNTERS = {
 _NAMES = (
     (re.compile(r"^ray::ServeReplica:[^:]+:(\w+)"), None),
     (re.compile(r"^ray::(ProxyActor)"), None),
+    # Serve's high-throughput mode: HAProxy in place of the proxy, and the actor that runs it
+    (re.compile(r"^ray::(HAProxyManager)"), None),
+    (re.compile(r"^\S*/(haproxy) "), None),
     (re.compile(r"^ray::(ServeController)"), None),
     (re.compile(r"(raylet|gcs_server)"), "ray core"),
 )

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from qwen35_ray.serving.serve_mode import FAST_SERVE_ENV
+
 KUBERAY_VERSION = "v1.7.0"
 IMAGE_PULL_POLICY = "IfNotPresent"  # an image loaded into kind has no registry to pull from
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
@@ -196,6 +198,9 @@ def _pod(
     shm: str | None = None,
 ) -> dict:
     env = [{"name": "HF_HOME", "value": HUB_CACHE_PATH}]
+    # Serve's high-throughput mode (HAProxy, gRPC between replicas), read by Ray's processes
+    # when they start: on every Ray container, as Ray's KubeRay guide sets it
+    env += [{"name": k, "value": v} for k, v in FAST_SERVE_ENV.items()]
     if spec.hf_token_secret is not None:
         # optional: the embedded tiny model and public checkpoints need no token
         ref = {"name": spec.hf_token_secret, "key": HF_TOKEN_KEY, "optional": True}

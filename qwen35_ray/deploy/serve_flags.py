@@ -36,6 +36,7 @@ from qwen35_ray.deploy.serve_parser import (
 )
 from qwen35_ray.deploy.serve_speculative import speculative_flags
 from qwen35_ray.serving.config import AppConfig
+from qwen35_ray.serving.serve_mode import shell_prefix
 
 BUILDERS = "qwen35_ray.serving.builder"
 # the environment variable carrying --api-key to the ingress, so the key stays out of the
@@ -81,7 +82,9 @@ class ServeCommand:
         reserved = cpus_reserved(self.args, self.builder)
         head = [
             "# Written by: " + shlex.join(["qwen35-ray", "serve", *self.argv]),
-            "# Run it with `serve run FILE`, or use it as a RayService's serveConfigV2.",
+            "# Run it with `serve run FILE`, or use it as a RayService's serveConfigV2; for",
+            "# the speed `qwen35-ray serve` gives, in Serve's high-throughput mode:",
+            f"#   {shell_prefix()} serve run FILE",
             # `qwen35-ray serve` gives its own Ray that many logical CPUs; `serve run` gives the
             # machine's, and a replica that does not fit waits for a node that never comes
             f"# Its replicas reserve {reserved:g} CPUs; on a machine with fewer, start Ray first "

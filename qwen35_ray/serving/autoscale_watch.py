@@ -193,6 +193,8 @@ def serve_yaml(path: Path, num_cpus: float, app: str, port: int | None = None, w
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    from qwen35_ray.serving.serve_mode import fast_serve_env
+
     raw = yaml.safe_load(Path(path).read_text())
     if port is not None:
         raw.setdefault("http_options", {})["port"] = port
@@ -202,8 +204,10 @@ def serve_yaml(path: Path, num_cpus: float, app: str, port: int | None = None, w
         raise SystemExit(f"--app {app!r} is not in {path}; its applications: {', '.join(names)}")
     route = next(a.route_prefix for a in config.applications if a.name == app) or "/"
     url = f"http://127.0.0.1:{config.http_options.port}{route.rstrip('/')}"
-    ray.init(num_cpus=num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
-             logging_level="warning", log_to_driver=False)  # fmt: skip
+    # as `qwen35-ray serve` and the README's `serve run` start it (serving/serve_mode.py)
+    with fast_serve_env():
+        ray.init(num_cpus=num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
+                 logging_level="warning", log_to_driver=False)  # fmt: skip
     try:
         client = serve_api.serve_start(
             http_options=config.http_options.model_dump(),
@@ -217,7 +221,13 @@ def serve_yaml(path: Path, num_cpus: float, app: str, port: int | None = None, w
         _wait_healthy(url, app, within_s, logs)
         yield url, True
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except RuntimeError as e:
+            # a handle whose router ran on an event loop that asyncio.run has since closed
+            # (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, part of RAY_SERVE_THROUGHPUT_OPTIMIZED)
+            # cannot shut down on it; ray.shutdown() below stops the cluster regardless
+            print(f"[bench autoscale] serve.shutdown: {e}; shutting Ray down", flush=True)
         ray.shutdown()
 
 

@@ -34,6 +34,7 @@ from qwen35_ray.serving import transfer
 from qwen35_ray.serving.config import AppConfig, DisaggregationConfig
 from qwen35_ray.serving.errors import OpenAIError, Overloaded, errors_as_items, raise_error_item
 from qwen35_ray.serving.llm_server import LLMServer, timed
+from qwen35_ray.serving.serve_mode import by_reference, heavy
 from qwen35_ray.serving.streams import REPLICA_LOST, Migration, guarded
 
 log = logging.getLogger("qwen35_ray.serving")
@@ -178,9 +179,8 @@ class Disaggregator:
         from the prompt and the tokens sent (DecodeServer.generate with resume)."""
         if params.get("n", 1) != 1:
             return None
-        resume = lambda r: self.decode.options(stream=True).generate.remote(  # noqa: E731
-            prompt_ids, params, None, r, images
-        )
+        decode = by_reference(self.decode, heavy(prompt_ids, params, images)).options(stream=True)
+        resume = lambda r: decode.generate.remote(prompt_ids, params, None, r, images)  # noqa: E731
         return Migration(resume, self.migration_limit, first)
 
     async def generate(
@@ -189,7 +189,10 @@ class Disaggregator:
         request_id = uuid.uuid4().hex
         if not self.disaggregates(len(prompt_ids), params):
             self.counters["requests_local_prefill_total"] += 1
-            stream = lambda: self.decode.options(stream=True).generate.remote(  # noqa: E731
+            decode = by_reference(self.decode, heavy(prompt_ids, params, images)).options(
+                stream=True
+            )
+            stream = lambda: decode.generate.remote(  # noqa: E731
                 prompt_ids, params, request_id, None, images
             )
             migration = self._migration(prompt_ids, params, images)
@@ -212,7 +215,9 @@ class Disaggregator:
         self.counters["transfer_bytes_total"] += handoff["nbytes"]
         self.counters["transfer_wire_bytes_total"] += handoff["wire_bytes"]
         self.counters["transfer_seconds_total"] += handoff["send_s"]
-        stream = lambda: self.decode.options(stream=True).decode.remote(handoff)  # noqa: E731
+        # the handoff holds ObjectRefs: Ray's transport, never gRPC (serve_mode.by_reference)
+        decode = by_reference(self.decode).options(stream=True)
+        stream = lambda: decode.decode.remote(handoff)  # noqa: E731
         # the first token goes out before the decode stream's own output, so a migration
         # resumes after it
         migration = self._migration(prompt_ids, params, images, first["step"])
@@ -231,7 +236,9 @@ class Disaggregator:
     async def _prefill(self, prompt_ids, params: dict, request_id: str, images) -> dict:
         for attempt in range(1 + self.cfg.retries):
             try:
-                first = await self.prefill.prefill.remote(prompt_ids, params, request_id, images)
+                # its answer holds the handoff's ObjectRefs
+                prefill = by_reference(self.prefill)
+                first = await prefill.prefill.remote(prompt_ids, params, request_id, images)
                 raise_error_item(first)
                 return first
             except BackPressureError:

@@ -56,6 +56,7 @@ from qwen35_ray.serving.request_body import parse_object, read_capped, validate
 from qwen35_ray.serving.request_log import IngressMetrics, RequestLog, RequestLogMiddleware, tap
 from qwen35_ray.serving.responses import create_response
 from qwen35_ray.serving.responses_protocol import ResponsesRequest
+from qwen35_ray.serving.serve_mode import by_reference, heavy, warn_if_slow_serve
 from qwen35_ray.serving.streams import Migration, guarded, sse, usage
 from qwen35_ray.serving.structured import chat_spec, response_format_spec
 
@@ -94,6 +95,7 @@ class OpenAIIngress:
         """llm: the LLMServer pool (collocated) or the DecodeServer pool; prefill: the
         PrefillServer pool of the disaggregated app."""
         self.cfg = AppConfig.model_validate(config)
+        warn_if_slow_serve()
         self.llm = llm
         self.pd = None
         if prefill is not None:
@@ -268,7 +270,7 @@ class OpenAIIngress:
     def _replica_stream(self, prompt_ids: list[int], params: dict, images: list | None):
         if self.pd is not None:
             return self.pd.generate(prompt_ids, params, images)
-        llm = self.llm.options(stream=True)
+        llm = by_reference(self.llm, heavy(prompt_ids, params, images)).options(stream=True)
         migration = None
         if params.get("n", 1) == 1:
             resume = lambda r: llm.generate.remote(prompt_ids, params, None, r, images)  # noqa: E731

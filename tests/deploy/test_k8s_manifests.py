@@ -16,6 +16,7 @@ from ray.serve.schema import ServeDeploySchema
 from qwen35_ray.deploy import k8s_samples
 from qwen35_ray.deploy.rayservice import ClusterSpec, WorkerGroup, ray_version, rayservice_yaml
 from qwen35_ray.serving.config import AppConfig
+from qwen35_ray.serving.serve_mode import FAST_SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S, DEPLOYMENTS = ROOT / "k8s", ROOT / "deployments"
@@ -184,11 +185,21 @@ def test_head_runs_no_replica_and_every_container_is_probed(name):
         assert {"livenessProbe", "readinessProbe"} <= container.keys(), group
         assert {p["name"]: p["containerPort"] for p in container["ports"]}["serve"] == 8000
         if doc["kind"] == "RayService" and group != "head":
-            # a worker takes traffic from <name>-serve-svc only while its Serve proxy answers
+            # a worker takes traffic from <name>-serve-svc only while its HTTP entry (HAProxy
+            # in Serve's high-throughput mode, Serve's proxy otherwise) answers
             command = container["readinessProbe"]["exec"]["command"][-1]
             assert "localhost:8000/-/healthz" in command
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert "/dev/shm" in mounts
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_every_ray_container_starts_serve_in_its_high_throughput_mode(name):
+    """HAProxy and gRPC between replicas (serving/serve_mode.py): Ray's processes read the
+    variables when they start, so each container's environment carries them."""
+    for group, container in containers(load(name)):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in FAST_SERVE_ENV} == FAST_SERVE_ENV, group
 
 
 @pytest.mark.parametrize("name", SERVICES)

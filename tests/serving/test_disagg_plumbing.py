@@ -133,3 +133,33 @@ def test_an_error_item_from_a_replica_is_raised_with_its_status_and_headers():
     with pytest.raises(OpenAIError) as e:
         generate(d, got)
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and got == []
+
+
+def test_the_handoff_and_images_go_over_rays_transport_and_the_rest_may_not():
+    """Calls go over gRPC, which pins every ObjectRef it pickles for the life of the process:
+    the prefill answer and the decode call carry the handoff's refs, so they go by reference;
+    so do calls with images (megabytes); the rest go over gRPC."""
+
+    async def decode(handoff):
+        yield {"admitted": True, "replica": "d"}
+        yield {"outputs": [{"index": 0, "token_ids": [8]}]}
+
+    async def local(ids, params, request_id, resume, images):
+        yield {"outputs": [{"index": 0, "token_ids": [9]}], "replica": "d"}
+
+    prefill, pool = prefill_pool(), Pool(decode=decode, generate=local)
+    d = Disaggregator(prefill, pool, PD)
+    generate(d)
+    assert prefill.sent == [("prefill", True)] and pool.sent == [("decode", True)]
+
+    def local_request(images):
+        async def main():
+            return [s async for s in d.generate([1, 2], {}, images)]
+
+        return asyncio.run(main())
+
+    # under min_prefill_tokens: prefilled on the decode pool, with or without images
+    d.cfg = DisaggregationConfig(retries=1, min_prefill_tokens=100)
+    local_request(None)
+    local_request(["an image"])
+    assert pool.sent[1:] == [("generate", False), ("generate", True)]

@@ -28,6 +28,7 @@ from serve_fixtures import free_port
 from serve_streams import Streams, offline_run, replicas, wait_for
 
 from qwen35_ray.serving.builder import build_app
+from qwen35_ray.serving.serve_mode import fast_serve_env
 
 # slow tier (.ci/run): a Ray cluster whose replicas are stopped under streams
 pytestmark = pytest.mark.slow
@@ -65,7 +66,8 @@ def app(graceful_shutdown_timeout_s: float):
 def cluster():
     """Both apps, every replica running, and the offline reference of IMPATIENT_JOBS."""
     port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="warning")
+    with fast_serve_env():  # the Serve mode users get
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="warning")
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(offline_run, MODEL, ENGINE, IMPATIENT_JOBS)
         try:

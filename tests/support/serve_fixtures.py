@@ -1,10 +1,24 @@
 """A real local Ray cluster running a qwen35-ray Serve app, for HTTP tests."""
 
+import re
+import shlex
 import socket
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_serve_run() -> tuple[dict[str, str], list[str]]:
+    """The environment and argv of the last step of the README's install-and-run command."""
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```bash\n# install and run\n(.+?)\n```", readme, re.S).group(1)
+    words = shlex.split(command.split("&&")[-1])
+    env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+    return env, [w for w in words if not re.match(r"^[A-Z_]+=", w)]
 
 
 def free_port() -> int:
@@ -39,18 +53,22 @@ def tiny_app(directory, served_model_name: str = "qwen35-tiny"):
 
 @contextmanager
 def running_apps(apps: dict, num_cpus: int = 4):
-    """Run {name: (route_prefix, serve.Application)} on a fresh local cluster; yields the
-    HTTP base URL once every app answers /health."""
+    """Run {name: (route_prefix, serve.Application)} on a fresh local cluster in Serve's
+    high-throughput mode; yields the HTTP base URL once every app answers /health."""
     import ray
     from ray import serve
 
+    from qwen35_ray.serving.serve_mode import fast_serve_env
+
     port = free_port()
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        ignore_reinit_error=True,
-        logging_level="warning",
-    )
+    # Serve in the mode users get (HAProxy, gRPC between replicas: serving/serve_mode.py)
+    with fast_serve_env():
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            logging_level="warning",
+        )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, (prefix, application) in apps.items():
         serve.run(application, name=name, route_prefix=prefix, blocking=False)
