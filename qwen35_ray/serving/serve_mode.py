@@ -4,9 +4,9 @@ By default Serve puts a Python proxy actor on each node, which takes every HTTP 
 relays every chunk of a streamed response; the ingress replica sends it those chunks, and
 receives the engine replica's deltas, as Ray actor-task stream items (each one serialized,
 reported and fetched). On 2 cores at 16 concurrent streams that machinery cost, in the ingress
-and the proxy, more CPU than half the engine's own, and left the collocated app at about 0.62
-of the offline engine's output throughput; both changes below are needed to pass 0.8, each
-alone gave about 0.7 (docs/bench/serving.md).
+and the proxy, more CPU than half the engine's own, and left the collocated app at 0.57-0.62
+of the offline engine's output throughput; with both changes below it ran at 0.84, with
+either alone about 0.7 (docs/bench/serving.md).
 
 - The ingress calls the engine replicas over gRPC, Serve's own inter-deployment transport,
   chosen per call (`by_reference` below): a call whose arguments or results hold ObjectRefs
