@@ -6,7 +6,7 @@ receives the engine replica's deltas, as Ray actor-task stream items (each one s
 reported and fetched). On 2 cores at 16 concurrent streams that machinery cost, in the ingress
 and the proxy, more CPU than half the engine's own, and left the collocated app at 0.57-0.62
 of the offline engine's output throughput; with both changes below it ran at 0.84, with
-either alone about 0.7 (docs/bench/serving.md).
+either alone about 0.7 (docs/bench/serving-haproxy.md).
 
 - The ingress calls the engine replicas over gRPC, Serve's own inter-deployment transport,
   chosen per call (`by_reference` below): a call whose arguments or results hold ObjectRefs
@@ -110,7 +110,7 @@ def warn_if_slow_serve(environ: MutableMapping[str, str] | None = None) -> str |
     line = (
         "Ray Serve runs without its high-throughput mode: its Python proxy relays every "
         "streamed chunk, which on a small machine costs about a quarter of the output "
-        f"tokens/s (docs/bench/serving.md). Start Ray or `serve run` with {shell_prefix()} "
+        f"tokens/s (docs/bench/serving-haproxy.md). Start Ray or `serve run` with {shell_prefix()} "
         "in the environment, as `qwen35-ray serve` and the KubeRay manifests do."
     )
     logger.warning(line)
