@@ -198,8 +198,9 @@ def _pod(
     shm: str | None = None,
 ) -> dict:
     env = [{"name": "HF_HOME", "value": HUB_CACHE_PATH}]
-    # Serve's high-throughput mode (HAProxy, gRPC between replicas), read by Ray's processes
-    # when they start: on every Ray container, as Ray's KubeRay guide sets it
+    # Serve's high-throughput mode (HAProxy, replicas on one event loop: serving/serve_mode.py),
+    # read by Ray's processes when they start: on every Ray container, as Ray's KubeRay guide
+    # sets it
     env += [{"name": k, "value": v} for k, v in FAST_SERVE_ENV.items()]
     if spec.hf_token_secret is not None:
         # optional: the embedded tiny model and public checkpoints need no token

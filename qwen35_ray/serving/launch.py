@@ -139,7 +139,7 @@ def _start_ray(cmd, num_cpus: int) -> None:
         # Serve's high-throughput mode, unless this environment says otherwise; this
         # process's own handles keep the mode it imported Serve in
         use_fast_serve()
-        mode = "HAProxy + gRPC" if fast_serve_active() else "Serve's proxy"
+        mode = "HAProxy" if fast_serve_active() else "Serve's proxy"
         say(f"starting a local Ray ({num_cpus} CPUs; {mode})")
         ray.init(
             address="local",
