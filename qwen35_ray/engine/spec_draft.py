@@ -3,6 +3,8 @@ the step computed whose next token is now known, and the k drafts of each sequen
 
 - A prompt chunk's positions: an eager pass (PagedStep) over the main hidden states and the
   tokens after them (the sampled one after the last, for the chunk that completes a prompt).
+  It writes the head's K/V at every position, but its output is only wanted at the last one
+  (a draft) and its MoE runs there alone (MultiTokenPredictor.forward's rows).
 - A verify row's kept positions C .. C+a: one pass of uniform width k + 1 over all the row's
   positions, the emitted tokens after them (the last repeated past them); the K/V past the kept
   positions is rewritten by the next step before anything reads it.
@@ -53,9 +55,10 @@ def draft(runner, batch: StepBatch, tokens, hidden_p, hidden_v, emitted, result:
         start += c.num_new
     if chunks:
         fb = ForwardBatch.build(chunks, cache.block_size, device)
+        # the head's output at each drafting sequence's last position alone (its K/V at all)
+        at = fb.last_token_indices[torch.tensor(last, dtype=torch.long, device=device)]
         out = runner.model.mtp_forward(torch.tensor(ids, device=device), torch.cat(hidden), fb,
-                                       cache)  # fmt: skip
-        out = out[fb.last_token_indices[last]]
+                                       cache, at)  # fmt: skip
         logits.append(runner.model.compute_logits(out))
         h.append(out)
         heads += [chunks[n] for n in last]

@@ -42,9 +42,15 @@ class DecoderLayer(nn.Module):
         ).fuse_projections()
         self.mlp.fuse_projections()
 
-    def forward(self, x: torch.Tensor, step) -> torch.Tensor:  # [T, hidden]
-        """step: the step's cache access (model/step.py)."""
+    def forward(self, x: torch.Tensor, step, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden]; step: the step's cache access (model/step.py). With rows, the token
+        mixer still runs (and writes its cache) at every position, the channel mixer only at
+        those rows, which are all it returns: [len(rows), hidden]."""
         h = self.input_layernorm(x)
         mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
         x = x + mixer(h, step)
+        if rows is not None:
+            x = x[rows]
+            if not len(x):
+                return x
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -94,15 +94,16 @@ def greedy_spec(model, width, input_ids, positions, rows, lengths, conv, recurre
     last = kept - 1
     B = target.shape[0]
     b = torch.arange(B, device=target.device)
-    conv_all, recurrent_all, main_k, main_v = step.outputs()
+    conv_last, recurrent_last = step.states_at(last)
+    main_k, main_v = torch.stack(step.new["k"]), torch.stack(step.new["v"])
     # the head over every position of the row: the emitted tokens after them, the last
     # repeated past them (those positions' outputs and K/V are never read)
     upto = torch.minimum(torch.arange(w, device=target.device)[None], last[:, None])  # [B, w]
     first = len(model.config.attention_layers)
     head = SlotVerify(w, positions, rows, lengths, None, None, head_keys, head_values, first)
-    h = model.mtp(model.embed_tokens(target.gather(1, upto).flatten()), hidden, head)
+    # its K/V at every position, its output (the MoE's part) at the last kept one alone
+    h = model.mtp(model.embed_tokens(target.gather(1, upto).flatten()), hidden, head, b * w + last)
     head_k, head_v = torch.stack(head.new["k"]), torch.stack(head.new["v"])
-    h = h[b * w + last]
     out = [model.compute_logits(h).argmax(-1)]
     start = positions.view(-1, w)[:, 0] + last
     valid = torch.arange(w, device=target.device)[None] <= last[:, None]
@@ -111,8 +112,8 @@ def greedy_spec(model, width, input_ids, positions, rows, lengths, conv, recurre
         ds.positions = start + j
         h = model.mtp(model.embed_tokens(out[-1]), h, ds)
         out.append(model.compute_logits(h).argmax(-1))
-    return (target, kept, torch.stack(out, 1), conv_all[:, b, last], recurrent_all[:, b, last],
-            main_k, main_v, head_k, head_v)  # fmt: skip
+    return (target, kept, torch.stack(out, 1), conv_last, recurrent_last, main_k, main_v, head_k,
+            head_v)  # fmt: skip
 
 
 def greedy_spec_inputs(batch: ForwardBatch, cache: HybridCache, n_attn: int, width: int):

@@ -34,9 +34,15 @@ class MultiTokenPredictor(nn.Module):
         embeds: torch.Tensor,  # [T, H]
         hidden: torch.Tensor,  # [T, H]
         step,  # the step's cache access (model/step.py)
+        rows: torch.Tensor | None = None,  # [R] the positions whose output is wanted
     ) -> torch.Tensor:
+        """The head's output hidden states [T, H], or [R, H] at `rows` only. Every position's
+        K/V is written either way, but with rows the last layer's MLP (the MoE, most of a
+        prompt's pass) runs over those rows alone: a prompt's pass needs its K/V everywhere
+        and its output at the last position."""
         x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], -1)
         x = self.fc(x)
-        for layer in self.layers:
-            x = layer(x, step)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, rows if i == last else None)
         return self.norm(x)

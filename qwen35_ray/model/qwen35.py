@@ -166,12 +166,14 @@ class Qwen35ForCausalLM(nn.Module):
         hidden: torch.Tensor,  # [T, hidden] the main model's final hidden states
         batch: ForwardBatch,
         cache: HybridCache,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Draft hidden states [T, hidden] of the MTP head; compute_logits gives its tokens."""
+        """Draft hidden states [T, hidden] of the MTP head, or [R, hidden] at rows only (its
+        K/V is written at every position either); compute_logits gives its tokens."""
         if self.mtp is None:
             raise ValueError("the model was built without its MTP layer (with_mtp=False)")
         step = PagedStep(batch, cache, self.kernels)
-        return self.mtp(self.embed_tokens(input_ids), hidden, step)
+        return self.mtp(self.embed_tokens(input_ids), hidden, step, rows)
 
 
 def _expert_parallel(

@@ -55,7 +55,7 @@ class SlotVerify:
             y, state = causal_conv1d_step(xs[:, i], weight, state)
             ys.append(y)
             kept.append(state)
-        self.new["conv"].append(torch.stack(kept, 1))
+        self.new["conv"].append(kept)
         return torch.stack(ys, 1).flatten(0, 1)
 
     def delta_rule(self, layer: int, q, k, v, a, b, A_log, dt_bias) -> torch.Tensor:
@@ -68,7 +68,7 @@ class SlotVerify:
             o, state = gated_delta_step(q[:, i], k[:, i], vs[:, i], decay[:, i], beta[:, i], state)
             outs.append(o)
             kept.append(state)
-        self.new["recurrent"].append(torch.stack(kept, 1))
+        self.new["recurrent"].append(kept)
         return torch.stack(outs, 1).flatten(0, 1).to(v.dtype)
 
     def attention(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
@@ -80,7 +80,25 @@ class SlotVerify:
     def outputs(self) -> tuple[torch.Tensor, ...]:
         """(conv [n_gdn, B, w, C, W-1], recurrent [n_gdn, B, w, HV, K, V], k, v [n_attn, T,
         Hkv, D]): the states after every position, and the new K/V."""
-        return tuple(torch.stack(self.new[name]) for name in ("conv", "recurrent", "k", "v"))
+        conv, rec = ([torch.stack(s, 1) for s in self.new[n]] for n in ("conv", "recurrent"))
+        k, v = torch.stack(self.new["k"]), torch.stack(self.new["v"])
+        return torch.stack(conv), torch.stack(rec), k, v
+
+    def states_at(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv [n_gdn, B, C, W-1], recurrent [n_gdn, B, HV, K, V]): each sequence's GDN
+        states after its position last[b], picked position by position, so that a compiled
+        step neither writes every position's states nor reads them back (which stacking them
+        and indexing would)."""
+
+        def pick(kept: list[torch.Tensor]) -> torch.Tensor:
+            at = last.view(-1, *[1] * (kept[0].dim() - 1))
+            out = kept[0]
+            for i in range(1, len(kept)):
+                out = torch.where(at == i, kept[i], out)
+            return out
+
+        conv, rec = ([pick(s) for s in self.new[n]] for n in ("conv", "recurrent"))
+        return torch.stack(conv), torch.stack(rec)
 
 
 def verify_attention(

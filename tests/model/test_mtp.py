@@ -96,3 +96,35 @@ def test_mtp_weights_skipped_unless_asked(with_mtp):
     model, _, _ = load_model(path, dtype="float32", progress=False)
     assert model.mtp is None
     assert not any(n.startswith("mtp.") for n, _ in model.named_parameters())
+
+
+def test_mtp_head_output_at_rows_only(with_mtp):
+    """A prompt's pass (engine/spec_draft.py) asks for the head's output at the last position
+    alone: the MoE runs there, the K/V is written at every position as by the full pass."""
+    ref, path, mtp = with_mtp
+    ours, config, _ = load_model(path, dtype="float32", with_mtp=True, progress=False)
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    next_ids = ids[1:] + [23]
+    head_kv = len(config.attention_layers)  # the head's cache index
+    runs = {}
+    for rows in (None, torch.tensor([39, 7])):
+        driver = Driver(ours, config, with_mtp=True)
+        _, hidden, batch = driver.step({0: ids})
+        out = ours.mtp_forward(torch.tensor(next_ids), hidden, batch, driver.cache, rows)
+        kv = driver.cache.key[head_kv].clone(), driver.cache.value[head_kv].clone()
+        runs[rows is None] = out, kv
+    (full, full_kv), (some, some_kv) = runs[True], runs[False]
+    assert some.shape == (2, config.hidden_size)
+    torch.testing.assert_close(some, full[[39, 7]], atol=1e-5, rtol=0)
+    assert torch.equal(some_kv[0], full_kv[0]) and torch.equal(some_kv[1], full_kv[1])
+    assert full_kv[0].abs().sum() > 0
+    expect = oracle(ref, mtp, ids, next_ids)[[39, 7]]
+    torch.testing.assert_close(ours.compute_logits(some), expect, atol=1e-4, rtol=0)
+    # no rows: the K/V is still written, nothing is returned
+    driver = Driver(ours, config, with_mtp=True)
+    _, hidden, batch = driver.step({0: ids})
+    none = ours.mtp_forward(
+        torch.tensor(next_ids), hidden, batch, driver.cache, torch.tensor([], dtype=torch.long)
+    )
+    assert none.shape == (0, config.hidden_size)
+    assert torch.equal(driver.cache.key[head_kv], full_kv[0])

@@ -1,0 +1,66 @@
+"""MTP speculative decoding at concurrency 1, prompt by prompt: each prompt runs through the
+default engine (k = 0) and through each speculative one in turn, alternating which goes first,
+`repeats` times. `bench offline --speculative` runs every variant over all the prompts in turn,
+seconds apart; on this shared host the speed drifts within seconds (docs/mtp.md), so here the
+variants of one prompt run back to back, and each prompt's fastest time per variant is kept
+(the quiet moments) besides its median. Greedy, 64 new tokens; outputs are checked equal.
+
+    python scripts/spec_interleaved.py CHECKPOINT [--ks 0 2 3] [--prompts 16] [--repeats 5]
+"""
+
+import argparse
+import statistics
+import time
+
+from qwen35_ray.bench.offline_spec import prompts, run_prompts
+from qwen35_ray.engine.llm_engine import LLMEngine
+from qwen35_ray.engine.sampling_params import SamplingParams
+
+
+def one(engine, ids, params) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    engine.add_request("r", ids, params)
+    while True:
+        for out in engine.step():
+            if out.finished:
+                return time.perf_counter() - start, list(out.outputs[0].token_ids)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--ks", type=int, nargs="+", default=[0, 2, 3])
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--input-len", type=int, nargs=2, default=[64, 128])
+    args = p.parse_args()
+    work = prompts(args.checkpoint, args.prompts, tuple(args.input_len))
+    engines = {}
+    for k in args.ks:
+        spec = {"speculative": {"method": "mtp", "num_speculative_tokens": k}} if k else {}
+        engines[k] = LLMEngine.from_pretrained(args.checkpoint, dtype="float32", **spec)
+        engines[k].executor.wait_compiled()
+        run_prompts(engines[k], work, 2, 1, 0.0)  # warm-up, not counted
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    times = {k: [[] for _ in work] for k in args.ks}
+    outputs = {}
+    for r in range(args.repeats):
+        print(f"[spec_interleaved] repeat {r + 1}/{args.repeats} ...", flush=True)
+        for i, ids in enumerate(work):
+            for k in args.ks if (r + i) % 2 == 0 else args.ks[::-1]:
+                seconds, outputs[k, i] = one(engines[k], ids, params)
+                times[k][i].append(seconds)
+    same = all(outputs[k, i] == outputs[args.ks[0], i] for k in args.ks for i in range(len(work)))
+    print(f"outputs equal to k={args.ks[0]}'s: {same}")
+    base = args.ks[0]
+    for name, pick in (("fastest", min), ("median", statistics.median)):
+        total = {k: sum(pick(t) for t in times[k]) for k in args.ks}
+        row = ", ".join(
+            f"k={k} {1e3 * v / len(work):.1f} ms/request x{total[base] / v:.2f}"
+            for k, v in total.items()
+        )
+        print(f"{name} per prompt: {row}")
+
+
+if __name__ == "__main__":
+    main()
