@@ -10,20 +10,9 @@ variants of one prompt run back to back, and each prompt's fastest time per vari
 
 import argparse
 import statistics
-import time
 
 from qwen35_ray.bench.offline_spec import prompts, run_prompts
 from qwen35_ray.engine.llm_engine import LLMEngine
-from qwen35_ray.engine.sampling_params import SamplingParams
-
-
-def one(engine, ids, params) -> tuple[float, list[int]]:
-    start = time.perf_counter()
-    engine.add_request("r", ids, params)
-    while True:
-        for out in engine.step():
-            if out.finished:
-                return time.perf_counter() - start, list(out.outputs[0].token_ids)
 
 
 def main() -> None:
@@ -41,15 +30,15 @@ def main() -> None:
         engines[k] = LLMEngine.from_pretrained(args.checkpoint, dtype="float32", **spec)
         engines[k].executor.wait_compiled()
         run_prompts(engines[k], work, 2, 1, 0.0)  # warm-up, not counted
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     times = {k: [[] for _ in work] for k in args.ks}
     outputs = {}
     for r in range(args.repeats):
         print(f"[spec_interleaved] repeat {r + 1}/{args.repeats} ...", flush=True)
         for i, ids in enumerate(work):
             for k in args.ks if (r + i) % 2 == 0 else args.ks[::-1]:
-                seconds, outputs[k, i] = one(engines[k], ids, params)
-                times[k][i].append(seconds)
+                run = run_prompts(engines[k], [ids], 64, 1, 0.0)
+                times[k][i].append(run["seconds"])
+                outputs[k, i] = run["outputs"][0]
     same = all(outputs[k, i] == outputs[args.ks[0], i] for k in args.ks for i in range(len(work)))
     print(f"outputs equal to k={args.ks[0]}'s: {same}")
     base = args.ks[0]
