@@ -18,9 +18,9 @@ E, H, I, K = 16, 128, 64, 4
 def main():
     dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
     torch.manual_seed(0)
-    # column-major per expert, as the CPU loader stores them
-    w_gate_up = torch.randn(E, H, 2 * I, dtype=dtype).transpose(1, 2)
-    w_down = torch.randn(E, I, H, dtype=dtype).transpose(1, 2)
+    # row-major, as the CPU loader keeps them
+    w_gate_up = torch.randn(E, 2 * I, H, dtype=dtype)
+    w_down = torch.randn(E, H, I, dtype=dtype)
     paths = {
         "gathered": torch.compile(_gathered, fullgraph=True, dynamic=False),
         "dense": torch.compile(_dense, fullgraph=True, dynamic=False),

@@ -10,7 +10,6 @@ from qwen35_ray.model.config import ModelConfig
 from qwen35_ray.model.expert_parallel import ExpertShard
 from qwen35_ray.model.kernel_backend import KernelBackend, kernel_backend
 from qwen35_ray.model.linear import column_major
-from qwen35_ray.model.mlp import Experts
 from qwen35_ray.model.qwen35 import Qwen35ForCausalLM
 from qwen35_ray.model.source import resolve_model
 from qwen35_ray.model.weights import load_weights, weights_fingerprint
@@ -67,13 +66,11 @@ def load_model(
     with torch.no_grad():
         load_weights(net, config, path, with_mtp=with_mtp, progress=progress, experts=experts)
         if torch.device(device).type == "cpu":
-            # every matrix but the embedding, whose rows are looked up, and each expert's
-            # matrix in the stacked routed experts (model/linear.py)
-            for m in net.modules():
-                for p in m.parameters(recurse=False):
-                    matrix = p.dim() == 2 and p is not net.embed_tokens.weight
-                    if matrix or isinstance(m, Experts):
-                        p.data = column_major(p.data)
+            # every matrix but the embedding, whose rows are looked up (model/linear.py); the
+            # stacked routed experts stay as stored (kernels/moe/fused_moe.py)
+            for p in net.parameters():
+                if p.dim() == 2 and p is not net.embed_tokens.weight:
+                    p.data = column_major(p.data)
         net.fuse_projections()
     # read by the engine for its RequestState fingerprint: decode must continue on these weights
     net.weights_fingerprint = weights_fingerprint(path)

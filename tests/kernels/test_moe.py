@@ -86,7 +86,7 @@ def test_fused_moe_triton_large_blocks():
 @pytest.mark.parametrize("layout", ["row_major", "column_major"])
 def test_fused_moe_cpu_paths(tokens, layout):
     """Each CPU path at qwen35-tiny's shape (16 experts, top 4) against the reference, with the
-    experts as stored by the CPU loader (each expert's matrix column-major) or contiguous."""
+    experts contiguous, as the CPU loader keeps them, or each expert's matrix column-major."""
     torch.manual_seed(42)
     E, k, H, I = 16, 4, 32, 16
     x = torch.randn(tokens, H)
