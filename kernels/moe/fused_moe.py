@@ -26,11 +26,16 @@ DENSE_MAX_TOKEN_EXPERTS = 1024
 
 def gathers_experts(num_tokens: int, top_k: int, num_experts: int, compiled: bool = False) -> bool:
     """Whether the CPU path gathers the chosen experts' weights per (token, expert) pair.
-    Eager, the gather copies each pair's weights, which pays for up to 2E pairs. Compiled
+    Eager, the gather copies each pair's weights before the products read them, which pays
+    only while the pairs are few against the experts, 4 T k < E: at qwen35-tiny's shapes (E =
+    16, k = 4) the dense path was the faster from one token on, with 64 experts of H 1024, I
+    256, top 8 the gathered one at one token (scripts/moe_paths_cost.py --eager). Compiled
     (torch.compile), Inductor fuses the gather into the products that read it and nothing is
-    copied: qwen35-tiny's decode step (E = 16, k = 4) measured faster gathered than dense at
-    16 sequences (64 pairs) and at 32 (128), so up to 8E pairs."""
-    return num_tokens * top_k <= (8 if compiled else 2) * num_experts
+    copied: qwen35-tiny's decode step measured faster gathered than dense at 16 sequences (64
+    pairs) and at 32 (128), so up to 8E pairs."""
+    if compiled:
+        return num_tokens * top_k <= 8 * num_experts
+    return 4 * num_tokens * top_k < num_experts
 
 
 def _gathered(x, w_gate_up, w_down, topk_weights, topk_ids):

@@ -82,13 +82,19 @@ def test_fused_moe_triton_large_blocks():
     assert_close("fused_moe_triton", out, ref, torch.float32)
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 100])  # gathered, dense, and per-expert on CPU
+@pytest.mark.parametrize(
+    ("tokens", "E", "k", "gathered"),
+    [(2, 32, 2, True), (1, 16, 4, False), (16, 16, 4, False), (100, 16, 4, False)],
+    ids=["gathered", "dense-1", "dense-16", "per-expert"],
+)
 @pytest.mark.parametrize("layout", ["row_major", "column_major"])
-def test_fused_moe_cpu_paths(tokens, layout):
-    """Each CPU path at qwen35-tiny's shape (16 experts, top 4) against the reference, with the
-    experts contiguous, as the CPU loader keeps them, or each expert's matrix column-major."""
+def test_fused_moe_cpu_paths(tokens, E, k, gathered, layout):
+    """Each eager CPU path (qwen35-tiny's 16 experts, top 4, but for the gathered one, which
+    needs more experts) against the reference, with the experts contiguous, as the CPU loader
+    keeps them, or each expert's matrix column-major."""
+    assert gathers_experts(tokens, k, E) == gathered
     torch.manual_seed(42)
-    E, k, H, I = 16, 4, 32, 16
+    H, I = 32, 16
     x = torch.randn(tokens, H)
     w_gate_up, w_down = torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5
     if layout == "column_major":
