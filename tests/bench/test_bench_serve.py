@@ -302,7 +302,11 @@ def test_send_times_the_first_and_following_chunks_and_reads_usage(stub_url):
     # lower bounds: the stub's own delays; upper ones only against absurd values, loose
     # enough for a loaded 2-core host (a 0.5 s bound failed once beside a training run)
     assert StubServer.FIRST <= ok.ttft < StubServer.FIRST + 3
-    assert len(ok.itl) == 4 and all(StubServer.GAP * 0.9 <= g < 3 for g in ok.itl)
+    # one gap per chunk after the first; a chunk read late shortens the gap after it (one of
+    # 20 ms came out at 15.5 ms after a 26.5 ms one), so only their sum is bounded below: the
+    # stub's four sleeps, less a late read of the first chunk
+    assert len(ok.itl) == 4 and all(0 < g < 3 for g in ok.itl)
+    assert sum(ok.itl) >= 4 * StubServer.GAP * 0.75
     assert ok.latency == pytest.approx(ok.ttft + sum(ok.itl))
     assert ok.generated_text == "ab " * 5 and ok.output_tokens_source == "usage"
     # chat: the role delta sent at once is not the first token, nor is the finish delta one
