@@ -11,7 +11,9 @@ with the request in a RequestState:
 
 Any spec may add `"after": "</think>"` (a string that is one token): the output is free until
 that token and follows the grammar from the next one on. A reasoning model thinks first,
-unconstrained, and its answer is constrained.
+unconstrained, and its answer is constrained. Free, except that it may not stop: until `after`
+the stop tokens are denied, so the answer the grammar asks for is always written (a request
+that runs out of tokens first ends with "length", never with "stop" and no answer).
 
 JSON is generated compact (no free whitespace between tokens): whitespace is the easiest way
 for a model to never finish. Every JSON grammar (json_object, json_schema, and each `json_schema`
@@ -66,6 +68,11 @@ class Grammar:
     def active(self) -> bool:
         return self.after is None
 
+    @property
+    def waiting(self) -> bool:
+        """Free output before `after`: any token but a stop token."""
+        return self.after is not None
+
     def accept(self, token: int) -> bool:
         if self.after is not None:
             self.after = None if token == self.after else self.after
@@ -87,6 +94,9 @@ class StructuredOutputs:
         self.cache_size = cache_size
         self._compiler: xgr.GrammarCompiler | None = None
         self._no_control: torch.Tensor | None = None  # [W] tokens without control bytes
+        stops = set(stop_token_ids)
+        # [W] every token but the stop ones
+        self._no_stop = _pack([t not in stops for t in range(vocab_size)], vocab_size)
         self._compiled: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         # fills the next step's bitmasks while the model runs
@@ -169,7 +179,6 @@ class StructuredOutputs:
     def start_fill(self, grammars: list[Grammar | None]) -> Future | None:
         """Masks for the sequences about to sample (None: unconstrained), filled on the worker
         thread; None when no sequence is constrained now."""
-        grammars = [g if g is not None and g.active else None for g in grammars]
         if all(g is None for g in grammars):
             return None
         return self._worker.submit(self._fill, grammars)
@@ -180,13 +189,17 @@ class StructuredOutputs:
         for i, g in enumerate(grammars):
             if g is None:
                 continue
+            if g.waiting:
+                bitmask[i] = self._no_stop
+                rows.append(i)
+                continue
             # one sequence's broken matcher fails that sequence, not the step
             try:
                 g.matcher.fill_next_token_bitmask(bitmask, i)
                 rows.append(i)
             except Exception as e:
                 failed[i] = e
-        json_rows = [i for i in rows if grammars[i].is_json]
+        json_rows = [i for i in rows if grammars[i].is_json and not grammars[i].waiting]
         if json_rows:
             bitmask[json_rows] &= self._no_control
         return Masks(bitmask, rows, failed)

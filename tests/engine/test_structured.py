@@ -179,11 +179,20 @@ def test_a_state_whose_tokens_break_its_grammar_is_refused(engine):
 def test_a_grammar_after_reasoning_starts_at_its_token(engine):
     tok, so = engine.tokenizer, engine.structured
     g = so.grammar({"type": "grammar", "grammar": 'root ::= "yes"', "after": "</think>"})
-    for t in tok.encode("free thoughts, even {", add_special_tokens=False):
+    for t in tok.encode("free thoughts, even {\n", add_special_tokens=False):
         assert g.accept(t)
-    assert so.start_fill([g]) is None  # no mask while thinking
+    assert so.start_fill([None]) is None
+    # while thinking, every token is allowed but a stop token: the answer is still to come
+    thinking = so.start_fill([g]).result()
+    assert thinking.rows == [0]
+    allowed = allowed_ids(thinking.bitmask[0], engine.config.vocab_size)
+    assert allowed == set(range(engine.config.vocab_size)) - engine.eos_token_ids
     assert g.accept(tok.convert_tokens_to_ids("</think>"))
-    assert so.start_fill([g]).result().rows == [0]
+    answer = so.start_fill([g]).result()
+    assert answer.rows == [0]
+    assert allowed_ids(answer.bitmask[0], engine.config.vocab_size) == set(
+        tok.encode("y", add_special_tokens=False)
+    )
     assert not g.accept(tok.encode("no", add_special_tokens=False)[0])
     with pytest.raises(ValueError, match="single token"):
         so.compile({"type": "json_object", "after": "not one token"})
@@ -219,6 +228,11 @@ def test_json_strings_refuse_surrogate_escapes(engine, escape, ok):
     byte = byte_tokens(engine.tokenizer)
     assert all(g.accept(byte[b]) for b in b'{"name": "\\u' + escape[:1].encode())
     assert all(g.accept(byte[b]) for b in escape[1:].encode()) == ok
+
+
+def allowed_ids(words, vocab_size: int) -> set[int]:
+    """The token ids a packed bitmask row [W] allows."""
+    return {t for t in range(vocab_size) if int(words[t // 32]) >> (t % 32) & 1}
 
 
 def byte_tokens(tokenizer) -> dict[int, int]:
