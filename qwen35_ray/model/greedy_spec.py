@@ -22,7 +22,6 @@ Legend: B = verify rows, w = k + 1 their width, T = B * w, n = cached tokens rea
 from dataclasses import dataclass, field
 
 import torch
-from qwen35_kernels.attention import write_kv
 from qwen35_kernels.rope import apply_rope
 
 from qwen35_ray.model.batch import ForwardBatch
@@ -130,11 +129,18 @@ def store_greedy_spec(batch: ForwardBatch, cache: HybridCache, outputs, kept: li
     kept positions' to DecodeKV, the main layers' and the head's alike."""
     conv, recurrent, main_k, main_v, head_k, head_v = outputs
     idx = batch.state_indices
-    cache.conv[:, idx] = conv
-    cache.recurrent[:, idx] = recurrent
+    # one copy per tensor for every layer at once: a step of one sequence is small enough that
+    # each eager op's own cost counts (per-layer writes took about 0.1 ms more a step)
+    cache.conv.index_copy_(1, idx, conv)
+    cache.recurrent.index_copy_(1, idx, recurrent)
     width = main_k.shape[1] // len(kept)
     slots, starts = idx.tolist(), batch.positions[::width].tolist()
     k, v = torch.cat([main_k, head_k]), torch.cat([main_v, head_v])
+    for new, paged in ((k, cache.key), (v, cache.value)):
+        # [layers, N * P, Hkv, D]; the slots of a step's tokens are distinct
+        layers = paged[: new.shape[0]]
+        layers.view(new.shape[0], -1, *paged.shape[3:]).index_copy_(
+            1, batch.slot_mapping, new.to(paged.dtype)
+        )
     for j in range(k.shape[0]):
-        write_kv(k[j], v[j], cache.key[j], cache.value[j], batch.slot_mapping)
         cache.decode_kv[j].append_run(k[j], v[j], slots, starts, width, kept)
