@@ -11,9 +11,10 @@ with the request in a RequestState:
 
 Any spec may add `"after": "</think>"` (a string that is one token): the output is free until
 that token and follows the grammar from the next one on. A reasoning model thinks first,
-unconstrained, and its answer is constrained. Free, except that it may not stop: until `after`
-the stop tokens are denied, so the answer the grammar asks for is always written (a request
-that runs out of tokens first ends with "length", never with "stop" and no answer).
+unconstrained, and its answer is constrained. Free, except that the model may not stop: until
+`after` the engine's stop (EOS) tokens are denied, so the answer the grammar asks for is written
+unless the request runs out of tokens first ("length") or its own stop strings or stop token
+ids end it.
 
 JSON is generated compact (no free whitespace between tokens): whitespace is the easiest way
 for a model to never finish. Every JSON grammar (json_object, json_schema, and each `json_schema`

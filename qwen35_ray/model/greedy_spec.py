@@ -129,18 +129,17 @@ def store_greedy_spec(batch: ForwardBatch, cache: HybridCache, outputs, kept: li
     kept positions' to DecodeKV, the main layers' and the head's alike."""
     conv, recurrent, main_k, main_v, head_k, head_v = outputs
     idx = batch.state_indices
-    # one copy per tensor for every layer at once: a step of one sequence is small enough that
-    # each eager op's own cost counts (per-layer writes took about 0.1 ms more a step)
+    # one copy per tensor for every layer at once (as HybridCache.write): at one sequence a
+    # step is small enough that each eager op's own cost counts
     cache.conv.index_copy_(1, idx, conv)
     cache.recurrent.index_copy_(1, idx, recurrent)
     width = main_k.shape[1] // len(kept)
     slots, starts = idx.tolist(), batch.positions[::width].tolist()
     k, v = torch.cat([main_k, head_k]), torch.cat([main_v, head_v])
     for new, paged in ((k, cache.key), (v, cache.value)):
-        # [layers, N * P, Hkv, D]; the slots of a step's tokens are distinct
-        layers = paged[: new.shape[0]]
-        layers.view(new.shape[0], -1, *paged.shape[3:]).index_copy_(
-            1, batch.slot_mapping, new.to(paged.dtype)
-        )
+        # [layers, N * P, Hkv, D]: view() raises where flatten() would copy and write nowhere;
+        # the slots of a step's tokens are distinct
+        flat = paged[: len(new)].view(len(new), -1, *paged.shape[3:])
+        flat.index_copy_(1, batch.slot_mapping, new.to(paged.dtype))
     for j in range(k.shape[0]):
         cache.decode_kv[j].append_run(k[j], v[j], slots, starts, width, kept)

@@ -16,9 +16,10 @@ parameter's schema stands alone: its `$ref`s into the parameters' `$defs` are in
 parser reads it the same way), and a schema past the limits of `schema_limits` is a 400.
 
 When the prompt leaves `<think>` open (thinking on), reasoning stays free and the grammar, of a
-call or of a response format, starts after the model's `</think>`. Reasoning cannot stop before
-it (the engine denies the stop tokens there), so a forced call is written unless max_tokens
-runs out first; `thinking_token_budget` bounds the reasoning.
+call or of a response format, starts after the model's `</think>`. The model cannot end its
+reasoning with EOS (the engine denies those tokens before `</think>`), so a forced call is
+written unless max_tokens (or the request's own stop) comes first; `thinking_token_budget`
+bounds the reasoning.
 """
 
 from qwen35_ray.serving.errors import OpenAIError
