@@ -25,7 +25,7 @@ from http_helpers import growth, metrics, prompt_ids
 from ray import serve
 from ray.serve._private.common import DeploymentID
 from serve_fixtures import free_port
-from serve_streams import Streams, offline_run, replicas, wait_for
+from serve_streams import Streams, engine_stats, offline_run, replicas, wait_for
 
 from qwen35_ray.serving.builder import build_app
 from qwen35_ray.serving.serve_mode import fast_serve_env
@@ -91,12 +91,6 @@ def cluster():
             ray.shutdown()
 
 
-def running(name: str) -> int:
-    """Requests the engine of one replica runs now."""
-    stats = ray.get(ray.get_actor(name, namespace="serve").record_routing_stats.remote())
-    return stats["running"]
-
-
 def scale_down_under_streams(url: str, app_name: str, jobs: list):
     """Streams spread over both replicas, then the pool's target drops to 1: Serve stops one
     of them, which serves some of the streams. Returns the results, the stopped replica's
@@ -107,7 +101,7 @@ def scale_down_under_streams(url: str, app_name: str, jobs: list):
     before = metrics(base)
     streams = Streams(base, MODEL, jobs)
     wait_for(lambda: min(streams.progress) >= 5, 120, "5 tokens on every stream")
-    held = {name: running(name) for name in names}
+    held = {name: engine_stats(name)["running"] for name in names}
     assert all(held.values()), f"Serve's router left a replica idle: {held}"
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     ray.get(controller.update_deployment_replicas.remote(DeploymentID("LLMServer", app_name), 1))

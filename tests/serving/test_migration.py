@@ -11,6 +11,10 @@ streams over both replicas, so the test first kills the other replica of the poo
 for Serve to start its replacement; the streams then start while that replacement loads the
 model, when one replica is running. /metrics shows it: every stream migrates exactly once, and
 on /pd, the killed replica is the one the decode counters name for all of them.
+
+When to kill is read from the replica's engine, not from the client: on a busy 2-core host the
+client trails the replica by a hundred tokens or more (a clean-clone CI run killed the replica
+at the client's 50th token, after three streams had ended there).
 """
 
 import json
@@ -21,7 +25,7 @@ import openai
 import pytest
 from http_helpers import by_label, growth, metrics, prompt_ids, total
 from serve_fixtures import running_apps
-from serve_streams import Streams, kill, offline_run, replicas, wait_for
+from serve_streams import Streams, engine_stats, kill, offline_run, replicas, wait_for
 
 from qwen35_ray.serving.builder import build_app, build_pd_app
 
@@ -31,7 +35,7 @@ pytestmark = pytest.mark.slow
 MODEL = "qwen35-tiny"
 MIN_PREFILL = 16
 ENGINE = {"max_num_seqs": 16, "max_model_len": 2048, "kv_cache_memory_bytes": 2**25}
-# tokens each long stream has before its replica is killed
+# tokens the replica's engine has generated per stream (on average) when it is killed
 KILL_AT = 50
 # an answer of 40 three-digit numbers: about 160 tokens (digits are tokens of their own), so
 # the grammar is mid-way when the replica dies
@@ -91,8 +95,9 @@ def cluster():
 
 def kill_under_streams(url: str, app: str, deployment: str, requests) -> tuple[list, dict, str]:
     """Leave one running replica of the pool (see the module docstring), start the streams on
-    it, kill it once each stream has KILL_AT events. Returns the results, the /metrics
-    deltas, and the killed replica's id."""
+    it, kill it once every stream has output at the client and its engine has generated
+    KILL_AT tokens per stream, all still running. Returns the results, the /metrics deltas,
+    and the killed replica's id."""
     base = f"{url}/{app}"
     names = replicas(app, deployment)
     assert len(names) == 2, names
@@ -105,8 +110,18 @@ def kill_under_streams(url: str, app: str, deployment: str, requests) -> tuple[l
         "the replacement of the first killed replica",
     )
     before = metrics(base)
+    start = engine_stats(victim)["generation_tokens_total"]
     streams = Streams(base, MODEL, requests)
-    wait_for(lambda: min(streams.progress) >= KILL_AT, 240, f"{KILL_AT} tokens on every stream")
+    n = len(requests)
+    # output sent: a stream lost now resumes (before any output it would be retried instead)
+    wait_for(lambda: min(streams.progress) >= 1, 240, "output on every stream")
+    wait_for(
+        lambda: engine_stats(victim)["generation_tokens_total"] - start >= n * KILL_AT,
+        240,
+        f"{KILL_AT} tokens per stream on the replica",
+    )
+    running = engine_stats(victim)["running"]
+    assert running == n, f"only {running} of the {n} streams still ran on the replica"
     kill(victim)
     results = streams.join()
     after = metrics(base)
@@ -133,8 +148,9 @@ def check(results: list, want: list) -> None:
 
 def test_disaggregated_streams_migrate_off_a_killed_decode_replica(cluster):
     """Greedy (moved from the prefill pool, and prefilled on the decode replica), seeded and
-    JSON-schema streams: the decode replica serving all of them dies after 50 tokens; each
-    resumes on the other decode replica, re-prefilled from its prompt and the tokens sent."""
+    JSON-schema streams: the decode replica serving all of them dies after about 50 tokens
+    each; each resumes on the other decode replica, re-prefilled from its prompt and the
+    tokens sent."""
     url, reference = cluster
     results, d, victim = kill_under_streams(url, "pd", "DecodeServer", JOBS)
     check(results, reference)

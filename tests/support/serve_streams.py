@@ -21,6 +21,12 @@ def replicas(app: str, deployment: str) -> set[str]:
     }
 
 
+def engine_stats(name: str) -> dict:
+    """One replica's engine stats now (running, generation_tokens_total, ...), asked directly:
+    the record_routing_stats Serve's controller polls."""
+    return ray.get(ray.get_actor(name, namespace="serve").record_routing_stats.remote())
+
+
 def kill(name: str) -> None:
     ray.kill(ray.get_actor(name, namespace="serve"))
 
