@@ -12,9 +12,10 @@ for Serve to start its replacement; the streams then start while that replacemen
 model, when one replica is running. /metrics shows it: every stream migrates exactly once, and
 on /pd, the killed replica is the one the decode counters name for all of them.
 
-When to kill is read from the replica's engine, not from the client: on a busy 2-core host the
-client trails the replica by a hundred tokens or more (a clean-clone CI run killed the replica
-at the client's 50th token, after three streams had ended there).
+When to kill is read from the replica's engine, not from the client's events: those are
+chunks of every token a stream made in stream_interval_s (0.05 s), so 50 events can hold a
+whole 200-token stream (a clean-clone CI run killed the replica at the 50th event of each
+stream, after three of them had ended there).
 """
 
 import json
