@@ -229,11 +229,15 @@ def test_handoff_through_the_ingress_is_a_reference(urls, tmp_path):
     the state's size: the state itself stays in the object store until the decode side
     fetches it, and arrives intact."""
     engine = LLMEngine.from_pretrained(MODEL, dtype="float32", max_model_len=4096)
-    engine.add_request("r", prompt_ids(500, 1), SamplingParams(max_tokens=4), prefill_only=True)
+    # greedy: an unseeded sample can end the request at its first token (a stop token of the
+    # random model; it hung a local CI run), and a finished prefill has nothing to hand off
+    params = SamplingParams(max_tokens=4, temperature=0)
+    engine.add_request("r", prompt_ids(500, 1), params, prefill_only=True)
     state = None
-    while state is None:
+    while state is None and engine.has_unfinished():
         for out in engine.step():
             state = out.request_state
+    assert state is not None, (out.error, out.outputs[0].finish_reason)
     assert ray.is_initialized()  # the cluster of the `urls` fixture
     handoff = transfer.send(state)
     assert handoff["nbytes"] == state.nbytes > 100_000
