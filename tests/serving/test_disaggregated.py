@@ -133,8 +133,15 @@ def test_chat_streaming_equals_collocated(urls):
     assert out[0] == out[1] and out[0]
 
 
+# fp32 rounding only: the apps may compute a prompt in different pieces. The first test leaves a
+# 33-token prompt in the prefix caches that shares 32 tokens with the logprobs test's; after it,
+# a logprob of -4.8 differed by 1.4e-5 on one host (within 1e-5 when run alone). A wrong token's
+# logprob is off by O(1).
+LOGPROB_TOL = 1e-4
+
+
 def close_logprobs(got: dict, want: dict) -> bool:
-    return got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-5 for t in want)
+    return got.keys() == want.keys() and all(abs(got[t] - want[t]) < LOGPROB_TOL for t in want)
 
 
 def test_logprobs_follow_the_request_to_decode(urls):
@@ -163,8 +170,9 @@ def test_logprobs_follow_the_request_to_decode(urls):
         runs.append((tokens, lps, tops))
     (co_tok, co_lp, co_top), (pd_tok, pd_lp, pd_top) = runs
     assert pd_tok == co_tok
-    assert all(abs(a - b) < 1e-5 for a, b in zip(pd_lp, co_lp))
-    assert all(close_logprobs(a, b) for a, b in zip(pd_top, co_top))
+    assert all(abs(a - b) < LOGPROB_TOL for a, b in zip(pd_lp, co_lp))
+    bad = [(i, a, b) for i, (a, b) in enumerate(zip(pd_top, co_top)) if not close_logprobs(a, b)]
+    assert not bad, bad
 
     messages = [{"role": "user", "content": "Plan a three-day trip to Kyoto, day by day."}]
     chats = []
@@ -184,7 +192,7 @@ def test_logprobs_follow_the_request_to_decode(urls):
             [(c.token, c.logprob, {t.token: t.logprob for t in c.top_logprobs}) for c in content]
         )
     for (t0, lp0, top0), (t1, lp1, top1) in zip(*chats):
-        assert t0 == t1 and abs(lp0 - lp1) < 1e-5 and close_logprobs(top1, top0)
+        assert t0 == t1 and abs(lp0 - lp1) < LOGPROB_TOL and close_logprobs(top1, top0)
     assert delta(before, metrics(urls[1]), name) == 2
 
 
